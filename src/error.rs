@@ -1,0 +1,122 @@
+//! Errors raised at the SQL boundary. Each variant carries its SQLSTATE and a hint that says
+//! what to do; `#[pg_extern]`s return `Result<T, ErrorReport>` and convert with `?`.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("pg_peersync must be loaded via shared_preload_libraries")]
+    NotPreloaded,
+    #[error("table {0} has no primary key")]
+    NoPrimaryKey(String),
+    #[error("unknown conflict strategy \"{0}\"")]
+    UnknownStrategy(String),
+    #[error("column \"{column}\" of table {table} does not exist")]
+    UnknownColumn { table: String, column: String },
+    #[error("primary key column \"{column}\" of table {table} cannot be excluded from sync")]
+    ExcludedKey { table: String, column: String },
+    #[error("{0} belongs to the pg_peersync extension and cannot be tracked")]
+    OwnTable(String),
+    #[error("{0} is not an ordinary or partitioned table")]
+    NotATable(String),
+    #[error("table {0} is not tracked")]
+    NotTracked(String),
+    #[error("TRUNCATE of tracked table {0} is not replicated")]
+    Truncate(String),
+    #[error("a transaction that wrote to tracked tables cannot be prepared (two-phase commit)")]
+    TwoPhase,
+    #[error("{0} needs READ COMMITTED isolation")]
+    Isolation(&'static str),
+    #[error("invalid have-vector: {0}")]
+    BadHaveVector(String),
+    #[error("too many backends for pg_peersync's transaction slots ({0})")]
+    TooManyBackends(usize),
+    #[error("too many databases with pg_peersync in this cluster ({0})")]
+    TooManyDatabases(usize),
+    #[error("pg_peersync internal SPI error: {0}")]
+    Spi(#[from] pgrx::spi::SpiError),
+}
+
+impl SyncError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            SyncError::NotPreloaded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SyncError::NoPrimaryKey(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SyncError::UnknownStrategy(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            SyncError::UnknownColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
+            SyncError::ExcludedKey { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            SyncError::OwnTable(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            SyncError::NotATable(_) => ERRCODE_WRONG_OBJECT_TYPE,
+            SyncError::NotTracked(_) => ERRCODE_UNDEFINED_OBJECT,
+            SyncError::Truncate(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
+            SyncError::TwoPhase => ERRCODE_FEATURE_NOT_SUPPORTED,
+            SyncError::Isolation(_) => ERRCODE_ACTIVE_SQL_TRANSACTION,
+            SyncError::BadHaveVector(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            SyncError::TooManyBackends(_) | SyncError::TooManyDatabases(_) => {
+                ERRCODE_CONFIGURATION_LIMIT_EXCEEDED
+            }
+            SyncError::Spi(_) => ERRCODE_INTERNAL_ERROR,
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            SyncError::NotPreloaded => "Add pg_peersync to shared_preload_libraries in postgresql.conf \
+                 (shared_preload_libraries = 'pg_peersync') and restart PostgreSQL."
+                .into(),
+            SyncError::NoPrimaryKey(t) => format!(
+                "Peers identify rows by primary key: ALTER TABLE {t} ADD PRIMARY KEY (...), then track it again."
+            ),
+            SyncError::UnknownStrategy(_) => {
+                "Use one of: lww, field_merge, node_priority, custom, manual.".into()
+            }
+            SyncError::UnknownColumn { .. } => "Check the names in exclude_columns.".into(),
+            SyncError::ExcludedKey { .. } => {
+                "Primary key columns identify the row on every node; remove them from exclude_columns."
+                    .into()
+            }
+            SyncError::OwnTable(_) => "Track your application's tables, not pg_peersync's.".into(),
+            SyncError::NotATable(_) => "Only tables can be tracked; track the tables behind views.".into(),
+            SyncError::NotTracked(_) => "See SELECT * FROM sync_tables for the tracked tables.".into(),
+            SyncError::Truncate(t) => format!(
+                "Use DELETE FROM {t} so that peers delete the rows too, or call sync_untrack_table('{t}') first."
+            ),
+            SyncError::TwoPhase => "Commit the transaction directly instead of PREPARE TRANSACTION.".into(),
+            SyncError::Isolation(_) => {
+                "Call it outside REPEATABLE READ / SERIALIZABLE transactions.".into()
+            }
+            SyncError::BadHaveVector(_) => {
+                "Pass a JSON object mapping origin node ids (uuid) to sequence numbers, as sync_have() returns."
+                    .into()
+            }
+            SyncError::TooManyBackends(_) => {
+                "Lower max_connections, or raise pg_peersync's slot limit and rebuild.".into()
+            }
+            SyncError::TooManyDatabases(_) => {
+                "Use pg_peersync in fewer databases of this cluster.".into()
+            }
+            SyncError::Spi(_) => return None,
+        })
+    }
+
+    /// Raise this error as a PostgreSQL ERROR. Does not return.
+    pub fn report(self) -> ! {
+        ErrorReport::from(self).report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+impl From<SyncError> for ErrorReport {
+    fn from(e: SyncError) -> Self {
+        let hint = e.hint();
+        let report = ErrorReport::new(e.sqlstate(), e.to_string(), "pg_peersync");
+        match hint {
+            Some(h) => report.set_hint(h),
+            None => report,
+        }
+    }
+}
+
+pub type SyncResult<T> = Result<T, ErrorReport>;

@@ -1,0 +1,51 @@
+//! pg_peersync: multi-master replication between PostgreSQL databases on a LAN.
+//!
+//! Module map (one concern each):
+//! - `gucs`: every `peersync.*` setting;
+//! - `error`: the error enum raised at the SQL boundary, with SQLSTATEs and hints;
+//! - `clock`: node identity and the hybrid logical clock kept in shared memory;
+//! - `sequencer`: numbers local transactions and computes the committed prefix (have-vector);
+//! - `capture`: table tracking and the capture trigger;
+//! - `changes`: `sync_have()` and `sync_changes()`, the batches peers pull;
+//! - `status`: `sync_status()`.
+
+use pgrx::prelude::*;
+
+mod capture;
+mod changes;
+mod clock;
+mod error;
+mod gucs;
+mod sequencer;
+mod status;
+
+pgrx::pg_module_magic!(name, version);
+
+// Hand-written DDL. `bootstrap` runs before the generated function definitions.
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // Capture numbers transactions in shared memory, so the library must be preloaded.
+    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+        error::SyncError::NotPreloaded.report();
+    }
+    gucs::init();
+    clock::init_shmem();
+    sequencer::init_shmem();
+    capture::init_backend_hooks();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'pg_peersync'", "peersync.node_name = 'test-node'"]
+    }
+}

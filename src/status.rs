@@ -1,0 +1,48 @@
+//! `sync_status()`: what this node is and holds, as one JSON document for humans and tools.
+
+use crate::changes::have_vector;
+use crate::clock;
+use crate::error::{SyncError, SyncResult};
+use crate::gucs;
+use pgrx::JsonB;
+use pgrx::prelude::*;
+use serde_json::{Value, json};
+
+#[pg_extern]
+fn sync_status() -> SyncResult<JsonB> {
+    let ext = clock::ext();
+    let s = &ext.schema;
+    let stored: Value = Spi::get_one_with_args::<JsonB>(
+        &format!(
+            "SELECT jsonb_build_object(
+                'tables', coalesce((SELECT jsonb_agg(jsonb_build_object(
+                        'table', t.table_name, 'strategy', t.strategy, 'row_filter', t.row_filter,
+                        'exclude_columns', to_jsonb(t.exclude_columns), 'primary_key', to_jsonb(t.pk_columns),
+                        'events', coalesce(c.n, 0)) ORDER BY t.table_name)
+                    FROM {s}.sync_tables t
+                    LEFT JOIN (SELECT table_name, count(*) AS n FROM {s}.sync_events GROUP BY 1) c
+                      ON c.table_name = t.table_name), '[]'::jsonb),
+                'events', (SELECT jsonb_build_object(
+                        'total', count(*), 'local', count(*) FILTER (WHERE origin = $1),
+                        'oldest', min(created_at), 'newest', max(created_at))
+                    FROM {s}.sync_events))"
+        ),
+        &[pgrx::Uuid::from_bytes(*ext.node_id.as_bytes()).into()],
+    )
+    .map_err(SyncError::from)?
+    .map(|j| j.0)
+    .unwrap_or(Value::Null);
+    let have: serde_json::Map<String, Value> =
+        have_vector()?.into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    Ok(JsonB(json!({
+        "node_id": ext.node_id.to_string(),
+        "node_name": gucs::node_name(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "enabled": gucs::enabled(),
+        "clock": clock::current().as_i64(),
+        "tables": stored["tables"],
+        "events": stored["events"],
+        "have": have,
+        "worker": "not built yet: no networking in this version",
+    })))
+}

@@ -1,0 +1,218 @@
+//! Events and batches: the units `sync_changes()` produces and `sync_apply()` consumes.
+//! `PROTOCOL.md` specifies the format; this module is its reference implementation.
+
+use crate::canonical::jsonb_text;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// The batch format this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "INSERT",
+            Op::Update => "UPDATE",
+            Op::Delete => "DELETE",
+        }
+    }
+}
+
+/// One captured row change.
+///
+/// `(origin, seq, idx)` identifies it everywhere: `seq` numbers the origin's transactions
+/// (dense except for rolled-back ones), `idx` orders the changes inside that transaction.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub origin: Uuid,
+    pub seq: i64,
+    pub idx: i32,
+    /// The origin's transaction id (`xid8`), for diagnostics.
+    pub xact: i64,
+    /// Hybrid logical clock of the statement that made the change.
+    pub hlc: i64,
+    /// Schema-qualified table name, each part quoted only where SQL needs it.
+    pub table: String,
+    pub pk: Value,
+    pub op: Op,
+    /// New row image (captured columns), absent for DELETE.
+    pub data: Option<Value>,
+    /// Old values: the changed columns for UPDATE, the whole row for DELETE.
+    pub old: Option<Value>,
+    /// Causal context: the origin's have-vector when it wrote, with its own entry = `seq`.
+    pub vclock: BTreeMap<Uuid, i64>,
+    /// Hex sha256 of [`Event::canonical_text`].
+    pub checksum: String,
+}
+
+impl Event {
+    /// The bytes the checksum covers: a JSON array in PostgreSQL's jsonb text form.
+    pub fn canonical_text(&self) -> String {
+        jsonb_text(&json!([
+            self.origin.to_string(),
+            self.seq,
+            self.idx,
+            self.hlc,
+            self.table,
+            self.op.as_str(),
+            self.pk,
+            self.data,
+            self.old,
+        ]))
+    }
+
+    pub fn compute_checksum(&self) -> String {
+        hex(&Sha256::digest(self.canonical_text().as_bytes()))
+    }
+
+    pub fn checksum_ok(&self) -> bool {
+        self.compute_checksum() == self.checksum
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What `sync_changes()` returns: for each origin, the events in `(from, have]`.
+///
+/// After applying it the receiver holds every event of each listed origin up to `have[origin]`
+/// (the prefix property), so it can raise its own have-vector to those values.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    pub format: u32,
+    /// Node that produced the batch (not necessarily the origin of its events: relay).
+    pub source: Uuid,
+    /// Per origin, the caller's position the batch starts after.
+    pub from: BTreeMap<Uuid, i64>,
+    /// Per origin, the position the caller reaches once the batch is applied.
+    pub have: BTreeMap<Uuid, i64>,
+    /// Events, grouped by origin, each origin's oldest first; transactions are never split.
+    pub events: Vec<Event>,
+    /// True when the source holds more events than fitted in this batch.
+    pub more: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BatchError {
+    #[error("unsupported batch format {0} (this node reads format {FORMAT_VERSION})")]
+    Format(u32),
+    #[error("checksum mismatch on event {origin}/{seq}/{idx}")]
+    Checksum { origin: Uuid, seq: i64, idx: i32 },
+    #[error("event {origin}/{seq}/{idx} lies outside the batch range ({from}, {have}]")]
+    OutOfRange { origin: Uuid, seq: i64, idx: i32, from: i64, have: i64 },
+    #[error("events of origin {0} are not in (seq, idx) order")]
+    Order(Uuid),
+}
+
+impl Batch {
+    /// Check everything that can be checked without a database: format, checksums, ranges, order.
+    pub fn validate(&self) -> Result<(), BatchError> {
+        if self.format != FORMAT_VERSION {
+            return Err(BatchError::Format(self.format));
+        }
+        let mut last: BTreeMap<Uuid, (i64, i32)> = BTreeMap::new();
+        for e in &self.events {
+            if !e.checksum_ok() {
+                return Err(BatchError::Checksum { origin: e.origin, seq: e.seq, idx: e.idx });
+            }
+            let from = self.from.get(&e.origin).copied().unwrap_or(0);
+            let have = self.have.get(&e.origin).copied().unwrap_or(i64::MIN);
+            if e.seq <= from || e.seq > have {
+                return Err(BatchError::OutOfRange { origin: e.origin, seq: e.seq, idx: e.idx, from, have });
+            }
+            if let Some(prev) = last.insert(e.origin, (e.seq, e.idx)) {
+                if prev >= (e.seq, e.idx) {
+                    return Err(BatchError::Order(e.origin));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: i64, idx: i32) -> Event {
+        let mut e = Event {
+            origin: Uuid::from_u128(7),
+            seq,
+            idx,
+            xact: 900,
+            hlc: 1 << 20,
+            table: "public.items".into(),
+            pk: json!({"id": 1}),
+            op: Op::Update,
+            data: Some(json!({"id": 1, "name": "Grüße \"x\""})),
+            old: Some(json!({"name": "a"})),
+            vclock: BTreeMap::from([(Uuid::from_u128(7), seq)]),
+            checksum: String::new(),
+        };
+        e.checksum = e.compute_checksum();
+        e
+    }
+
+    fn batch(events: Vec<Event>) -> Batch {
+        let o = Uuid::from_u128(7);
+        Batch {
+            format: FORMAT_VERSION,
+            source: o,
+            from: BTreeMap::from([(o, 0)]),
+            have: BTreeMap::from([(o, 10)]),
+            events,
+            more: false,
+        }
+    }
+
+    #[test]
+    fn canonical_text_is_jsonb_form() {
+        let e = event(3, 1);
+        assert_eq!(
+            e.canonical_text(),
+            r#"["00000000-0000-0000-0000-000000000007", 3, 1, 1048576, "public.items", "UPDATE", {"id": 1}, {"id": 1, "name": "Grüße \"x\""}, {"name": "a"}]"#
+        );
+    }
+
+    #[test]
+    fn valid_batch_round_trips_through_json() {
+        let b = batch(vec![event(1, 1), event(1, 2), event(2, 1)]);
+        b.validate().unwrap();
+        let text = serde_json::to_string(&b).unwrap();
+        let back: Batch = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, b);
+        back.validate().unwrap();
+    }
+
+    #[test]
+    fn tampered_event_fails_checksum() {
+        let mut e = event(1, 1);
+        e.data = Some(json!({"id": 1, "name": "evil"}));
+        assert!(matches!(batch(vec![e]).validate(), Err(BatchError::Checksum { .. })));
+    }
+
+    #[test]
+    fn unknown_format_is_refused() {
+        let mut b = batch(vec![]);
+        b.format = 99;
+        assert_eq!(b.validate(), Err(BatchError::Format(99)));
+    }
+
+    #[test]
+    fn out_of_range_and_disorder_are_refused() {
+        assert!(matches!(batch(vec![event(11, 1)]).validate(), Err(BatchError::OutOfRange { .. })));
+        assert!(matches!(batch(vec![event(2, 1), event(1, 1)]).validate(), Err(BatchError::Order(_))));
+    }
+}

@@ -1,0 +1,12 @@
+//! pg_peersync's pgrx-free core.
+//!
+//! Everything here is plain Rust, tested with `cargo test -p sync_bridge`, and never calls into
+//! PostgreSQL: the wire types of events and batches, their canonical checksum, and the hybrid
+//! logical clock arithmetic. The extension loads state through SPI and calls these functions.
+
+pub mod canonical;
+pub mod event;
+pub mod hlc;
+
+pub use event::{Batch, BatchError, Event, Op, FORMAT_VERSION};
+pub use hlc::Hlc;
