@@ -3,283 +3,294 @@
 //! prefix property, batches) is tested end to end in the `pgrx-tests` crate.
 
 use pgrx::prelude::*;
-use pgrx::JsonB;
-use serde_json::{Value, json};
 
-fn run(sql: &str) {
-    Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
+#[pg_schema]
+mod tests {
+    use super::*;
+    use pgrx::JsonB;
+    use serde_json::{Value, json};
 
-fn one<T: IntoDatum + FromDatum>(sql: &str) -> T {
-    Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).expect("NULL")
-}
-
-/// Events of `table` as `[op, pk, data, old]`, in capture order.
-fn events(table: &str) -> Vec<Value> {
-    let sql = format!(
-        "SELECT coalesce(jsonb_agg(jsonb_build_array(op, pk, data, old) ORDER BY origin_seq, origin_idx), '[]') \
-         FROM sync_events WHERE table_name = '{table}'"
-    );
-    match one::<JsonB>(&sql).0 {
-        Value::Array(a) => a,
-        other => panic!("{other}"),
+    fn run(sql: &str) {
+        Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
-}
 
-fn shop() {
-    run("CREATE TABLE items (id int PRIMARY KEY, name text, price numeric(10,2), note text)");
-}
-
-#[pg_test]
-fn node_id_is_made_at_create_extension_and_reported() {
-    let id = one::<pgrx::Uuid>("SELECT sync_node_id()").to_string();
-    let status = one::<JsonB>("SELECT sync_status()").0;
-    assert_eq!(status["node_id"], json!(id));
-    assert_eq!(status["node_name"], json!("test-node"));
-    assert_eq!(one::<pgrx::Uuid>("SELECT sync_node_id()").to_string(), id);
-}
-
-#[pg_test]
-fn existing_rows_are_captured_once_when_tracked() {
-    shop();
-    run("INSERT INTO items VALUES (1, 'tea', 2.50, NULL), (2, 'cake', 3.00, 'x')");
-    run("SELECT sync_track_table('items')");
-    run("SELECT sync_track_table('items')");
-    let ev = events("public.items");
-    assert_eq!(ev.len(), 2, "{ev:?}");
-    assert_eq!(ev[0], json!(["INSERT", {"id": 1}, {"id": 1, "name": "tea", "note": null, "price": 2.50}, null]));
-    let status = one::<JsonB>("SELECT sync_status()").0;
-    assert_eq!(status["tables"][0]["table"], json!("public.items"));
-    assert_eq!(status["tables"][0]["events"], json!(2));
-    assert_eq!(status["tables"][0]["strategy"], json!("lww"));
-}
-
-#[pg_test]
-fn insert_update_delete_are_captured_with_old_values() {
-    shop();
-    run("SELECT sync_track_table('items')");
-    run("INSERT INTO items VALUES (1, 'tea', 2.50, NULL), (2, 'cake', 3.00, NULL), (3, 'pie', 4, NULL)");
-    run("UPDATE items SET price = price * 2 WHERE id <= 2");
-    run("UPDATE items SET name = name");
-    run("DELETE FROM items WHERE id = 3");
-    let ev = events("public.items");
-    let ops: Vec<&str> = ev.iter().map(|e| e[0].as_str().unwrap()).collect();
-    assert_eq!(ops, ["INSERT", "INSERT", "INSERT", "UPDATE", "UPDATE", "DELETE"]);
-    assert_eq!(ev[3][2]["price"], json!(5.00));
-    assert_eq!(ev[3][3], json!({"price": 2.50}), "old holds only the changed columns");
-    assert_eq!(ev[5][1], json!({"id": 3}));
-    assert_eq!(ev[5][3]["name"], json!("pie"), "a delete carries the old row");
-}
-
-#[pg_test]
-fn primary_key_update_moves_the_row() {
-    shop();
-    run("SELECT sync_track_table('items')");
-    run("INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 3) g");
-    run("UPDATE items SET id = id + 1");
-    let ev = events("public.items");
-    let moves: Vec<(String, i64)> =
-        ev[3..].iter().map(|e| (e[0].as_str().unwrap().to_string(), e[1]["id"].as_i64().unwrap())).collect();
-    // Every old key is deleted before any new key is inserted.
-    assert_eq!(&moves[..3].iter().map(|m| m.0.as_str()).collect::<Vec<_>>(), &["DELETE"; 3]);
-    assert_eq!(&moves[3..].iter().map(|m| m.0.as_str()).collect::<Vec<_>>(), &["INSERT"; 3]);
-    let mut new_keys: Vec<i64> = moves[3..].iter().map(|m| m.1).collect();
-    new_keys.sort();
-    assert_eq!(new_keys, [2, 3, 4]);
-    for e in &ev[6..] {
-        let id = e[1]["id"].as_i64().unwrap();
-        assert_eq!(e[2]["name"], json!(format!("n{}", id - 1)), "data pairs with its own old row");
+    fn one<T: IntoDatum + FromDatum>(sql: &str) -> T {
+        Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).expect("NULL")
     }
-}
 
-#[pg_test]
-fn bulk_update_pairs_old_and_new_rows() {
-    shop();
-    run("SELECT sync_track_table('items')");
-    run("INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 2000) g");
-    run("UPDATE items SET name = name || '!' WHERE id % 3 = 0");
-    let ev = events("public.items");
-    let updates: Vec<&Value> = ev.iter().filter(|e| e[0] == "UPDATE").collect();
-    assert_eq!(updates.len(), 666);
-    for u in updates {
-        let id = u[1]["id"].as_i64().unwrap();
-        assert_eq!(u[2]["name"], json!(format!("n{id}!")));
-        assert_eq!(u[3], json!({"name": format!("n{id}")}));
+    /// Events of `table` as `[op, pk, data, old]`, in capture order.
+    fn events(table: &str) -> Vec<Value> {
+        let sql = format!(
+            "SELECT coalesce(jsonb_agg(jsonb_build_array(op, pk, data, old) ORDER BY origin_seq, origin_idx), '[]') \
+             FROM sync_events WHERE table_name = '{table}'"
+        );
+        match one::<JsonB>(&sql).0 {
+            Value::Array(a) => a,
+            other => panic!("{other}"),
+        }
     }
-}
 
-#[pg_test]
-fn row_filter_and_excluded_columns() {
-    shop();
-    run("SELECT sync_track_table('items', 'field_merge', 'name NOT LIKE ''demo%''', '{note}')");
-    run("INSERT INTO items VALUES (1, 'demo a', 1, 'x'), (2, 'real', 2, 'y')");
-    run("UPDATE items SET note = 'local only'");
-    run("UPDATE items SET name = 'demo now' WHERE id = 2");
-    run("UPDATE items SET name = 'real now' WHERE id = 1");
-    let ev = events("public.items");
-    assert_eq!(
-        ev,
-        vec![
-            json!(["INSERT", {"id": 2}, {"id": 2, "name": "real", "price": 2.00}, null]),
-            json!(["DELETE", {"id": 2}, null, {"id": 2, "name": "real", "price": 2.00}]),
-            json!(["UPDATE", {"id": 1}, {"id": 1, "name": "real now", "price": 1.00}, {"name": "demo a"}]),
-        ]
-    );
-}
-
-#[pg_test(error = "table public.nopk has no primary key")]
-fn table_without_primary_key_is_refused() {
-    run("CREATE TABLE nopk (a int)");
-    run("SELECT sync_track_table('nopk')");
-}
-
-#[pg_test(error = "unknown conflict strategy \"newest\"")]
-fn unknown_strategy_is_refused() {
-    shop();
-    run("SELECT sync_track_table('items', 'newest')");
-}
-
-#[pg_test(error = "primary key column \"id\" of table public.items cannot be excluded from sync")]
-fn primary_key_cannot_be_excluded() {
-    shop();
-    run("SELECT sync_track_table('items', exclude_columns => '{id}')");
-}
-
-#[pg_test(error = "sync_events belongs to the pg_peersync extension and cannot be tracked")]
-fn own_tables_are_refused() {
-    run("SELECT sync_track_table('sync_events')");
-}
-
-#[pg_test(error = "TRUNCATE of tracked table public.items is not replicated")]
-fn truncate_is_refused() {
-    shop();
-    run("SELECT sync_track_table('items')");
-    run("TRUNCATE items");
-}
-
-#[pg_test]
-fn errors_carry_sqlstate_and_hint() {
-    shop();
-    run("CREATE TABLE nopk (a int)");
-    let caught = one::<JsonB>(
-        "DO $$ DECLARE s text; h text; BEGIN
-             PERFORM sync_track_table('nopk');
-         EXCEPTION WHEN others THEN
-             GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, h = PG_EXCEPTION_HINT;
-             PERFORM set_config('test.err', jsonb_build_object('state', s, 'hint', h)::text, true);
-         END $$; SELECT current_setting('test.err')::jsonb",
-    );
-    assert_eq!(caught.0["state"], json!("55000"));
-    assert!(caught.0["hint"].as_str().unwrap().contains("ADD PRIMARY KEY"));
-}
-
-#[pg_test]
-fn rolled_back_subtransaction_leaves_no_event() {
-    shop();
-    run("SELECT sync_track_table('items')");
-    run("DO $$ BEGIN
-           INSERT INTO items VALUES (1, 'kept');
-           BEGIN
-             INSERT INTO items VALUES (2, 'rolled back');
-             RAISE EXCEPTION 'undo';
-           EXCEPTION WHEN others THEN NULL;
-           END;
-           INSERT INTO items VALUES (3, 'kept too');
-         END $$");
-    let keys: Vec<i64> = events("public.items").iter().map(|e| e[1]["id"].as_i64().unwrap()).collect();
-    assert_eq!(keys, [1, 3]);
-}
-
-#[pg_test]
-fn copy_and_functions_are_captured() {
-    shop();
-    run("SELECT sync_track_table('items')");
-    let path = format!("/tmp/pg_peersync_copy_{}.csv", std::process::id());
-    std::fs::write(&path, "10,copied,1.5,\n11,copied too,2,n\n").unwrap();
-    run(&format!("COPY items (id, name, price, note) FROM '{path}' WITH (FORMAT csv)"));
-    std::fs::remove_file(&path).ok();
-    run("CREATE FUNCTION bump() RETURNS void LANGUAGE sql AS $$ UPDATE items SET price = price + 1 $$");
-    run("SELECT bump()");
-    let ops: Vec<String> = events("public.items").iter().map(|e| e[0].as_str().unwrap().to_string()).collect();
-    assert_eq!(ops, ["INSERT", "INSERT", "UPDATE", "UPDATE"]);
-}
-
-#[pg_test]
-fn types_round_trip_through_the_row_image() {
-    run("CREATE TYPE mood AS ENUM ('sad', 'happy')");
-    run("CREATE DOMAIN positive AS int CHECK (VALUE > 0)");
-    run("CREATE TABLE kinds (
-           id uuid PRIMARY KEY, n numeric, tz timestamptz, d date, b bytea, arr int[], tags text[],
-           j jsonb, m mood, p positive, f float8, t text, big text, nothing text)");
-    run("SELECT sync_track_table('kinds')");
-    run("INSERT INTO kinds VALUES (
-           'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 12345678901234567890.000100, '2024-02-29 23:59:59.123456+05:30',
-           '0044-03-15', '\\x00ff10', '{1,NULL,3}', '{\"a,b\",\"c\\\"d\"}', '{\"k\": [1, 2.50, null]}', 'happy', 7,
-           0.1, 'Grüße 👋 \t\n\\', repeat('x', 1024 * 1024), NULL)");
-    // The stored image rebuilds a row equal to the original, column by column.
-    let same: bool = one(
-        "SELECT bool_and(r IS NOT DISTINCT FROM k) FROM kinds k,
-                LATERAL (SELECT jsonb_populate_record(NULL::kinds, e.data) AS r
-                           FROM sync_events e WHERE e.table_name = 'public.kinds') x",
-    );
-    assert!(same);
-}
-
-#[pg_test]
-fn checksums_match_the_canonical_encoding() {
-    shop();
-    run("SELECT sync_track_table('items')");
-    run("INSERT INTO items VALUES (1, 'Grüße \"q\" \\ \n', 1.10, NULL)");
-    run("UPDATE items SET price = 2");
-    run("DELETE FROM items");
-    let evs = one::<JsonB>(&format!("SELECT jsonb_agg({} ORDER BY origin_seq, origin_idx) FROM sync_events", crate::changes::EVENT_JSON));
-    let evs: Vec<sync_bridge::Event> = serde_json::from_value(evs.0).unwrap();
-    assert_eq!(evs.len(), 3);
-    for e in &evs {
-        assert!(e.checksum_ok(), "checksum of {e:?}");
+    /// JSON from text, keeping numbers exactly as written (`json!` would turn 2.50 into 2.5).
+    fn j(text: &str) -> Value {
+        serde_json::from_str(text).unwrap()
     }
-}
 
-#[pg_test]
-fn one_transaction_shares_one_number_and_orders_its_events() {
-    shop();
-    run("SELECT sync_track_table('items')");
-    run("INSERT INTO items VALUES (1, 'a')");
-    run("INSERT INTO items VALUES (2, 'b'), (3, 'c')");
-    let seqs: Vec<i64> = Spi::connect(|c| {
-        c.select("SELECT origin_seq, origin_idx FROM sync_events ORDER BY origin_idx", None, &[])
-            .unwrap()
-            .map(|r| r.get::<i64>(1).unwrap().unwrap() * 100 + r.get::<i32>(2).unwrap().unwrap() as i64)
-            .collect()
-    });
-    let seq = seqs[0] / 100;
-    assert_eq!(seqs, [seq * 100 + 1, seq * 100 + 2, seq * 100 + 3]);
-    let vclock = one::<JsonB>("SELECT vclock FROM sync_events LIMIT 1").0;
-    assert_eq!(vclock[one::<pgrx::Uuid>("SELECT sync_node_id()").to_string()], json!(seq));
-}
+    fn shop() {
+        run("CREATE TABLE items (id int PRIMARY KEY, name text, price numeric(10,2), note text)");
+    }
 
-#[pg_test]
-fn track_schema_tracks_tables_with_keys() {
-    run("CREATE SCHEMA shop");
-    run("CREATE TABLE shop.a (id int PRIMARY KEY)");
-    run("CREATE TABLE shop.b (id int PRIMARY KEY)");
-    run("CREATE TABLE shop.c (x int)");
-    run("CREATE TABLE shop.skip (id int PRIMARY KEY)");
-    let n: i32 = one("SELECT sync_track_schema('shop', '{skip}')");
-    assert_eq!(n, 2);
-    let tracked: i64 = one("SELECT count(*) FROM sync_tables");
-    assert_eq!(tracked, 2);
-    run("SELECT sync_untrack_table('shop.a')");
-    run("INSERT INTO shop.a VALUES (1)");
-    assert!(events("shop.a").is_empty());
-}
+    #[pg_test]
+    fn node_id_is_made_at_create_extension_and_reported() {
+        let id = one::<pgrx::Uuid>("SELECT sync_node_id()").to_string();
+        let status = one::<JsonB>("SELECT sync_status()").0;
+        assert_eq!(status["node_id"], json!(id));
+        assert_eq!(status["node_name"], json!("test-node"));
+        assert_eq!(one::<pgrx::Uuid>("SELECT sync_node_id()").to_string(), id);
+    }
 
-#[pg_test]
-fn clock_advances_per_statement() {
-    shop();
-    run("SELECT sync_track_table('items')");
-    run("INSERT INTO items VALUES (1)");
-    run("INSERT INTO items VALUES (2)");
-    let ordered: bool = one("SELECT bool_and(hlc > prev) FROM (SELECT hlc, lag(hlc) OVER (ORDER BY origin_idx) prev FROM sync_events) s WHERE prev IS NOT NULL");
-    assert!(ordered);
+    #[pg_test]
+    fn existing_rows_are_captured_once_when_tracked() {
+        shop();
+        run("INSERT INTO items VALUES (1, 'tea', 2.50, NULL), (2, 'cake', 3.00, 'x')");
+        run("SELECT sync_track_table('items')");
+        run("SELECT sync_track_table('items')");
+        let ev = events("public.items");
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        assert_eq!(ev[0], j(r#"["INSERT", {"id": 1}, {"id": 1, "name": "tea", "note": null, "price": 2.50}, null]"#));
+        let status = one::<JsonB>("SELECT sync_status()").0;
+        assert_eq!(status["tables"][0]["table"], json!("public.items"));
+        assert_eq!(status["tables"][0]["events"], json!(2));
+        assert_eq!(status["tables"][0]["strategy"], json!("lww"));
+    }
+
+    #[pg_test]
+    fn insert_update_delete_are_captured_with_old_values() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        run("INSERT INTO items VALUES (1, 'tea', 2.50, NULL), (2, 'cake', 3.00, NULL), (3, 'pie', 4, NULL)");
+        run("UPDATE items SET price = price * 2 WHERE id <= 2");
+        run("UPDATE items SET name = name");
+        run("DELETE FROM items WHERE id = 3");
+        let ev = events("public.items");
+        let ops: Vec<&str> = ev.iter().map(|e| e[0].as_str().unwrap()).collect();
+        assert_eq!(ops, ["INSERT", "INSERT", "INSERT", "UPDATE", "UPDATE", "DELETE"]);
+        assert_eq!(ev[3][2]["price"], j("5.00"));
+        assert_eq!(ev[3][3], j(r#"{"price": 2.50}"#), "old holds only the changed columns");
+        assert_eq!(ev[5][1], json!({"id": 3}));
+        assert_eq!(ev[5][3]["name"], json!("pie"), "a delete carries the old row");
+    }
+
+    #[pg_test]
+    fn primary_key_update_moves_the_row() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        run("INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 3) g");
+        // Keys 1..3 become 3..5: key 3 is both deleted and inserted by one statement.
+        run("UPDATE items SET id = id + 2");
+        let ev = events("public.items");
+        let moves: Vec<(String, i64)> =
+            ev[3..].iter().map(|e| (e[0].as_str().unwrap().to_string(), e[1]["id"].as_i64().unwrap())).collect();
+        // Every old key is deleted before any new key is inserted.
+        assert_eq!(&moves[..3].iter().map(|m| m.0.as_str()).collect::<Vec<_>>(), &["DELETE"; 3]);
+        assert_eq!(&moves[3..].iter().map(|m| m.0.as_str()).collect::<Vec<_>>(), &["INSERT"; 3]);
+        let mut new_keys: Vec<i64> = moves[3..].iter().map(|m| m.1).collect();
+        new_keys.sort();
+        assert_eq!(new_keys, [3, 4, 5]);
+        for e in &ev[6..] {
+            let id = e[1]["id"].as_i64().unwrap();
+            assert_eq!(e[2]["name"], json!(format!("n{}", id - 2)), "data pairs with its own old row");
+        }
+    }
+
+    #[pg_test]
+    fn bulk_update_pairs_old_and_new_rows() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        run("INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 2000) g");
+        run("UPDATE items SET name = name || '!' WHERE id % 3 = 0");
+        let ev = events("public.items");
+        let updates: Vec<&Value> = ev.iter().filter(|e| e[0] == "UPDATE").collect();
+        assert_eq!(updates.len(), 666);
+        for u in updates {
+            let id = u[1]["id"].as_i64().unwrap();
+            assert_eq!(u[2]["name"], json!(format!("n{id}!")));
+            assert_eq!(u[3], json!({"name": format!("n{id}")}));
+        }
+    }
+
+    #[pg_test]
+    fn row_filter_and_excluded_columns() {
+        shop();
+        run("SELECT sync_track_table('items', 'field_merge', 'name NOT LIKE ''demo%''', '{note}')");
+        run("INSERT INTO items VALUES (1, 'demo a', 1, 'x'), (2, 'real', 2, 'y')");
+        run("UPDATE items SET note = 'local only'");
+        run("UPDATE items SET name = 'demo now' WHERE id = 2");
+        run("UPDATE items SET name = 'real now' WHERE id = 1");
+        let ev = events("public.items");
+        assert_eq!(
+            ev,
+            vec![
+                j(r#"["INSERT", {"id": 2}, {"id": 2, "name": "real", "price": 2.00}, null]"#),
+                j(r#"["DELETE", {"id": 2}, null, {"id": 2, "name": "real", "price": 2.00}]"#),
+                j(r#"["UPDATE", {"id": 1}, {"id": 1, "name": "real now", "price": 1.00}, {"name": "demo a"}]"#),
+            ]
+        );
+    }
+
+    #[pg_test(error = "table public.nopk has no primary key")]
+    fn table_without_primary_key_is_refused() {
+        run("CREATE TABLE nopk (a int)");
+        run("SELECT sync_track_table('nopk')");
+    }
+
+    #[pg_test(error = "unknown conflict strategy \"newest\"")]
+    fn unknown_strategy_is_refused() {
+        shop();
+        run("SELECT sync_track_table('items', 'newest')");
+    }
+
+    #[pg_test(error = "primary key column \"id\" of table public.items cannot be excluded from sync")]
+    fn primary_key_cannot_be_excluded() {
+        shop();
+        run("SELECT sync_track_table('items', exclude_columns => '{id}')");
+    }
+
+    #[pg_test(error = "sync_events belongs to the pg_peersync extension and cannot be tracked")]
+    fn own_tables_are_refused() {
+        run("SELECT sync_track_table('sync_events')");
+    }
+
+    #[pg_test(error = "TRUNCATE of tracked table public.items is not replicated")]
+    fn truncate_is_refused() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        run("TRUNCATE items");
+    }
+
+    #[pg_test]
+    fn errors_carry_sqlstate_and_hint() {
+        shop();
+        run("CREATE TABLE nopk (a int)");
+        let caught = one::<JsonB>(
+            "DO $$ DECLARE s text; h text; BEGIN
+                 PERFORM sync_track_table('nopk');
+             EXCEPTION WHEN others THEN
+                 GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, h = PG_EXCEPTION_HINT;
+                 PERFORM set_config('test.err', jsonb_build_object('state', s, 'hint', h)::text, true);
+             END $$; SELECT current_setting('test.err')::jsonb",
+        );
+        assert_eq!(caught.0["state"], json!("55000"));
+        assert!(caught.0["hint"].as_str().unwrap().contains("ADD PRIMARY KEY"));
+    }
+
+    #[pg_test]
+    fn rolled_back_subtransaction_leaves_no_event() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        run("DO $$ BEGIN
+               INSERT INTO items VALUES (1, 'kept');
+               BEGIN
+                 INSERT INTO items VALUES (2, 'rolled back');
+                 RAISE EXCEPTION 'undo';
+               EXCEPTION WHEN others THEN NULL;
+               END;
+               INSERT INTO items VALUES (3, 'kept too');
+             END $$");
+        let keys: Vec<i64> = events("public.items").iter().map(|e| e[1]["id"].as_i64().unwrap()).collect();
+        assert_eq!(keys, [1, 3]);
+    }
+
+    #[pg_test]
+    fn copy_and_functions_are_captured() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        let path = format!("/tmp/pg_peersync_copy_{}.csv", std::process::id());
+        std::fs::write(&path, "10,copied,1.5,\n11,copied too,2,n\n").unwrap();
+        run(&format!("COPY items (id, name, price, note) FROM '{path}' WITH (FORMAT csv)"));
+        std::fs::remove_file(&path).ok();
+        run("CREATE FUNCTION bump() RETURNS void LANGUAGE sql AS $$ UPDATE items SET price = price + 1 $$");
+        run("SELECT bump()");
+        let ops: Vec<String> = events("public.items").iter().map(|e| e[0].as_str().unwrap().to_string()).collect();
+        assert_eq!(ops, ["INSERT", "INSERT", "UPDATE", "UPDATE"]);
+    }
+
+    #[pg_test]
+    fn types_round_trip_through_the_row_image() {
+        run("CREATE TYPE mood AS ENUM ('sad', 'happy')");
+        run("CREATE DOMAIN positive AS int CHECK (VALUE > 0)");
+        run("CREATE TABLE kinds (
+               id uuid PRIMARY KEY, n numeric, tz timestamptz, d date, b bytea, arr int[], tags text[],
+               j jsonb, m mood, p positive, f float8, t text, big text, nothing text)");
+        run("SELECT sync_track_table('kinds')");
+        run("INSERT INTO kinds VALUES (
+               'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 12345678901234567890.000100, '2024-02-29 23:59:59.123456+05:30',
+               '0044-03-15', '\\x00ff10', '{1,NULL,3}', '{\"a,b\",\"c\\\"d\"}', '{\"k\": [1, 2.50, null]}', 'happy', 7,
+               0.1, 'Grüße 👋 \t\n\\', repeat('x', 1024 * 1024), NULL)");
+        // The stored image rebuilds a row equal to the original, column by column.
+        let same: bool = one(
+            "SELECT bool_and(r IS NOT DISTINCT FROM k) FROM kinds k,
+                    LATERAL (SELECT jsonb_populate_record(NULL::kinds, e.data) AS r
+                               FROM sync_events e WHERE e.table_name = 'public.kinds') x",
+        );
+        assert!(same);
+    }
+
+    #[pg_test]
+    fn checksums_match_the_canonical_encoding() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        run("INSERT INTO items VALUES (1, 'Grüße \"q\" \\ \n', 1.10, NULL)");
+        run("UPDATE items SET price = 2");
+        run("DELETE FROM items");
+        let evs = one::<JsonB>(&format!("SELECT jsonb_agg({} ORDER BY origin_seq, origin_idx) FROM sync_events", crate::changes::EVENT_JSON));
+        let evs: Vec<sync_bridge::Event> = serde_json::from_value(evs.0).unwrap();
+        assert_eq!(evs.len(), 3);
+        for e in &evs {
+            assert!(e.checksum_ok(), "checksum of {e:?}");
+        }
+    }
+
+    #[pg_test]
+    fn one_transaction_shares_one_number_and_orders_its_events() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        run("INSERT INTO items VALUES (1, 'a')");
+        run("INSERT INTO items VALUES (2, 'b'), (3, 'c')");
+        let seqs: Vec<i64> = Spi::connect(|c| {
+            c.select("SELECT origin_seq, origin_idx FROM sync_events ORDER BY origin_idx", None, &[])
+                .unwrap()
+                .map(|r| r.get::<i64>(1).unwrap().unwrap() * 100 + r.get::<i32>(2).unwrap().unwrap() as i64)
+                .collect()
+        });
+        let seq = seqs[0] / 100;
+        assert_eq!(seqs, [seq * 100 + 1, seq * 100 + 2, seq * 100 + 3]);
+        let vclock = one::<JsonB>("SELECT vclock FROM sync_events LIMIT 1").0;
+        assert_eq!(vclock[one::<pgrx::Uuid>("SELECT sync_node_id()").to_string()], json!(seq));
+    }
+
+    #[pg_test]
+    fn track_schema_tracks_tables_with_keys() {
+        run("CREATE SCHEMA shop");
+        run("CREATE TABLE shop.a (id int PRIMARY KEY)");
+        run("CREATE TABLE shop.b (id int PRIMARY KEY)");
+        run("CREATE TABLE shop.c (x int)");
+        run("CREATE TABLE shop.skip (id int PRIMARY KEY)");
+        let n: i32 = one("SELECT sync_track_schema('shop', '{skip}')");
+        assert_eq!(n, 2);
+        let tracked: i64 = one("SELECT count(*) FROM sync_tables");
+        assert_eq!(tracked, 2);
+        run("SELECT sync_untrack_table('shop.a')");
+        run("INSERT INTO shop.a VALUES (1)");
+        assert!(events("shop.a").is_empty());
+    }
+
+    #[pg_test]
+    fn clock_advances_per_statement() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        run("INSERT INTO items VALUES (1)");
+        run("INSERT INTO items VALUES (2)");
+        let ordered: bool = one("SELECT bool_and(hlc > prev) FROM (SELECT hlc, lag(hlc) OVER (ORDER BY origin_idx) prev FROM sync_events) s WHERE prev IS NOT NULL");
+        assert!(ordered);
+    }
 }

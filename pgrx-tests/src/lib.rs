@@ -1,1 +1,161 @@
+//! Throwaway PostgreSQL clusters for pg_peersync's end-to-end tests, demo and benchmarks.
+//!
+//! Each `Cluster` is a fresh `initdb` under /tmp, owned by user `postgres` (PostgreSQL refuses
+//! to run as root), listening only on a Unix socket inside its own directory, with the
+//! installed extension preloaded. Dropping it stops the server and removes the directory.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub use postgres;
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+pub struct Cluster {
+    pub name: String,
+    dir: tempfile::TempDir,
+    stopped: bool,
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Run a PostgreSQL program as user postgres.
+fn as_postgres(program: &str, args: &[&str]) -> Output {
+    let path = format!("{PG_BIN}/{program}");
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", &path]);
+        c
+    } else {
+        Command::new(&path)
+    };
+    let out = cmd.args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    out
+}
+
+fn check(what: &str, out: Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Cluster {
+    /// A running cluster with pg_peersync preloaded; `conf` lines are appended to postgresql.conf.
+    pub fn start(name: &str, conf: &[&str]) -> Cluster {
+        let mut lines = vec!["shared_preload_libraries = 'pg_peersync'".to_string()];
+        lines.push(format!("peersync.node_name = '{name}'"));
+        lines.extend(conf.iter().map(|s| s.to_string()));
+        Self::start_with(name, &lines)
+    }
+
+    /// A running cluster with exactly these postgresql.conf lines (plus socket settings).
+    pub fn start_with(name: &str, conf: &[String]) -> Cluster {
+        let dir = tempfile::Builder::new().prefix(&format!("peersync-{name}-")).tempdir_in("/tmp").unwrap();
+        if is_root() {
+            check("chown", Command::new("chown").args(["postgres:", dir.path().to_str().unwrap()]).output().unwrap());
+        }
+        let cluster = Cluster { name: name.into(), dir, stopped: true };
+        let data = cluster.data_dir();
+        check(
+            "initdb",
+            as_postgres("initdb", &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]),
+        );
+        let mut text = format!(
+            "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nport = 5432\nmax_connections = 40\n",
+            cluster.dir.path().display()
+        );
+        for l in conf {
+            text.push_str(l);
+            text.push('\n');
+        }
+        let conf_path = data.join("postgresql.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).unwrap();
+        existing.push_str(&text);
+        std::fs::write(&conf_path, existing).unwrap();
+        let mut cluster = cluster;
+        cluster.start_server();
+        cluster
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn start_server(&mut self) {
+        let log = self.dir.path().join("server.log");
+        let out = as_postgres(
+            "pg_ctl",
+            &["-D", self.data_dir().to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"],
+        );
+        if !out.status.success() {
+            panic!("pg_ctl start failed for {}: {}\n{}", self.name, String::from_utf8_lossy(&out.stderr), self.log());
+        }
+        self.stopped = false;
+    }
+
+    /// Stop the server; `immediate` simulates a crash (no checkpoint, no clean shutdown).
+    pub fn stop_server(&mut self, immediate: bool) {
+        let mode = if immediate { "immediate" } else { "fast" };
+        check("pg_ctl stop", as_postgres("pg_ctl", &["-D", self.data_dir().to_str().unwrap(), "-m", mode, "-w", "stop"]));
+        self.stopped = true;
+    }
+
+    pub fn restart(&mut self, immediate: bool) {
+        self.stop_server(immediate);
+        self.start_server();
+    }
+
+    pub fn conn_string(&self, db: &str) -> String {
+        format!("host={} port=5432 user=postgres dbname={db}", self.dir.path().display())
+    }
+
+    pub fn connect(&self) -> postgres::Client {
+        self.connect_db("postgres")
+    }
+
+    pub fn connect_db(&self, db: &str) -> postgres::Client {
+        postgres::Client::connect(&self.conn_string(db), postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connect to {}: {e}\n{}", self.name, self.log()))
+    }
+
+    /// Run a PostgreSQL client program (pgbench, psql) against this cluster as user postgres.
+    pub fn run_client(&self, program: &str, args: &[&str]) -> Output {
+        let host = self.dir.path().to_str().unwrap().to_string();
+        let mut all: Vec<&str> = vec!["-h", &host, "-p", "5432", "-U", "postgres"];
+        all.extend_from_slice(args);
+        as_postgres(program, &all)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = as_postgres("pg_ctl", &["-D", self.data_dir().to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
+        }
+    }
+}
+
+/// One `sync_changes()` call, parsed.
+pub fn changes(client: &mut postgres::Client, since: &serde_json::Value, max: i32) -> serde_json::Value {
+    let row = client.query_one("SELECT sync_changes($1::text::jsonb, $2)::text", &[&since.to_string(), &max]).unwrap();
+    serde_json::from_str(row.get::<_, &str>(0)).unwrap()
+}

@@ -171,12 +171,15 @@ pub(crate) fn capture(
 fn _sync_capture<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, ErrorReport> {
-    let op = trigger.op().map_err(|e| internal(e.to_string()))?;
+    // Errors are raised here: a trigger's Err would reach the user as a generic panic message.
+    let op = trigger.op().unwrap_or_else(|e| internal(e.to_string()));
     let Some(source) = source_of(op) else { return Ok(None) };
-    let relid = trigger.relid().map_err(|e| internal(e.to_string()))?;
-    let args = trigger.extra_args().map_err(|e| internal(e.to_string()))?;
+    let relid = trigger.relid().unwrap_or_else(|e| internal(e.to_string()));
+    let args = trigger.extra_args().unwrap_or_else(|e| internal(e.to_string()));
     let td = trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData;
-    capture(relid, source, &args, Some(td))?;
+    if let Err(e) = capture(relid, source, &args, Some(td)) {
+        e.report();
+    }
     Ok(None)
 }
 
@@ -190,10 +193,11 @@ fn _sync_refuse_truncate<'a>(
         trigger.table_schema().unwrap_or_default(),
         trigger.table_name().unwrap_or_default()
     );
-    Err(SyncError::Truncate(name).into())
+    SyncError::Truncate(name).report()
 }
 
-fn internal(msg: String) -> ErrorReport {
-    ErrorReport::new(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, msg, "pg_peersync")
+fn internal(msg: String) -> ! {
+    ErrorReport::new(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, msg, "pg_peersync").report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
 }
 
