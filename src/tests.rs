@@ -82,7 +82,8 @@ mod tests {
 
     #[pg_test]
     fn primary_key_update_moves_the_row() {
-        shop();
+        // Checked at the end of the statement, so keys may shift onto each other.
+        run("CREATE TABLE items (id int PRIMARY KEY DEFERRABLE INITIALLY IMMEDIATE, name text)");
         run("SELECT sync_track_table('items')");
         run("INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 3) g");
         // Keys 1..3 become 3..5: key 3 is both deleted and inserted by one statement.

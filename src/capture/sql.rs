@@ -10,6 +10,9 @@
 pub const OLD_TABLE: &str = "__peersync_old";
 /// Name of the transition table holding the rows after the statement.
 pub const NEW_TABLE: &str = "__peersync_new";
+/// Alias of the captured row. A user column may be called anything (even `t`), and a column
+/// name would win over a same-named alias in `to_jsonb(t)`; `alias.*` is always the whole row.
+pub const ROW: &str = "__peersync_row";
 
 /// What a tracked table's capture needs to know.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,10 +42,10 @@ pub fn quote_literal(s: &str) -> String {
 /// `to_jsonb(t)` without the excluded columns.
 fn row_json(spec: &TableSpec) -> String {
     if spec.exclude.is_empty() {
-        "to_jsonb(t)".into()
+        format!("to_jsonb({ROW}.*)")
     } else {
         let cols: Vec<String> = spec.exclude.iter().map(|c| quote_literal(c)).collect();
-        format!("(to_jsonb(t) - ARRAY[{}]::text[])", cols.join(", "))
+        format!("(to_jsonb({ROW}.*) - ARRAY[{}]::text[])", cols.join(", "))
     }
 }
 
@@ -69,14 +72,14 @@ fn changes(spec: &TableSpec, source: Source) -> String {
             let from = if source == Source::Existing { spec.qualified.as_str() } else { NEW_TABLE };
             format!(
                 "SELECT 'INSERT'::text AS op, {pk} AS pk, j AS data, NULL::jsonb AS old \
-                 FROM (SELECT {row} AS j FROM {from} t{w}) s",
+                 FROM (SELECT {row} AS j FROM {from} {ROW}{w}) s",
                 pk = pk_json(spec, "j"),
                 w = filter_where(spec)
             )
         }
         Source::Deleted => format!(
             "SELECT 'DELETE'::text AS op, {pk} AS pk, NULL::jsonb AS data, j AS old \
-             FROM (SELECT {row} AS j FROM {OLD_TABLE} t{w}) s",
+             FROM (SELECT {row} AS j FROM {OLD_TABLE} {ROW}{w}) s",
             pk = pk_json(spec, "j"),
             w = filter_where(spec)
         ),
@@ -87,8 +90,8 @@ fn changes(spec: &TableSpec, source: Source) -> String {
         Source::Updated => format!(
             "WITH p AS MATERIALIZED ( \
                SELECT o.rn, o.j AS oj, n.j AS nj, o.m AS om, n.m AS nm, {opk} AS opk, {npk} AS npk \
-               FROM (SELECT row_number() OVER () AS rn, {row} AS j, {m} AS m FROM {OLD_TABLE} t) o \
-               JOIN (SELECT row_number() OVER () AS rn, {row} AS j, {m} AS m FROM {NEW_TABLE} t) n \
+               FROM (SELECT row_number() OVER () AS rn, {row} AS j, {m} AS m FROM {OLD_TABLE} {ROW}) o \
+               JOIN (SELECT row_number() OVER () AS rn, {row} AS j, {m} AS m FROM {NEW_TABLE} {ROW}) n \
                  ON n.rn = o.rn \
                WHERE o.j IS DISTINCT FROM n.j) \
              SELECT op, pk, data, old FROM ( \

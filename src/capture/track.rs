@@ -4,7 +4,7 @@
 //! rows already present as INSERT events so that peers receive them. The trigger arguments
 //! carry the row filter and excluded columns, so cached capture plans follow any change.
 
-use super::sql::{Source, TableSpec, quote_literal};
+use super::sql::{ROW, Source, TableSpec, quote_literal};
 use crate::clock;
 use crate::error::{SyncError, SyncResult};
 use pgrx::prelude::*;
@@ -126,7 +126,7 @@ fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Ve
         client.update(&format!("LOCK TABLE {t} IN SHARE ROW EXCLUSIVE MODE"), None, &[])?;
         if let Some(f) = &filter {
             // Fails with PostgreSQL's own error (syntax, unknown column, type) before anything changes.
-            client.update(&format!("SELECT ({f})::boolean FROM {t} t LIMIT 0"), None, &[])?;
+            client.update(&format!("SELECT ({f})::boolean FROM {t} {ROW} LIMIT 0"), None, &[])?;
         }
         let already: bool = client
             .select(&format!("SELECT EXISTS (SELECT 1 FROM {}.sync_tables WHERE relid = $1)", ext.schema), None, &[tbl.into()])?
