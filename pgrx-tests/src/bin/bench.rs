@@ -37,14 +37,15 @@ fn main() {
     println!("Starting a throwaway cluster (shared_buffers 256MB, fsync on)...");
     let c = Cluster::start("bench", &["shared_buffers = '256MB'", "max_wal_size = '4GB'"]);
     let mut admin = c.connect();
-    admin.batch_execute("CREATE DATABASE plain; CREATE DATABASE tracked").unwrap();
+    admin.batch_execute("CREATE DATABASE plain").unwrap();
+    admin.batch_execute("CREATE DATABASE tracked").unwrap();
     for db in ["plain", "tracked"] {
         let out = c.run_client("pgbench", &["-i", "-q", "-s", "10", db]);
         assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
         // pgbench_history has no primary key; give both databases the same one.
-        c.connect_db(db)
-            .batch_execute("ALTER TABLE pgbench_history ADD COLUMN hid bigserial PRIMARY KEY; VACUUM ANALYZE")
-            .unwrap();
+        let mut conn = c.connect_db(db);
+        conn.batch_execute("ALTER TABLE pgbench_history ADD COLUMN hid bigserial PRIMARY KEY").unwrap();
+        conn.batch_execute("VACUUM ANALYZE").unwrap();
     }
     let mut tracked = c.connect_db("tracked");
     tracked
