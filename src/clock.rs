@@ -2,7 +2,7 @@
 //!
 //! The clock lives in shared memory (one per cluster, never a table row, so writers do not
 //! serialise on it); the arithmetic is `sync_bridge::Hlc`. After a restart the clock is raised
-//! to the greatest timestamp stored in `sync_events` before the first local event is numbered
+//! to the greatest timestamp stored in `sync_log` before the first local event is numbered
 //! (see `sequencer`), so it never goes back even if the wall clock did.
 
 use pgrx::prelude::*;

@@ -82,8 +82,8 @@ fn ensure_loaded(schema: &str, node: Uuid) -> Result<(), SyncError> {
         let row = client
             .select(
                 &format!(
-                    "SELECT (SELECT coalesce(max(origin_seq), 0) FROM {schema}.sync_events WHERE origin = $1), \
-                            (SELECT coalesce(max(hlc), 0) FROM {schema}.sync_events)"
+                    "SELECT (SELECT coalesce(max(origin_seq), 0) FROM {schema}.sync_log WHERE origin = $1), \
+                            (SELECT coalesce(max(hlc), 0) FROM {schema}.sync_log)"
                 ),
                 None,
                 &[pgrx::Uuid::from_bytes(*node.as_bytes()).into()],
@@ -151,7 +151,7 @@ pub fn committed_prefix(schema: &str, node: Uuid) -> Result<i64, SyncError> {
     let committed_max = Spi::connect(|client| {
         // A mutating statement takes a fresh snapshot, taken after `bound` was computed.
         let stmt = client.prepare_mut(
-            &format!("SELECT coalesce(max(origin_seq), 0) FROM {schema}.sync_events WHERE origin = $1"),
+            &format!("SELECT coalesce(max(origin_seq), 0) FROM {schema}.sync_log WHERE origin = $1"),
             &[pgrx::PgOid::BuiltIn(pgrx::PgBuiltInOids::UUIDOID)],
         )?;
         let v = client

@@ -20,12 +20,12 @@ fn sync_status() -> SyncResult<JsonB> {
                         'exclude_columns', to_jsonb(t.exclude_columns), 'primary_key', to_jsonb(t.pk_columns),
                         'events', coalesce(c.n, 0)) ORDER BY t.table_name)
                     FROM {s}.sync_tables t
-                    LEFT JOIN (SELECT table_name, count(*) AS n FROM {s}.sync_events GROUP BY 1) c
+                    LEFT JOIN (SELECT table_name, sum(n) AS n FROM {s}.sync_log GROUP BY 1) c
                       ON c.table_name = t.table_name), '[]'::jsonb),
                 'events', (SELECT jsonb_build_object(
-                        'total', count(*), 'local', count(*) FILTER (WHERE origin = $1),
+                        'total', coalesce(sum(n), 0), 'local', coalesce(sum(n) FILTER (WHERE origin = $1), 0),
                         'oldest', min(created_at), 'newest', max(created_at))
-                    FROM {s}.sync_events))"
+                    FROM {s}.sync_log))"
         ),
         &[pgrx::Uuid::from_bytes(*ext.node_id.as_bytes()).into()],
     )

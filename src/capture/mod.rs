@@ -10,8 +10,6 @@ use crate::sequencer;
 use pgrx::callbacks::{PgXactCallbackEvent, register_xact_callback};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
-use pgrx::{PgBuiltInOids, PgOid};
 use sql::Source;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -26,12 +24,79 @@ struct XactCapture {
     vclock: pgrx::JsonB,
 }
 
-/// Prepared capture statements, per (table, source, trigger arguments).
+/// Prepared capture statements, per (table, source), remembered with the trigger arguments
+/// they were built from.
 type PlanKey = (pg_sys::Oid, Source);
+
+/// A kept SPI plan. Prepared as a generic plan: its parameters never change the best plan,
+/// and re-planning this statement on every call would cost more than running it.
+struct CapturePlan(pg_sys::SPIPlanPtr);
+
+const PARAM_TYPES: [pg_sys::Oid; 6] = [
+    pg_sys::UUIDOID,
+    pg_sys::INT8OID,
+    pg_sys::INT4OID,
+    pg_sys::INT8OID,
+    pg_sys::INT8OID,
+    pg_sys::JSONBOID,
+];
+
+impl CapturePlan {
+    /// Must run inside an SPI connection (with the trigger's transition tables registered).
+    fn prepare(text: &str) -> CapturePlan {
+        let c = std::ffi::CString::new(text).expect("generated SQL has no NUL");
+        let mut types = PARAM_TYPES;
+        // SAFETY: inside an SPI connection; arguments describe `types` exactly.
+        let plan = unsafe {
+            pg_sys::SPI_prepare_cursor(
+                c.as_ptr(),
+                types.len() as i32,
+                types.as_mut_ptr(),
+                pg_sys::CURSOR_OPT_GENERIC_PLAN as i32,
+            )
+        };
+        if plan.is_null() {
+            internal(format!("pg_peersync could not prepare its capture statement (SPI result {})", unsafe {
+                pg_sys::SPI_result
+            }));
+        }
+        // SAFETY: a valid, unsaved plan.
+        unsafe { pg_sys::SPI_keepplan(plan) };
+        CapturePlan(plan)
+    }
+
+    /// Run with `args` (one datum per `PARAM_TYPES`, none NULL); returns how many changes
+    /// were captured.
+    fn execute(&self, mut args: [pg_sys::Datum; 6]) -> i32 {
+        let nulls = [b' ' as std::ffi::c_char; 6];
+        // SAFETY: inside an SPI connection; the plan is kept and matches the arguments. The
+        // statement returns at most one row with one non-null int4 column.
+        unsafe {
+            let rc = pg_sys::SPI_execute_plan(self.0, args.as_mut_ptr(), nulls.as_ptr(), false, 0);
+            if rc != pg_sys::SPI_OK_INSERT_RETURNING as i32 {
+                internal(format!("pg_peersync capture statement failed (SPI result {rc})"));
+            }
+            if pg_sys::SPI_processed == 0 {
+                return 0;
+            }
+            let table = &*pg_sys::SPI_tuptable;
+            let mut is_null = false;
+            let n = pg_sys::SPI_getbinval(*table.vals, table.tupdesc, 1, &mut is_null);
+            i32::from_datum(n, is_null).unwrap_or(0)
+        }
+    }
+}
+
+impl Drop for CapturePlan {
+    fn drop(&mut self) {
+        // SAFETY: the plan was kept by `prepare` and is freed once.
+        unsafe { pg_sys::SPI_freeplan(self.0) };
+    }
+}
 
 thread_local! {
     static XACT: RefCell<Option<XactCapture>> = const { RefCell::new(None) };
-    static PLANS: RefCell<HashMap<PlanKey, (Vec<String>, OwnedPreparedStatement)>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<PlanKey, (Vec<String>, CapturePlan)>> = RefCell::new(HashMap::new());
     static STALE: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -125,7 +190,7 @@ pub(crate) fn capture(
     let hlc = clock::tick();
     let xact = unsafe { pg_sys::GetTopFullTransactionId().value } as i64;
     let key = (relid, source);
-    let written = Spi::connect_mut(|client| {
+    let written = Spi::connect(|_client| {
         if let Some(td) = trigger_data {
             // Makes the transition tables visible by name to the statements below.
             unsafe { pg_sys::SPI_register_trigger_data(td) };
@@ -133,29 +198,20 @@ pub(crate) fn capture(
         let cached = PLANS.with(|p| p.borrow().get(&key).is_some_and(|(a, _)| a == args));
         if !cached {
             let spec = table_spec(relid, args)?;
-            let text = sql::capture_statement(&ext.schema, &spec, source);
-            let types = [
-                PgOid::BuiltIn(PgBuiltInOids::UUIDOID),
-                PgOid::BuiltIn(PgBuiltInOids::INT8OID),
-                PgOid::BuiltIn(PgBuiltInOids::INT4OID),
-                PgOid::BuiltIn(PgBuiltInOids::INT8OID),
-                PgOid::BuiltIn(PgBuiltInOids::INT8OID),
-                PgOid::BuiltIn(PgBuiltInOids::JSONBOID),
-            ];
-            let stmt = client.prepare_mut(text.as_str(), &types)?.keep();
-            PLANS.with(|p| p.borrow_mut().insert(key, (args.to_vec(), stmt)));
+            let plan = CapturePlan::prepare(&sql::capture_statement(&ext.schema, &spec, source));
+            PLANS.with(|p| p.borrow_mut().insert(key, (args.to_vec(), plan)));
         }
         let origin = pgrx::Uuid::from_bytes(*ext.node_id.as_bytes());
-        PLANS.with(|p| {
-            let p = p.borrow();
-            let (_, stmt) = p.get(&key).expect("plan cached above");
-            let result = client.update(
-                stmt,
-                None,
-                &[origin.into(), seq.into(), last_idx.into(), xact.into(), hlc.as_i64().into(), vclock.into()],
-            )?;
-            Ok::<_, SyncError>(result.len() as i32)
-        })
+        let datums = [
+            origin.into_datum(),
+            seq.into_datum(),
+            last_idx.into_datum(),
+            xact.into_datum(),
+            hlc.as_i64().into_datum(),
+            vclock.into_datum(),
+        ]
+        .map(|d| d.expect("non-null argument"));
+        Ok::<_, SyncError>(PLANS.with(|p| p.borrow().get(&key).expect("plan cached above").1.execute(datums)))
     })?;
     XACT.with(|x| {
         if let Some(s) = x.borrow_mut().as_mut() {

@@ -2,7 +2,8 @@
 //! then kept as a prepared plan. Pure string building, no database access.
 //!
 //! Capture runs as AFTER ... FOR EACH STATEMENT triggers with transition tables: one set-based
-//! `INSERT INTO sync_events SELECT ...` per statement, however many rows it touched, and
+//! `INSERT INTO sync_log SELECT ...` per statement, however many rows it touched, writing one
+//! row that holds all of the statement's changes; and
 //! PostgreSQL's own `to_jsonb` makes the row images (so every type, domain, enum and array is
 //! encoded the way PostgreSQL itself round-trips it through JSON).
 
@@ -64,64 +65,76 @@ fn filter_match(spec: &TableSpec) -> String {
     spec.filter.as_ref().map(|f| format!("coalesce(({f}), false)")).unwrap_or_else(|| "true".into())
 }
 
-/// The rows `(op, pk, data, old)` a statement produces, in the order they must be applied.
-fn changes(spec: &TableSpec, source: Source) -> String {
+/// The changes a statement produces, as JSON arrays `[op, pk, data, old]` in column `e`
+/// (see `sql/schema.sql` for their meaning), plus the aggregate that collects them in the
+/// order they must be applied.
+fn elements(spec: &TableSpec, source: Source) -> (String, &'static str) {
     let row = row_json(spec);
     match source {
         Source::Inserted | Source::Existing => {
             let from = if source == Source::Existing { spec.qualified.as_str() } else { NEW_TABLE };
-            format!(
-                "SELECT 'INSERT'::text AS op, {pk} AS pk, j AS data, NULL::jsonb AS old \
+            let sql = format!(
+                "SELECT jsonb_build_array('INSERT'::text, {pk}, j, NULL::jsonb) AS e \
                  FROM (SELECT {row} AS j FROM {from} {ROW}{w}) s",
                 pk = pk_json(spec, "j"),
                 w = filter_where(spec)
+            );
+            (sql, "jsonb_agg(e)")
+        }
+        Source::Deleted => {
+            let sql = format!(
+                "SELECT jsonb_build_array('DELETE'::text, {pk}, NULL::jsonb, j) AS e \
+                 FROM (SELECT {row} AS j FROM {OLD_TABLE} {ROW}{w}) s",
+                pk = pk_json(spec, "j"),
+                w = filter_where(spec)
+            );
+            (sql, "jsonb_agg(e)")
+        }
+        // Old and new transition rows are stored pairwise, so their positions pair them.
+        // UPDATE keeps the whole old image here; `sync_events` reduces it to the changed columns.
+        // A changed primary key becomes DELETE old key + INSERT new key; all of a statement's
+        // DELETEs and UPDATEs (k = 1) come before its INSERTs (k = 2), so keys shifted onto each
+        // other apply cleanly. A row leaving the filter becomes a DELETE; a row entering it an
+        // UPDATE (applied as an upsert).
+        Source::Updated => {
+            let sql = format!(
+                "SELECT x.k, x.e FROM ( \
+                   SELECT o.j AS oj, n.j AS nj, o.m AS om, n.m AS nm, {opk} AS opk, {npk} AS npk \
+                   FROM (SELECT row_number() OVER () AS rn, {row} AS j, {m} AS m FROM {OLD_TABLE} {ROW}) o \
+                   JOIN (SELECT row_number() OVER () AS rn, {row} AS j, {m} AS m FROM {NEW_TABLE} {ROW}) n \
+                     ON n.rn = o.rn \
+                   WHERE o.j IS DISTINCT FROM n.j) p \
+                 CROSS JOIN LATERAL (VALUES \
+                   (1, CASE WHEN p.opk = p.npk AND p.nm THEN jsonb_build_array('UPDATE'::text, p.npk, p.nj, p.oj) \
+                            WHEN p.om THEN jsonb_build_array('DELETE'::text, p.opk, NULL::jsonb, p.oj) END), \
+                   (2, CASE WHEN p.opk <> p.npk AND p.nm \
+                            THEN jsonb_build_array('INSERT'::text, p.npk, p.nj, NULL::jsonb) END)) x(k, e) \
+                 WHERE x.e IS NOT NULL",
+                opk = pk_json(spec, "o.j"),
+                npk = pk_json(spec, "n.j"),
+                m = filter_match(spec)
+            );
+            (
+                sql,
+                "coalesce(jsonb_agg(e) FILTER (WHERE k = 1), '[]') || coalesce(jsonb_agg(e) FILTER (WHERE k = 2), '[]')",
             )
         }
-        Source::Deleted => format!(
-            "SELECT 'DELETE'::text AS op, {pk} AS pk, NULL::jsonb AS data, j AS old \
-             FROM (SELECT {row} AS j FROM {OLD_TABLE} {ROW}{w}) s",
-            pk = pk_json(spec, "j"),
-            w = filter_where(spec)
-        ),
-        // Old and new transition rows are stored pairwise, so their positions pair them.
-        // A changed primary key becomes DELETE old key + INSERT new key; all of a statement's
-        // DELETEs come before its INSERTs so that keys shifted onto each other apply cleanly.
-        // A row leaving the filter becomes a DELETE; a row entering it an UPDATE (an upsert).
-        Source::Updated => format!(
-            "WITH p AS MATERIALIZED ( \
-               SELECT o.rn, o.j AS oj, n.j AS nj, o.m AS om, n.m AS nm, {opk} AS opk, {npk} AS npk \
-               FROM (SELECT row_number() OVER () AS rn, {row} AS j, {m} AS m FROM {OLD_TABLE} {ROW}) o \
-               JOIN (SELECT row_number() OVER () AS rn, {row} AS j, {m} AS m FROM {NEW_TABLE} {ROW}) n \
-                 ON n.rn = o.rn \
-               WHERE o.j IS DISTINCT FROM n.j) \
-             SELECT op, pk, data, old FROM ( \
-               SELECT rn, 1 AS k, 'UPDATE'::text AS op, npk AS pk, nj AS data, \
-                      (SELECT jsonb_object_agg(x.key, x.value) FROM jsonb_each(oj) x \
-                        WHERE nj -> x.key IS DISTINCT FROM x.value) AS old \
-                 FROM p WHERE opk = npk AND nm \
-               UNION ALL SELECT rn, 1, 'DELETE', opk, NULL::jsonb, oj FROM p WHERE om AND (opk <> npk OR NOT nm) \
-               UNION ALL SELECT rn, 2, 'INSERT', npk, nj, NULL::jsonb FROM p WHERE opk <> npk AND nm \
-             ) u ORDER BY k, rn",
-            opk = pk_json(spec, "o.j"),
-            npk = pk_json(spec, "n.j"),
-            m = filter_match(spec)
-        ),
     }
 }
 
-/// The statement that appends a statement's changes to `sync_events`.
+/// The statement that appends one statement's changes to `sync_log` as a single row, and
+/// returns how many changes it holds (no row when there are none).
 ///
-/// Parameters: `$1` origin uuid, `$2` origin_seq, `$3` index of the statement's first event
-/// minus one, `$4` origin xid, `$5` hlc, `$6` vclock. The checksum is sha256 over the jsonb text
-/// of `[origin, seq, idx, hlc, table, op, pk, data, old]` (`sync_bridge::Event::canonical_text`).
+/// Parameters: `$1` origin uuid, `$2` origin_seq, `$3` index of the statement's first change
+/// minus one, `$4` origin xid, `$5` hlc, `$6` vclock.
 pub fn capture_statement(schema: &str, spec: &TableSpec, source: Source) -> String {
-    let tbl = quote_literal(&spec.qualified);
+    let (elements, agg) = elements(spec, source);
     format!(
-        "INSERT INTO {schema}.sync_events \
-           (origin, origin_seq, origin_idx, origin_xact, hlc, table_name, pk, op, data, old, vclock, checksum) \
-         SELECT $1, $2, $3 + e.n, $4, $5, {tbl}, e.pk, e.op, e.data, e.old, $6, \
-                sha256(convert_to(jsonb_build_array($1, $2, $3 + e.n, $5, {tbl}, e.op, e.pk, e.data, e.old)::text, 'UTF8')) \
-         FROM (SELECT (row_number() OVER ())::int AS n, c.* FROM ({changes}) c) e",
-        changes = changes(spec, source)
+        "INSERT INTO {schema}.sync_log (origin, origin_seq, first_idx, n, origin_xact, hlc, table_name, vclock, changes) \
+         SELECT $1, $2, $3 + 1, s.n, $4, $5, {tbl}, $6, s.changes \
+         FROM (SELECT count(*)::int AS n, {agg} AS changes FROM ({elements}) c) s \
+         WHERE s.n > 0 \
+         RETURNING n",
+        tbl = quote_literal(&spec.qualified)
     )
 }
