@@ -21,11 +21,11 @@ CREATE TABLE sync_tables (
     tracked_at      timestamptz NOT NULL DEFAULT now()
 );
 
--- The change log, one row per capturing statement (or per received origin statement): all of
--- its changes in one JSON array, so a 100k-row UPDATE writes one row, not 100k. Each element
--- is [op, pk, data, old]: op 'INSERT' | 'UPDATE' | 'DELETE'; pk the primary key as an object;
--- data the new row image (null for DELETE); old the whole old row image (null for INSERT).
--- Change k (1-based) of a row is change (origin, origin_seq, first_idx + k - 1).
+-- The change log. One row holds all changes of one kind made by one statement (a statement
+-- writes at most three: its UPDATEs, then DELETEs, then INSERTs), so a 100k-row UPDATE writes
+-- one row, not 100k. rows is a JSON array: row images (as row_to_json prints them) for INSERT
+-- and DELETE, [new, old] pairs of whole row images for UPDATE. The k-th element (1-based) is
+-- change (origin, origin_seq, first_idx + k - 1). Read it through sync_events.
 CREATE TABLE sync_log (
     origin      uuid NOT NULL,
     origin_seq  bigint NOT NULL,
@@ -34,41 +34,53 @@ CREATE TABLE sync_log (
     origin_xact bigint NOT NULL,
     hlc         bigint NOT NULL,
     table_name  text NOT NULL,
+    op          text NOT NULL CHECK (op IN ('INSERT', 'UPDATE', 'DELETE')),
+    pk_columns  text[] NOT NULL,
     vclock      jsonb NOT NULL,
-    changes     jsonb NOT NULL,
+    rows        json NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (origin, origin_seq, first_idx)
 );
 
--- One row per change, identified by (origin, origin_seq, origin_idx). origin_seq numbers the
--- origin's transactions; origin_idx orders the changes inside one transaction. For UPDATE,
--- old holds only the changed columns. checksum is sha256 over the canonical text of
+-- One row per change, identified by (origin, origin_seq, origin_idx): origin_seq numbers the
+-- origin's transactions, origin_idx orders the changes inside one transaction. data is the new
+-- row image (NULL for DELETE); old holds the changed columns' old values for UPDATE and the
+-- whole old row for DELETE. checksum is sha256 over the canonical text of
 -- [origin, seq, idx, hlc, table, op, pk, data, old] (see sync_bridge/PROTOCOL.md).
 CREATE VIEW sync_events AS
 SELECT l.origin,
        l.origin_seq,
-       (l.first_idx + c.i - 1)::integer AS origin_idx,
+       (l.first_idx + r.i - 1)::integer AS origin_idx,
        l.origin_xact,
        l.hlc,
        l.table_name,
-       c.e -> 1 AS pk,
-       c.e ->> 0 AS op,
+       k.pk,
+       l.op,
        d.data,
        d.old,
        l.vclock,
-       sha256(convert_to(jsonb_build_array(l.origin, l.origin_seq, l.first_idx + c.i - 1, l.hlc,
-                                           l.table_name, c.e ->> 0, c.e -> 1, d.data, d.old)::text,
+       sha256(convert_to(jsonb_build_array(l.origin, l.origin_seq, l.first_idx + r.i - 1, l.hlc,
+                                           l.table_name, l.op, k.pk, d.data, d.old)::text,
                          'UTF8')) AS checksum,
        l.created_at
   FROM sync_log l
- CROSS JOIN LATERAL jsonb_array_elements(l.changes) WITH ORDINALITY AS c(e, i)
+ CROSS JOIN LATERAL json_array_elements(l.rows) WITH ORDINALITY AS r(e, i)
  CROSS JOIN LATERAL (
-       SELECT nullif(c.e -> 2, 'null') AS data,
-              CASE WHEN c.e ->> 0 = 'UPDATE'
+       SELECT CASE l.op WHEN 'INSERT' THEN r.e::jsonb WHEN 'UPDATE' THEN (r.e -> 0)::jsonb END AS data,
+              CASE l.op WHEN 'DELETE' THEN r.e::jsonb WHEN 'UPDATE' THEN (r.e -> 1)::jsonb END AS whole_old
+       ) AS w
+ CROSS JOIN LATERAL (
+       SELECT w.data,
+              CASE WHEN l.op = 'UPDATE'
                    THEN (SELECT jsonb_object_agg(x.key, x.value)
-                           FROM jsonb_each(c.e -> 3) AS x
-                          WHERE c.e -> 2 -> x.key IS DISTINCT FROM x.value)
-                   ELSE nullif(c.e -> 3, 'null') END AS old) AS d;
+                           FROM jsonb_each(w.whole_old) AS x
+                          WHERE w.data -> x.key IS DISTINCT FROM x.value)
+                   ELSE w.whole_old END AS old
+       ) AS d
+ CROSS JOIN LATERAL (
+       SELECT jsonb_object_agg(c, coalesce(w.data, w.whole_old) -> c) AS pk
+         FROM unnest(l.pk_columns) AS c
+       ) AS k;
 
 -- For every other origin, how far this node holds its events without a gap (the remote part of
 -- the have-vector; this node's own position is computed in shared memory).

@@ -1,6 +1,7 @@
 //! Change capture: the statement-level trigger that appends every change of a tracked table to
 //! `sync_events` in the same transaction, and the per-transaction numbering it relies on.
 
+mod fast;
 pub mod sql;
 mod track;
 
@@ -10,7 +11,7 @@ use crate::sequencer;
 use pgrx::callbacks::{PgXactCallbackEvent, register_xact_callback};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use sql::Source;
+use sql::{Source, TableSpec};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
@@ -24,29 +25,17 @@ struct XactCapture {
     vclock: pgrx::JsonB,
 }
 
-/// Prepared capture statements, per (table, source), remembered with the trigger arguments
-/// they were built from.
-type PlanKey = (pg_sys::Oid, Source);
-
 /// A kept SPI plan. Prepared as a generic plan: its parameters never change the best plan,
-/// and re-planning this statement on every call would cost more than running it.
+/// and re-planning on every call would cost more than running it.
 struct CapturePlan(pg_sys::SPIPlanPtr);
 
-const PARAM_TYPES: [pg_sys::Oid; 6] = [
-    pg_sys::UUIDOID,
-    pg_sys::INT8OID,
-    pg_sys::INT4OID,
-    pg_sys::INT8OID,
-    pg_sys::INT8OID,
-    pg_sys::JSONBOID,
-];
-
 impl CapturePlan {
-    /// Must run inside an SPI connection (with the trigger's transition tables registered).
-    fn prepare(text: &str) -> CapturePlan {
+    /// Must run inside an SPI connection (with the trigger's transition tables registered
+    /// when the statement reads them).
+    fn prepare(text: &str, types: &[pg_sys::Oid]) -> CapturePlan {
         let c = std::ffi::CString::new(text).expect("generated SQL has no NUL");
-        let mut types = PARAM_TYPES;
-        // SAFETY: inside an SPI connection; arguments describe `types` exactly.
+        let mut types = types.to_vec();
+        // SAFETY: inside an SPI connection; the arguments describe `types` exactly.
         let plan = unsafe {
             pg_sys::SPI_prepare_cursor(
                 c.as_ptr(),
@@ -56,7 +45,7 @@ impl CapturePlan {
             )
         };
         if plan.is_null() {
-            internal(format!("pg_peersync could not prepare its capture statement (SPI result {})", unsafe {
+            internal(format!("pg_peersync could not prepare a capture statement (SPI result {})", unsafe {
                 pg_sys::SPI_result
             }));
         }
@@ -65,24 +54,27 @@ impl CapturePlan {
         CapturePlan(plan)
     }
 
-    /// Run with `args` (one datum per `PARAM_TYPES`, none NULL); returns how many changes
-    /// were captured.
-    fn execute(&self, mut args: [pg_sys::Datum; 6]) -> i32 {
-        let nulls = [b' ' as std::ffi::c_char; 6];
-        // SAFETY: inside an SPI connection; the plan is kept and matches the arguments. The
-        // statement returns at most one row with one non-null int4 column.
+    /// Run with non-null `args`; returns the sum of the int4 first column of the returned rows
+    /// (the change counts), or 0 when the statement returns nothing.
+    fn execute(&self, args: &mut [pg_sys::Datum]) -> i32 {
+        let nulls = vec![b' ' as std::ffi::c_char; args.len()];
+        // SAFETY: inside an SPI connection; the plan is kept and matches the arguments.
         unsafe {
             let rc = pg_sys::SPI_execute_plan(self.0, args.as_mut_ptr(), nulls.as_ptr(), false, 0);
-            if rc != pg_sys::SPI_OK_INSERT_RETURNING as i32 {
+            if rc < 0 {
                 internal(format!("pg_peersync capture statement failed (SPI result {rc})"));
             }
-            if pg_sys::SPI_processed == 0 {
+            if rc != pg_sys::SPI_OK_INSERT_RETURNING as i32 || pg_sys::SPI_tuptable.is_null() {
                 return 0;
             }
             let table = &*pg_sys::SPI_tuptable;
-            let mut is_null = false;
-            let n = pg_sys::SPI_getbinval(*table.vals, table.tupdesc, 1, &mut is_null);
-            i32::from_datum(n, is_null).unwrap_or(0)
+            let mut total = 0;
+            for i in 0..pg_sys::SPI_processed as usize {
+                let mut is_null = false;
+                let n = pg_sys::SPI_getbinval(*table.vals.add(i), table.tupdesc, 1, &mut is_null);
+                total += i32::from_datum(n, is_null).unwrap_or(0);
+            }
+            total
         }
     }
 }
@@ -94,9 +86,19 @@ impl Drop for CapturePlan {
     }
 }
 
+/// Per tracked table: its spec (and the trigger arguments it was built from), and the SQL
+/// path's plans by source.
+struct TableCache {
+    args: Vec<String>,
+    spec: TableSpec,
+    plans: HashMap<Source, CapturePlan>,
+}
+
 thread_local! {
     static XACT: RefCell<Option<XactCapture>> = const { RefCell::new(None) };
-    static PLANS: RefCell<HashMap<PlanKey, (Vec<String>, CapturePlan)>> = RefCell::new(HashMap::new());
+    static TABLES: RefCell<HashMap<pg_sys::Oid, TableCache>> = RefCell::new(HashMap::new());
+    /// The fast path's single `INSERT INTO sync_log VALUES (...)`, with the schema it targets.
+    static LOG_INSERT: RefCell<Option<(String, CapturePlan)>> = const { RefCell::new(None) };
     static STALE: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -117,14 +119,17 @@ fn drop_stale_plans() {
     if stale.is_empty() {
         return;
     }
-    PLANS.with(|p| {
-        let mut p = p.borrow_mut();
+    TABLES.with(|t| {
+        let mut t = t.borrow_mut();
         if stale.contains(&pg_sys::InvalidOid) {
-            p.clear();
+            t.clear();
         } else {
-            p.retain(|(rel, _), _| !stale.contains(rel));
+            t.retain(|rel, _| !stale.contains(rel));
         }
     });
+    if stale.contains(&pg_sys::InvalidOid) {
+        LOG_INSERT.with(|l| l.borrow_mut().take());
+    }
 }
 
 /// Number the current transaction on its first captured change; later calls reuse it.
@@ -167,7 +172,7 @@ fn causal_context(ext: &clock::Ext, seq: i64) -> Result<serde_json::Value, SyncE
     Ok(serde_json::to_value(ctx).expect("a map of numbers serialises"))
 }
 
-fn source_of(op: PgTriggerOperation) -> Option<Source> {
+fn source_of(op: &PgTriggerOperation) -> Option<Source> {
     match op {
         PgTriggerOperation::Insert => Some(Source::Inserted),
         PgTriggerOperation::Update => Some(Source::Updated),
@@ -176,42 +181,88 @@ fn source_of(op: PgTriggerOperation) -> Option<Source> {
     }
 }
 
-/// Append the changes of `source` rows to `sync_events`; returns how many events were written.
-/// `trigger_data` must be set when `source` reads transition tables.
+const LOG_PARAMS: [pg_sys::Oid; 11] = [
+    pg_sys::UUIDOID,
+    pg_sys::INT8OID,
+    pg_sys::INT4OID,
+    pg_sys::INT4OID,
+    pg_sys::INT8OID,
+    pg_sys::INT8OID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::JSONBOID,
+    pg_sys::JSONOID,
+];
+
+const SQL_PARAMS: [pg_sys::Oid; 6] =
+    [pg_sys::UUIDOID, pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::JSONBOID];
+
+fn datum<T: IntoDatum>(v: T) -> pg_sys::Datum {
+    v.into_datum().expect("non-null argument")
+}
+
+/// Append the changes of `source` rows to `sync_log`; returns how many changes were written.
+/// `trigger_data` is set when called from the trigger (then `source` reads transition tables).
 pub(crate) fn capture(
     relid: pg_sys::Oid,
     source: Source,
+    op: PgTriggerOperation,
     args: &[String],
     trigger_data: Option<*mut pg_sys::TriggerData>,
 ) -> Result<i32, SyncError> {
     drop_stale_plans();
     let ext = clock::ext();
     let (seq, last_idx, vclock) = xact_state(&ext)?;
-    let hlc = clock::tick();
+    let hlc = clock::tick().as_i64();
     let xact = unsafe { pg_sys::GetTopFullTransactionId().value } as i64;
-    let key = (relid, source);
+    let origin = pgrx::Uuid::from_bytes(*ext.node_id.as_bytes());
     let written = Spi::connect(|_client| {
         if let Some(td) = trigger_data {
-            // Makes the transition tables visible by name to the statements below.
+            // Makes the transition tables visible by name to the SQL path's statements.
             unsafe { pg_sys::SPI_register_trigger_data(td) };
         }
-        let cached = PLANS.with(|p| p.borrow().get(&key).is_some_and(|(a, _)| a == args));
-        if !cached {
+        let fresh = TABLES.with(|t| t.borrow().get(&relid).is_none_or(|c| c.args != args));
+        if fresh {
             let spec = table_spec(relid, args)?;
-            let plan = CapturePlan::prepare(&sql::capture_statement(&ext.schema, &spec, source));
-            PLANS.with(|p| p.borrow_mut().insert(key, (args.to_vec(), plan)));
+            TABLES.with(|t| t.borrow_mut().insert(relid, TableCache { args: args.to_vec(), spec, plans: HashMap::new() }));
         }
-        let origin = pgrx::Uuid::from_bytes(*ext.node_id.as_bytes());
-        let datums = [
-            origin.into_datum(),
-            seq.into_datum(),
-            last_idx.into_datum(),
-            xact.into_datum(),
-            hlc.as_i64().into_datum(),
-            vclock.into_datum(),
-        ]
-        .map(|d| d.expect("non-null argument"));
-        Ok::<_, SyncError>(PLANS.with(|p| p.borrow().get(&key).expect("plan cached above").1.execute(datums)))
+        TABLES.with(|t| {
+            let mut t = t.borrow_mut();
+            let cache = t.get_mut(&relid).expect("cached above");
+            let spec = &cache.spec;
+            match trigger_data {
+                Some(td) if spec.filter.is_none() && spec.exclude.is_empty() => {
+                    // SAFETY: `td` is this statement trigger's data, with the transition tables
+                    // its operation implies.
+                    let parts = unsafe { fast::statement_parts(td, op, &spec.pk_attrs) };
+                    let pk_columns = spec.pk.clone();
+                    Ok(write_parts(&ext.schema, parts, |part, first_idx| {
+                        vec![
+                            datum(origin),
+                            datum(seq),
+                            datum(first_idx),
+                            datum(part.n),
+                            datum(xact),
+                            datum(hlc),
+                            datum(spec.qualified.as_str()),
+                            datum(part.op),
+                            datum(pk_columns.clone()),
+                            datum(pgrx::JsonB(vclock.0.clone())),
+                            datum(part.rows.as_str()),
+                        ]
+                    }, last_idx))
+                }
+                _ => {
+                    let plan = cache.plans.entry(source).or_insert_with(|| {
+                        CapturePlan::prepare(&sql::capture_statement(&ext.schema, spec, source), &SQL_PARAMS)
+                    });
+                    let mut datums =
+                        [datum(origin), datum(seq), datum(last_idx), datum(xact), datum(hlc), datum(pgrx::JsonB(vclock.0.clone()))];
+                    Ok::<_, SyncError>(plan.execute(&mut datums))
+                }
+            }
+        })
     })?;
     XACT.with(|x| {
         if let Some(s) = x.borrow_mut().as_mut() {
@@ -219,6 +270,28 @@ pub(crate) fn capture(
         }
     });
     Ok(written)
+}
+
+/// Insert each non-empty part as one `sync_log` row, numbering changes after `last_idx`.
+fn write_parts(
+    schema: &str,
+    parts: Vec<sql::Part>,
+    args: impl Fn(&sql::Part, i32) -> Vec<pg_sys::Datum>,
+    last_idx: i32,
+) -> i32 {
+    let mut next = last_idx + 1;
+    LOG_INSERT.with(|l| {
+        let mut l = l.borrow_mut();
+        if l.as_ref().is_none_or(|(s, _)| s != schema) {
+            *l = Some((schema.to_string(), CapturePlan::prepare(&sql::log_insert_statement(schema), &LOG_PARAMS)));
+        }
+        let (_, plan) = l.as_ref().expect("prepared above");
+        for part in parts.iter().filter(|p| p.n > 0) {
+            plan.execute(&mut args(part, next));
+            next += part.n;
+        }
+    });
+    next - (last_idx + 1)
 }
 
 /// The capture trigger: AFTER INSERT / UPDATE / DELETE ... FOR EACH STATEMENT, with transition
@@ -229,11 +302,11 @@ fn _sync_capture<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, ErrorReport> {
     // Errors are raised here: a trigger's Err would reach the user as a generic panic message.
     let op = trigger.op().unwrap_or_else(|e| internal(e.to_string()));
-    let Some(source) = source_of(op) else { return Ok(None) };
+    let Some(source) = source_of(&op) else { return Ok(None) };
     let relid = trigger.relid().unwrap_or_else(|e| internal(e.to_string()));
     let args = trigger.extra_args().unwrap_or_else(|e| internal(e.to_string()));
     let td = trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData;
-    if let Err(e) = capture(relid, source, &args, Some(td)) {
+    if let Err(e) = capture(relid, source, op, &args, Some(td)) {
         e.report();
     }
     Ok(None)

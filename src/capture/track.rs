@@ -4,6 +4,7 @@
 //! rows already present as INSERT events so that peers receive them. The trigger arguments
 //! carry the row filter and excluded columns, so cached capture plans follow any change.
 
+use super::fast::KeyAttr;
 use super::sql::{ROW, Source, TableSpec, quote_literal};
 use crate::clock;
 use crate::error::{SyncError, SyncResult};
@@ -25,29 +26,38 @@ const TRUNCATE_TRIGGER: &str = "peersync_refuse_truncate";
 /// Build the capture spec of `relid` from the catalog and the trigger arguments
 /// `[row filter or '', excluded columns as a JSON array]`.
 pub fn table_spec(relid: pg_sys::Oid, args: &[String]) -> Result<TableSpec, SyncError> {
-    let (qualified, pk) = Spi::connect(|client| {
+    let (qualified, pk, pk_attrs) = Spi::connect(|client| {
         let row = client
             .select(
-                "SELECT format('%I.%I', n.nspname, c.relname), \
-                        ARRAY(SELECT a.attname::text \
-                                FROM pg_index i \
-                                CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
-                                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-                               WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.ord) \
-                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+                "SELECT format('%I.%I', n.nspname, c.relname), k.names, k.nums, k.byvals, k.lens \
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                   LEFT JOIN LATERAL ( \
+                     SELECT array_agg(a.attname::text ORDER BY k.ord) AS names, \
+                            array_agg(a.attnum::int ORDER BY k.ord) AS nums, \
+                            array_agg(a.attbyval ORDER BY k.ord) AS byvals, \
+                            array_agg(a.attlen::int ORDER BY k.ord) AS lens \
+                       FROM pg_index i \
+                      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                      WHERE i.indrelid = c.oid AND i.indisprimary) k ON true \
+                  WHERE c.oid = $1",
                 None,
                 &[relid.into()],
             )?
             .first();
-        Ok::<_, SyncError>((
-            row.get::<String>(1)?.unwrap_or_default(),
-            row.get::<Vec<String>>(2)?.unwrap_or_default(),
-        ))
+        let names: Vec<String> = row.get(2)?.unwrap_or_default();
+        let nums: Vec<i32> = row.get(3)?.unwrap_or_default();
+        let byvals: Vec<bool> = row.get(4)?.unwrap_or_default();
+        let lens: Vec<i32> = row.get(5)?.unwrap_or_default();
+        let attrs = (0..nums.len())
+            .map(|i| KeyAttr { attnum: nums[i], byval: byvals[i], len: lens[i] as i16 })
+            .collect();
+        Ok::<_, SyncError>((row.get::<String>(1)?.unwrap_or_default(), names, attrs))
     })?;
     let filter = args.first().filter(|f| !f.is_empty()).cloned();
     let exclude: Vec<String> =
         args.get(1).and_then(|e| serde_json::from_str(e).ok()).unwrap_or_default();
-    Ok(TableSpec { qualified, pk, exclude, filter })
+    Ok(TableSpec { qualified, pk, pk_attrs, exclude, filter })
 }
 
 fn check_strategy(strategy: &str) -> Result<(), SyncError> {
@@ -176,7 +186,7 @@ fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Ve
             &[],
         )?;
         if !already {
-            super::capture(tbl, Source::Existing, &args, None)?;
+            super::capture(tbl, Source::Existing, PgTriggerOperation::Insert, &args, None)?;
         }
         Ok::<_, SyncError>(())
     })?;
