@@ -17,7 +17,8 @@
 use crate::clock;
 use crate::error::SyncError;
 use pgrx::prelude::*;
-use pgrx::{PGRXSharedMemory, PgLwLock, pg_shmem_init};
+use pgrx::{PGRXSharedMemory, PgAtomic, PgLwLock, pg_shmem_init};
+use std::sync::atomic::{AtomicU64, Ordering};
 use sync_bridge::Hlc;
 use uuid::Uuid;
 
@@ -58,8 +59,23 @@ unsafe impl PGRXSharedMemory for SeqState {}
 
 static SEQ: PgLwLock<SeqState> = unsafe { PgLwLock::new(c"pg_peersync_seq") };
 
+/// Moves whenever `sync_origins` (the remote part of the have-vector) changes, so backends
+/// can cache it instead of reading it in every transaction.
+static REMOTE_HAVE_GENERATION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_peersync_have_gen") };
+
 pub fn init_shmem() {
     pg_shmem_init!(SEQ);
+    pg_shmem_init!(REMOTE_HAVE_GENERATION);
+}
+
+pub fn remote_have_generation() -> u64 {
+    REMOTE_HAVE_GENERATION.get().load(Ordering::Acquire)
+}
+
+/// Call after a transaction that changed `sync_origins` has committed.
+#[allow(dead_code)] // used by sync_apply, the next step
+pub fn remote_have_changed() {
+    REMOTE_HAVE_GENERATION.get().fetch_add(1, Ordering::AcqRel);
 }
 
 fn my_db() -> u32 {

@@ -10,6 +10,7 @@ use crate::error::SyncError;
 use crate::sequencer;
 use pgrx::callbacks::{PgXactCallbackEvent, register_xact_callback};
 use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::PgMemoryContexts;
 use pgrx::prelude::*;
 use sql::{Source, TableSpec};
 use std::cell::RefCell;
@@ -22,7 +23,8 @@ struct XactCapture {
     xid: pg_sys::TransactionId,
     seq: i64,
     last_idx: i32,
-    vclock: pgrx::JsonB,
+    /// The causal context (`jsonb`), allocated in the transaction's memory context.
+    vclock: pg_sys::Datum,
 }
 
 /// A kept SPI plan. Prepared as a generic plan: its parameters never change the best plan,
@@ -133,20 +135,25 @@ fn drop_stale_plans() {
 }
 
 /// Number the current transaction on its first captured change; later calls reuse it.
-fn xact_state(ext: &clock::Ext) -> Result<(i64, i32, pgrx::JsonB), SyncError> {
+/// Returns the number, the last change index used, and the causal context as a `jsonb` datum
+/// built once per transaction in the transaction's memory context.
+fn xact_state(ext: &clock::Ext) -> Result<(i64, i32, pg_sys::Datum), SyncError> {
     let xid = unsafe { pg_sys::GetTopTransactionId() };
-    if let Some(s) = XACT.with(|x| x.borrow().as_ref().filter(|s| s.xid == xid).map(|s| (s.seq, s.last_idx, s.vclock.0.clone()))) {
-        return Ok((s.0, s.1, pgrx::JsonB(s.2)));
+    if let Some(s) = XACT.with(|x| x.borrow().as_ref().filter(|s| s.xid == xid).map(|s| (s.seq, s.last_idx, s.vclock))) {
+        return Ok(s);
     }
     let seq = sequencer::begin_local_xact(&ext.schema, ext.node_id)?;
     register_xact_callback(PgXactCallbackEvent::Commit, end_xact);
     register_xact_callback(PgXactCallbackEvent::Abort, end_xact);
     register_xact_callback(PgXactCallbackEvent::PrePrepare, || SyncError::TwoPhase.report());
-    let vclock = causal_context(ext, seq)?;
-    XACT.with(|x| {
-        *x.borrow_mut() = Some(XactCapture { xid, seq, last_idx: 0, vclock: pgrx::JsonB(vclock.clone()) })
-    });
-    Ok((seq, 0, pgrx::JsonB(vclock)))
+    let mut ctx = remote_context(ext)?;
+    ctx.insert(ext.node_id.to_string(), seq);
+    let value = serde_json::to_value(ctx).expect("a map of numbers serialises");
+    let vclock = unsafe {
+        PgMemoryContexts::TopTransactionContext.switch_to(|_| datum(pgrx::JsonB(value)))
+    };
+    XACT.with(|x| *x.borrow_mut() = Some(XactCapture { xid, seq, last_idx: 0, vclock }));
+    Ok((seq, 0, vclock))
 }
 
 fn end_xact() {
@@ -154,11 +161,22 @@ fn end_xact() {
     sequencer::end_local_xact();
 }
 
-/// The causal context of this transaction's events: what this node had of every other origin
-/// when it wrote, plus its own number. A remote version is "seen" by an event when its
-/// `(origin, seq)` is covered here.
-fn causal_context(ext: &clock::Ext, seq: i64) -> Result<serde_json::Value, SyncError> {
-    let mut ctx: BTreeMap<String, i64> = BTreeMap::new();
+thread_local! {
+    /// `sync_origins` as last read: (node, generation, origin -> upto).
+    static REMOTE_HAVE: RefCell<Option<(uuid::Uuid, u64, BTreeMap<String, i64>)>> = const { RefCell::new(None) };
+}
+
+/// The remote part of the causal context: what this node holds of every other origin. Read
+/// again only when `sync_origins` changed (its generation moved), not once per transaction.
+/// A value read a little early only under-claims what was seen, which is safe.
+fn remote_context(ext: &clock::Ext) -> Result<BTreeMap<String, i64>, SyncError> {
+    let generation = sequencer::remote_have_generation();
+    if let Some(ctx) = REMOTE_HAVE.with(|r| {
+        r.borrow().as_ref().filter(|(node, g, _)| *node == ext.node_id && *g == generation).map(|(_, _, c)| c.clone())
+    }) {
+        return Ok(ctx);
+    }
+    let mut ctx = BTreeMap::new();
     Spi::connect(|client| {
         let rows = client.select(&format!("SELECT origin::text, upto FROM {}.sync_origins", ext.schema), None, &[])?;
         for row in rows {
@@ -168,8 +186,8 @@ fn causal_context(ext: &clock::Ext, seq: i64) -> Result<serde_json::Value, SyncE
         }
         Ok::<_, SyncError>(())
     })?;
-    ctx.insert(ext.node_id.to_string(), seq);
-    Ok(serde_json::to_value(ctx).expect("a map of numbers serialises"))
+    REMOTE_HAVE.with(|r| *r.borrow_mut() = Some((ext.node_id, generation, ctx.clone())));
+    Ok(ctx)
 }
 
 fn source_of(op: &PgTriggerOperation) -> Option<Source> {
@@ -248,7 +266,7 @@ pub(crate) fn capture(
                             datum(spec.qualified.as_str()),
                             datum(part.op),
                             datum(pk_columns.clone()),
-                            datum(pgrx::JsonB(vclock.0.clone())),
+                            vclock,
                             datum(part.rows.as_str()),
                         ]
                     }, last_idx))
@@ -258,7 +276,7 @@ pub(crate) fn capture(
                         CapturePlan::prepare(&sql::capture_statement(&ext.schema, spec, source), &SQL_PARAMS)
                     });
                     let mut datums =
-                        [datum(origin), datum(seq), datum(last_idx), datum(xact), datum(hlc), datum(pgrx::JsonB(vclock.0.clone()))];
+                        [datum(origin), datum(seq), datum(last_idx), datum(xact), datum(hlc), vclock];
                     Ok::<_, SyncError>(plan.execute(&mut datums))
                 }
             }
