@@ -21,29 +21,33 @@ CREATE TABLE sync_tables (
     tracked_at      timestamptz NOT NULL DEFAULT now()
 );
 
--- The change log. One row holds all changes of one kind made by one statement (a statement
--- writes at most three: its UPDATEs, then DELETEs, then INSERTs), so a 100k-row UPDATE writes
--- one row, not 100k. rows is a JSON array: row images (as row_to_json prints them) for INSERT
--- and DELETE, [new, old] pairs of whole row images for UPDATE. The k-th element (1-based) is
--- change (origin, origin_seq, first_idx + k - 1). Read it through sync_events.
+-- The change log: one row per committed local transaction that changed tracked tables (or per
+-- received origin transaction), written once at commit. Its changes are stored in parts,
+-- one per statement and kind of change, as parallel arrays: part_rows[k] is a JSON array of
+-- row images (as row_to_json prints them) for INSERT and DELETE, of [new, old] pairs for
+-- UPDATE; its j-th element (1-based) is change (origin, origin_seq, part_first[k] + j - 1).
+-- Read it through sync_events.
 CREATE TABLE sync_log (
     origin      uuid NOT NULL,
     origin_seq  bigint NOT NULL,
-    first_idx   integer NOT NULL,
-    n           integer NOT NULL,
+    first_idx   bigint NOT NULL,
     origin_xact bigint NOT NULL,
+    n           integer NOT NULL,
     hlc         bigint NOT NULL,
-    table_name  text NOT NULL,
-    op          text NOT NULL CHECK (op IN ('INSERT', 'UPDATE', 'DELETE')),
-    pk_columns  text[] NOT NULL,
     vclock      jsonb NOT NULL,
-    rows        json NOT NULL,
+    part_hlc    bigint[] NOT NULL,
+    part_table  text[] NOT NULL,
+    part_op     text[] NOT NULL,
+    part_pk     text[] NOT NULL,
+    part_first  integer[] NOT NULL,
+    part_n      integer[] NOT NULL,
+    part_rows   text[] NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (origin, origin_seq, first_idx)
 );
--- Large statements make large arrays; lz4 compresses them several times faster than pglz.
+-- Large transactions make large arrays; lz4 compresses them several times faster than pglz.
 DO $$ BEGIN
-    ALTER TABLE sync_log ALTER COLUMN rows SET COMPRESSION lz4;
+    ALTER TABLE sync_log ALTER COLUMN part_rows SET COMPRESSION lz4;
 EXCEPTION WHEN feature_not_supported THEN NULL;   -- PostgreSQL built without lz4
 END $$;
 
@@ -55,28 +59,30 @@ END $$;
 CREATE VIEW sync_events AS
 SELECT l.origin,
        l.origin_seq,
-       (l.first_idx + r.i - 1)::integer AS origin_idx,
+       (p.first + r.i - 1)::integer AS origin_idx,
        l.origin_xact,
-       l.hlc,
-       l.table_name,
+       p.hlc,
+       p.table_name,
        k.pk,
-       l.op,
+       p.op,
        d.data,
        d.old,
        l.vclock,
-       sha256(convert_to(jsonb_build_array(l.origin, l.origin_seq, l.first_idx + r.i - 1, l.hlc,
-                                           l.table_name, l.op, k.pk, d.data, d.old)::text,
+       sha256(convert_to(jsonb_build_array(l.origin, l.origin_seq, p.first + r.i - 1, p.hlc,
+                                           p.table_name, p.op, k.pk, d.data, d.old)::text,
                          'UTF8')) AS checksum,
        l.created_at
   FROM sync_log l
- CROSS JOIN LATERAL json_array_elements(l.rows) WITH ORDINALITY AS r(e, i)
+ CROSS JOIN LATERAL unnest(l.part_hlc, l.part_table, l.part_op, l.part_pk, l.part_first, l.part_rows)
+       AS p(hlc, table_name, op, pk_columns, first, rows)
+ CROSS JOIN LATERAL json_array_elements(p.rows::json) WITH ORDINALITY AS r(e, i)
  CROSS JOIN LATERAL (
-       SELECT CASE l.op WHEN 'INSERT' THEN r.e::jsonb WHEN 'UPDATE' THEN (r.e -> 0)::jsonb END AS data,
-              CASE l.op WHEN 'DELETE' THEN r.e::jsonb WHEN 'UPDATE' THEN (r.e -> 1)::jsonb END AS whole_old
+       SELECT CASE p.op WHEN 'INSERT' THEN r.e::jsonb WHEN 'UPDATE' THEN (r.e -> 0)::jsonb END AS data,
+              CASE p.op WHEN 'DELETE' THEN r.e::jsonb WHEN 'UPDATE' THEN (r.e -> 1)::jsonb END AS whole_old
        ) AS w
  CROSS JOIN LATERAL (
        SELECT w.data,
-              CASE WHEN l.op = 'UPDATE'
+              CASE WHEN p.op = 'UPDATE'
                    THEN (SELECT jsonb_object_agg(x.key, x.value)
                            FROM jsonb_each(w.whole_old) AS x
                           WHERE w.data -> x.key IS DISTINCT FROM x.value)
@@ -84,7 +90,7 @@ SELECT l.origin,
        ) AS d
  CROSS JOIN LATERAL (
        SELECT jsonb_object_agg(c, coalesce(w.data, w.whole_old) -> c) AS pk
-         FROM unnest(l.pk_columns) AS c
+         FROM json_array_elements_text(p.pk_columns::json) AS c
        ) AS k;
 
 -- For every other origin, how far this node holds its events without a gap (the remote part of

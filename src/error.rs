@@ -34,6 +34,8 @@ pub enum SyncError {
     TooManyBackends(usize),
     #[error("too many databases with pg_peersync in this cluster ({0})")]
     TooManyDatabases(usize),
+    #[error("sync_flush() cannot run inside a subtransaction")]
+    FlushInSubtransaction,
     #[error("pg_peersync internal SPI error: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
 }
@@ -57,6 +59,7 @@ impl SyncError {
             SyncError::TooManyBackends(_) | SyncError::TooManyDatabases(_) => {
                 ERRCODE_CONFIGURATION_LIMIT_EXCEEDED
             }
+            SyncError::FlushInSubtransaction => ERRCODE_ACTIVE_SQL_TRANSACTION,
             SyncError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -96,6 +99,9 @@ impl SyncError {
             }
             SyncError::TooManyDatabases(_) => {
                 "Use pg_peersync in fewer databases of this cluster.".into()
+            }
+            SyncError::FlushInSubtransaction => {
+                "Call it outside savepoints and exception blocks; changes are written at commit anyway.".into()
             }
             SyncError::Spi(_) => return None,
         })

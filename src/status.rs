@@ -20,7 +20,9 @@ fn sync_status() -> SyncResult<JsonB> {
                         'exclude_columns', to_jsonb(t.exclude_columns), 'primary_key', to_jsonb(t.pk_columns),
                         'events', coalesce(c.n, 0)) ORDER BY t.table_name)
                     FROM {s}.sync_tables t
-                    LEFT JOIN (SELECT table_name, sum(n) AS n FROM {s}.sync_log GROUP BY 1) c
+                    LEFT JOIN (SELECT p.table_name, sum(p.n) AS n
+                                 FROM {s}.sync_log l, unnest(l.part_table, l.part_n) AS p(table_name, n)
+                                GROUP BY 1) c
                       ON c.table_name = t.table_name), '[]'::jsonb),
                 'events', (SELECT jsonb_build_object(
                         'total', coalesce(sum(n), 0), 'local', coalesce(sum(n) FILTER (WHERE origin = $1), 0),

@@ -20,6 +20,8 @@ mod tests {
 
     /// Events of `table` as `[op, pk, data, old]`, in capture order.
     fn events(table: &str) -> Vec<Value> {
+        // Changes are written to sync_log at commit; a test never commits, so write them now.
+        run("SELECT sync_flush()");
         let sql = format!(
             "SELECT coalesce(jsonb_agg(jsonb_build_array(op, pk, data, old) ORDER BY origin_seq, origin_idx), '[]') \
              FROM sync_events WHERE table_name = '{table}'"
@@ -227,6 +229,7 @@ mod tests {
                'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 12345678901234567890.000100, '2024-02-29 23:59:59.123456+05:30',
                '0044-03-15', '\\x00ff10', '{1,NULL,3}', '{\"a,b\",\"c\\\"d\"}', '{\"k\": [1, 2.50, null]}', 'happy', 7,
                0.1, 'Grüße 👋 \t\n\\', repeat('x', 1024 * 1024), NULL)");
+        run("SELECT sync_flush()");
         // The stored image rebuilds a row equal to the original, column by column.
         let same: bool = one(
             "SELECT bool_and(r IS NOT DISTINCT FROM k) FROM kinds k,
@@ -243,6 +246,7 @@ mod tests {
         run("INSERT INTO items VALUES (1, 'Grüße \"q\" \\ \n', 1.10, NULL)");
         run("UPDATE items SET price = 2");
         run("DELETE FROM items");
+        run("SELECT sync_flush()");
         let evs = one::<JsonB>(&format!("SELECT jsonb_agg({} ORDER BY origin_seq, origin_idx) FROM sync_events", crate::changes::EVENT_JSON));
         let evs: Vec<sync_bridge::Event> = serde_json::from_value(evs.0).unwrap();
         assert_eq!(evs.len(), 3);
@@ -257,6 +261,7 @@ mod tests {
         run("SELECT sync_track_table('items')");
         run("INSERT INTO items VALUES (1, 'a')");
         run("INSERT INTO items VALUES (2, 'b'), (3, 'c')");
+        run("SELECT sync_flush()");
         let seqs: Vec<i64> = Spi::connect(|c| {
             c.select("SELECT origin_seq, origin_idx FROM sync_events ORDER BY origin_idx", None, &[])
                 .unwrap()
@@ -291,6 +296,7 @@ mod tests {
         run("SELECT sync_track_table('items')");
         run("INSERT INTO items VALUES (1)");
         run("INSERT INTO items VALUES (2)");
+        run("SELECT sync_flush()");
         let ordered: bool = one("SELECT bool_and(hlc > prev) FROM (SELECT hlc, lag(hlc) OVER (ORDER BY origin_idx) prev FROM sync_events) s WHERE prev IS NOT NULL");
         assert!(ordered);
     }

@@ -1,9 +1,9 @@
 //! The SQL text of the capture statements, generated once per tracked table and operation and
 //! then kept as a prepared plan. Pure string building, no database access.
 //!
-//! Capture runs as AFTER ... FOR EACH STATEMENT triggers with transition tables. Each statement
-//! writes at most three `sync_log` rows (its UPDATEs, DELETEs and INSERTs), however many table
-//! rows it touched, each holding a JSON array of row images; and
+//! Capture runs as AFTER ... FOR EACH STATEMENT triggers with transition tables. A statement
+//! yields at most three parts (its UPDATEs, DELETEs and INSERTs), however many rows it touched,
+//! each a JSON array of row images; and
 //! PostgreSQL's own `to_jsonb` makes the row images (so every type, domain, enum and array is
 //! encoded the way PostgreSQL itself round-trips it through JSON).
 
@@ -51,16 +51,13 @@ pub struct Part {
     pub rows: String,
 }
 
-/// The fast path's statement: one `sync_log` row from parameters.
-///
-/// `$1` origin, `$2` origin_seq, `$3` first_idx, `$4` n, `$5` origin xid, `$6` hlc, `$7` table,
-/// `$8` op, `$9` primary key columns, `$10` vclock, `$11` rows.
-pub fn log_insert_statement(schema: &str) -> String {
-    format!(
-        "INSERT INTO {schema}.sync_log \
-           (origin, origin_seq, first_idx, n, origin_xact, hlc, table_name, op, pk_columns, vclock, rows) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-    )
+/// The `&'static` name of an operation read back from SQL.
+pub fn op_name(op: &str) -> &'static str {
+    match op {
+        "INSERT" => "INSERT",
+        "UPDATE" => "UPDATE",
+        _ => "DELETE",
+    }
 }
 
 /// A row's image as `json`: the whole row exactly as `row_to_json` prints it (what the fast
@@ -80,11 +77,6 @@ fn pk_row(spec: &TableSpec) -> String {
     format!("ROW({})", cols.join(", "))
 }
 
-fn pk_columns_literal(spec: &TableSpec) -> String {
-    let cols: Vec<String> = spec.pk.iter().map(|c| quote_literal(c)).collect();
-    format!("ARRAY[{}]::text[]", cols.join(", "))
-}
-
 fn filter_where(spec: &TableSpec) -> String {
     spec.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default()
 }
@@ -93,20 +85,11 @@ fn filter_match(spec: &TableSpec) -> String {
     spec.filter.as_ref().map(|f| format!("coalesce(({f}), false)")).unwrap_or_else(|| "true".into())
 }
 
-/// The statement that appends one statement's changes to `sync_log` (the SQL path, used for
-/// tables with a row filter or excluded columns, and for the rows present when a table is first
-/// tracked). It writes one row per kind of change and returns each row's change count.
-///
-/// Parameters: `$1` origin uuid, `$2` origin_seq, `$3` index of the statement's first change
-/// minus one, `$4` origin xid, `$5` hlc, `$6` vclock.
-pub fn capture_statement(schema: &str, spec: &TableSpec, source: Source) -> String {
+/// The SQL path's statement (tables with a row filter or excluded columns, and the rows
+/// present when a table is first tracked): returns the statement's parts as rows
+/// `(op, n, rows)`, in the order they must be applied, only the non-empty ones.
+pub fn capture_statement(spec: &TableSpec, source: Source) -> String {
     let row = row_json(spec);
-    let tbl = quote_literal(&spec.qualified);
-    let pkcols = pk_columns_literal(spec);
-    let insert = format!(
-        "INSERT INTO {schema}.sync_log \
-           (origin, origin_seq, first_idx, n, origin_xact, hlc, table_name, op, pk_columns, vclock, rows)"
-    );
     match source {
         Source::Inserted | Source::Existing | Source::Deleted => {
             let (op, from) = match source {
@@ -115,9 +98,7 @@ pub fn capture_statement(schema: &str, spec: &TableSpec, source: Source) -> Stri
                 _ => ("DELETE", OLD_TABLE),
             };
             format!(
-                "{insert} SELECT $1, $2, $3 + 1, s.n, $4, $5, {tbl}, '{op}', {pkcols}, $6, s.rows \
-                 FROM (SELECT count(*)::int AS n, json_agg({row}) AS rows FROM {from} {ROW}{w}) s \
-                 WHERE s.n > 0 RETURNING n",
+                "SELECT '{op}'::text, count(*)::int, json_agg({row}) FROM {from} {ROW}{w} HAVING count(*) > 0",
                 w = filter_where(spec)
             )
         }
@@ -139,10 +120,7 @@ pub fn capture_statement(schema: &str, spec: &TableSpec, source: Source) -> Stri
                  FROM p WHERE om AND (ok IS DISTINCT FROM nk OR NOT nm) \
                UNION ALL SELECT 3, 'INSERT', count(*)::int, json_agg(nj) \
                  FROM p WHERE ok IS DISTINCT FROM nk AND nm) \
-             {insert} SELECT $1, $2, \
-                 ($3 + 1 + coalesce(sum(n) OVER (ORDER BY ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0))::int, \
-                 n, $4, $5, {tbl}, op, {pkcols}, $6, rows \
-               FROM parts WHERE n > 0 RETURNING n",
+             SELECT op, n, rows FROM parts WHERE n > 0 ORDER BY ord",
             key = pk_row(spec),
             m = filter_match(spec)
         ),

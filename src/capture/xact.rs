@@ -1,0 +1,270 @@
+//! The current transaction's capture: its number, the changes captured so far (held in memory
+//! until commit), and the transaction callbacks that write them as one `sync_log` row just
+//! before commit, drop the ones of rolled-back subtransactions, and release the number.
+//!
+//! Writing once per transaction instead of once per statement is what keeps capture cheap for
+//! short OLTP transactions. The cost is memory: a transaction's row images stay in this
+//! backend until it commits.
+
+use super::plan::CapturePlan;
+use super::sql::Part;
+use crate::clock;
+use crate::error::SyncError;
+use crate::sequencer;
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+/// One part of the transaction: changes of one kind from one statement on one table.
+struct Pending {
+    subxact: pg_sys::SubTransactionId,
+    hlc: i64,
+    table: String,
+    op: &'static str,
+    /// Primary-key column names as a JSON array.
+    pk: String,
+    first_idx: i32,
+    n: i32,
+    rows: String,
+}
+
+struct XactCapture {
+    xid: pg_sys::TransactionId,
+    schema: String,
+    origin: uuid::Uuid,
+    seq: i64,
+    next_idx: i32,
+    vclock: serde_json::Value,
+    pending: Vec<Pending>,
+}
+
+thread_local! {
+    static XACT: RefCell<Option<XactCapture>> = const { RefCell::new(None) };
+    static FLUSH_PLAN: RefCell<Option<(String, CapturePlan)>> = const { RefCell::new(None) };
+    /// `sync_origins` as last read: (node, generation, origin -> upto).
+    static REMOTE_HAVE: RefCell<Option<(uuid::Uuid, u64, BTreeMap<String, i64>)>> = const { RefCell::new(None) };
+}
+
+/// Register the transaction callbacks, once per backend (from `_PG_init`).
+pub fn init_callbacks() {
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        // Last moment to write: an error here still aborts the transaction cleanly.
+        XACT_EVENT_PRE_COMMIT => flush(),
+        XACT_EVENT_PRE_PREPARE => {
+            if XACT.with(|x| x.borrow().is_some()) {
+                SyncError::TwoPhase.report();
+            }
+        }
+        // After the outcome is visible: forget the buffer and release the number.
+        XACT_EVENT_COMMIT | XACT_EVENT_ABORT => {
+            if XACT.with(|x| x.borrow_mut().take()).is_some() {
+                sequencer::end_local_xact();
+            }
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        // Subtransactions started after this one are its children: their changes go too.
+        XACT.with(|x| {
+            if let Some(x) = x.borrow_mut().as_mut() {
+                x.pending.retain(|p| p.subxact < my_subid);
+            }
+        });
+    }
+}
+
+/// Number the current transaction on its first captured change; later calls reuse it.
+fn ensure_started(ext: &clock::Ext) -> Result<(), SyncError> {
+    let xid = unsafe { pg_sys::GetTopTransactionId() };
+    if XACT.with(|x| x.borrow().as_ref().is_some_and(|s| s.xid == xid)) {
+        return Ok(());
+    }
+    let seq = sequencer::begin_local_xact(&ext.schema, ext.node_id)?;
+    let mut ctx = remote_context(ext)?;
+    ctx.insert(ext.node_id.to_string(), seq);
+    let vclock = serde_json::to_value(ctx).expect("a map of numbers serialises");
+    XACT.with(|x| {
+        *x.borrow_mut() = Some(XactCapture {
+            xid,
+            schema: ext.schema.clone(),
+            origin: ext.node_id,
+            seq,
+            next_idx: 1,
+            vclock,
+            pending: Vec::new(),
+        })
+    });
+    Ok(())
+}
+
+/// Add one statement's parts to the transaction; returns how many changes they hold.
+pub fn add_parts(ext: &clock::Ext, table: &str, pk: &[String], parts: Vec<Part>) -> Result<i32, SyncError> {
+    ensure_started(ext)?;
+    let hlc = clock::tick().as_i64();
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let pk = serde_json::to_string(pk).expect("strings serialise");
+    Ok(XACT.with(|x| {
+        let mut x = x.borrow_mut();
+        let x = x.as_mut().expect("started above");
+        let mut total = 0;
+        for part in parts.into_iter().filter(|p| p.n > 0) {
+            x.pending.push(Pending {
+                subxact,
+                hlc,
+                table: table.to_string(),
+                op: part.op,
+                pk: pk.clone(),
+                first_idx: x.next_idx,
+                n: part.n,
+                rows: part.rows,
+            });
+            x.next_idx += part.n;
+            total += part.n;
+        }
+        total
+    }))
+}
+
+/// The remote part of the causal context: what this node holds of every other origin. Read
+/// again only when `sync_origins` changed (its generation moved), not once per transaction.
+/// A value read a little early only under-claims what was seen, which is safe.
+fn remote_context(ext: &clock::Ext) -> Result<BTreeMap<String, i64>, SyncError> {
+    let generation = sequencer::remote_have_generation();
+    if let Some(ctx) = REMOTE_HAVE.with(|r| {
+        r.borrow().as_ref().filter(|(node, g, _)| *node == ext.node_id && *g == generation).map(|(_, _, c)| c.clone())
+    }) {
+        return Ok(ctx);
+    }
+    let mut ctx = BTreeMap::new();
+    Spi::connect(|client| {
+        let rows = client.select(&format!("SELECT origin::text, upto FROM {}.sync_origins", ext.schema), None, &[])?;
+        for row in rows {
+            if let (Some(o), Some(n)) = (row.get::<String>(1)?, row.get::<i64>(2)?) {
+                ctx.insert(o, n);
+            }
+        }
+        Ok::<_, SyncError>(())
+    })?;
+    REMOTE_HAVE.with(|r| *r.borrow_mut() = Some((ext.node_id, generation, ctx.clone())));
+    Ok(ctx)
+}
+
+const FLUSH_PARAMS: [pg_sys::Oid; 14] = [
+    pg_sys::UUIDOID,
+    pg_sys::INT8OID,
+    pg_sys::INT8OID,
+    pg_sys::INT8OID,
+    pg_sys::INT4OID,
+    pg_sys::JSONBOID,
+    pg_sys::INT8OID,
+    pg_sys::INT8ARRAYOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::INT4ARRAYOID,
+    pg_sys::INT4ARRAYOID,
+    pg_sys::TEXTARRAYOID,
+];
+
+fn datum<T: IntoDatum>(v: T) -> pg_sys::Datum {
+    v.into_datum().expect("non-null argument")
+}
+
+/// Write the transaction's pending changes as one `sync_log` row (nothing if there are none).
+/// Runs just before commit, and from `sync_flush()` so that a transaction can see its own
+/// changes in `sync_events`; later changes then go into another row of the same transaction.
+pub fn flush() {
+    let Some((schema, mut args)) = XACT.with(|x| {
+        let mut x = x.borrow_mut();
+        let x = x.as_mut()?;
+        if x.pending.is_empty() {
+            return None;
+        }
+        let pending = std::mem::take(&mut x.pending);
+        let n: i32 = pending.iter().map(|p| p.n).sum();
+        let first = pending[0].first_idx;
+        let hlc = pending.iter().map(|p| p.hlc).max().unwrap_or(0);
+        let args = vec![
+            datum(pgrx::Uuid::from_bytes(*x.origin.as_bytes())),
+            datum(x.seq),
+            datum(first as i64),
+            datum(unsafe { pg_sys::GetTopFullTransactionId().value } as i64),
+            datum(n),
+            datum(pgrx::JsonB(x.vclock.clone())),
+            datum(hlc),
+            datum(pending.iter().map(|p| p.hlc).collect::<Vec<i64>>()),
+            datum(pending.iter().map(|p| p.table.clone()).collect::<Vec<String>>()),
+            datum(pending.iter().map(|p| p.op.to_string()).collect::<Vec<String>>()),
+            datum(pending.iter().map(|p| p.pk.clone()).collect::<Vec<String>>()),
+            datum(pending.iter().map(|p| p.first_idx).collect::<Vec<i32>>()),
+            datum(pending.iter().map(|p| p.n).collect::<Vec<i32>>()),
+            datum(pending.into_iter().map(|p| p.rows).collect::<Vec<String>>()),
+        ];
+        Some((x.schema.clone(), args))
+    }) else {
+        return;
+    };
+    // At commit time the statement's portal and snapshot are gone; SPI needs one.
+    let pushed = unsafe {
+        if pg_sys::ActiveSnapshotSet() {
+            false
+        } else {
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            true
+        }
+    };
+    Spi::connect(|_client| {
+        FLUSH_PLAN.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.as_ref().is_none_or(|(s, _)| *s != schema) {
+                *f = Some((schema.clone(), CapturePlan::prepare(&flush_statement(&schema), &FLUSH_PARAMS)));
+            }
+            f.as_ref().expect("prepared above").1.execute(&mut args);
+        })
+    });
+    if pushed {
+        unsafe { pg_sys::PopActiveSnapshot() };
+    }
+}
+
+/// `$1` origin, `$2` origin_seq, `$3` first change index, `$4` xid, `$5` change count,
+/// `$6` vclock, `$7` greatest hlc, then one array per part attribute: hlc, table, op, pk
+/// columns, first index, count, rows.
+fn flush_statement(schema: &str) -> String {
+    format!(
+        "INSERT INTO {schema}.sync_log (origin, origin_seq, first_idx, origin_xact, n, vclock, hlc, \
+           part_hlc, part_table, part_op, part_pk, part_first, part_n, part_rows) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    )
+}
+
+/// Write the current transaction's captured changes now, so that it can read them in
+/// `sync_events` before it commits (they are written at commit anyway).
+#[pg_extern]
+fn sync_flush() -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
+    // A row written inside a subtransaction would vanish with it, taking the outer
+    // transaction's changes along.
+    if unsafe { pg_sys::GetCurrentTransactionNestLevel() } > 1 {
+        return Err(SyncError::FlushInSubtransaction.into());
+    }
+    flush();
+    Ok(())
+}
