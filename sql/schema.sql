@@ -24,8 +24,8 @@ CREATE TABLE sync_tables (
 -- The change log: one row per committed local transaction that changed tracked tables (or per
 -- received origin transaction), written once at commit. Its changes are stored in parts,
 -- one per statement and kind of change, as parallel arrays: part_rows[k] is a JSON array of
--- row images (as row_to_json prints them) for INSERT and DELETE, of [new, old] pairs for
--- UPDATE; its j-th element (1-based) is change (origin, origin_seq, part_first[k] + j - 1).
+-- row images (as row_to_json prints them) for INSERT and DELETE, of [new row, old values of
+-- the changed columns] pairs for UPDATE; its j-th element (1-based) is change (origin, origin_seq, part_first[k] + j - 1).
 -- Read it through sync_events.
 CREATE TABLE sync_log (
     origin      uuid NOT NULL,
@@ -78,18 +78,10 @@ SELECT l.origin,
  CROSS JOIN LATERAL json_array_elements(p.rows::json) WITH ORDINALITY AS r(e, i)
  CROSS JOIN LATERAL (
        SELECT CASE p.op WHEN 'INSERT' THEN r.e::jsonb WHEN 'UPDATE' THEN (r.e -> 0)::jsonb END AS data,
-              CASE p.op WHEN 'DELETE' THEN r.e::jsonb WHEN 'UPDATE' THEN (r.e -> 1)::jsonb END AS whole_old
-       ) AS w
- CROSS JOIN LATERAL (
-       SELECT w.data,
-              CASE WHEN p.op = 'UPDATE'
-                   THEN (SELECT jsonb_object_agg(x.key, x.value)
-                           FROM jsonb_each(w.whole_old) AS x
-                          WHERE w.data -> x.key IS DISTINCT FROM x.value)
-                   ELSE w.whole_old END AS old
+              CASE p.op WHEN 'DELETE' THEN r.e::jsonb WHEN 'UPDATE' THEN (r.e -> 1)::jsonb END AS old
        ) AS d
  CROSS JOIN LATERAL (
-       SELECT jsonb_object_agg(c, coalesce(w.data, w.whole_old) -> c) AS pk
+       SELECT jsonb_object_agg(c, coalesce(d.data, d.old) -> c) AS pk
          FROM json_array_elements_text(p.pk_columns::json) AS c
        ) AS k;
 

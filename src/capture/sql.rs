@@ -114,7 +114,10 @@ pub fn capture_statement(spec: &TableSpec, source: Source) -> String {
                  ON n.rn = o.rn \
                WHERE o.j::text IS DISTINCT FROM n.j::text), \
              parts AS ( \
-               SELECT 1 AS ord, 'UPDATE'::text AS op, count(*)::int AS n, json_agg(json_build_array(nj, oj)) AS rows \
+               SELECT 1 AS ord, 'UPDATE'::text AS op, count(*)::int AS n, \
+                      json_agg(json_build_array(nj, (SELECT json_object_agg(a.key, a.value) \
+                                                       FROM json_each(oj) a JOIN json_each(nj) b USING (key) \
+                                                      WHERE a.value::text IS DISTINCT FROM b.value::text))) AS rows \
                  FROM p WHERE ok IS NOT DISTINCT FROM nk AND nm \
                UNION ALL SELECT 2, 'DELETE', count(*)::int, json_agg(oj) \
                  FROM p WHERE om AND (ok IS DISTINCT FROM nk OR NOT nm) \
