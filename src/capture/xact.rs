@@ -117,6 +117,9 @@ fn ensure_started(ext: &clock::Ext) -> Result<(), SyncError> {
 
 /// Add one statement's parts to the transaction; returns how many changes they hold.
 pub fn add_parts(ext: &clock::Ext, table: &str, pk: &[String], parts: Vec<Part>) -> Result<i32, SyncError> {
+    if parts.iter().all(|p| p.n == 0) {
+        return Ok(0); // e.g. an UPDATE that matched no row: no number, no clock tick
+    }
     ensure_started(ext)?;
     let hlc = clock::tick().as_i64();
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
