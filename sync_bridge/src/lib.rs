@@ -7,6 +7,7 @@
 pub mod canonical;
 pub mod event;
 pub mod hlc;
+pub mod resolve;
 
 pub use event::{Batch, BatchError, Event, Op, FORMAT_VERSION};
 pub use hlc::Hlc;

@@ -1,0 +1,327 @@
+//! Who wins: the one documented function that decides what a row looks like, given the
+//! versions of it a node holds. Pure, so that it can be property-tested without PostgreSQL;
+//! `sync_apply` will load a row's versions, call it, and write the result.
+//!
+//! A **version** is one change to one row: its dot `(origin, seq, idx)`, its hybrid logical
+//! clock, and its causal context (what its origin held of every other origin when it wrote).
+//!
+//! Version `a` **has seen** version `b` when `a` was written with `b` already applied at `a`'s
+//! origin: for the same origin, `a` came later (greater clock); for different origins,
+//! `a.context[b.origin] >= b.seq`. With causal delivery (a node applies a change only once it
+//! holds the change's context) this is happened-before, a strict partial order.
+//!
+//! A node keeps, per row, the **causally maximal** versions (those no other version has seen):
+//! a multi-value register. Inserting versions in any order gives the same set, and the visible
+//! row is a deterministic function of that set, so every node that holds the same changes
+//! shows the same row, whatever the order they arrived in (DESIGN.md invariant 4). Only when
+//! the set holds more than one version with different content is there a conflict.
+//!
+//! The order used to break every tie is "last writer wins": greatest `(hlc, origin, seq, idx)`.
+//! Because a node raises its clock past every change it applies, a version that has seen
+//! another also has the greater clock, so this order agrees with causality.
+//!
+//! Strategies, over the maximal set `M`:
+//! - `lww`: the last writer in `M`; if it is a delete, the row is gone.
+//! - `field_merge`: if the last writer in `M` is a delete, the row is gone; otherwise each
+//!   column takes the value of the last writer in `M` that wrote that column (an INSERT
+//!   writes every column), or the last writer's value when none did.
+//! - `node_priority`: the versions in `M` from the highest-priority origin, then the last
+//!   writer among them; if it is a delete, the row is gone.
+//!
+//! A delete concurrent with an update is therefore decided like any other pair of versions;
+//! an update the delete has seen can never bring the row back (it is not in `M`).
+
+use crate::hlc::Hlc;
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use uuid::Uuid;
+
+pub type Row = Map<String, Value>;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Version {
+    pub origin: Uuid,
+    pub seq: i64,
+    pub idx: i32,
+    pub hlc: Hlc,
+    /// What the origin held of each other origin when it wrote (its own entry is ignored).
+    pub context: BTreeMap<Uuid, i64>,
+    /// The full row after the change; `None` for a delete.
+    pub row: Option<Row>,
+    /// Columns this change wrote: every column for an INSERT, the changed ones for an UPDATE.
+    pub written: BTreeSet<String>,
+}
+
+impl Version {
+    pub fn dot(&self) -> (Uuid, i64, i32) {
+        (self.origin, self.seq, self.idx)
+    }
+
+    /// The last-writer-wins order: greater is later.
+    pub fn lww_key(&self) -> (Hlc, Uuid, i64, i32) {
+        (self.hlc, self.origin, self.seq, self.idx)
+    }
+
+    /// True when `self` was written with `other` already applied at `self`'s origin.
+    pub fn has_seen(&self, other: &Version) -> bool {
+        if self.origin == other.origin {
+            // One origin writes one row in a single sequence (row locks), in clock order.
+            self.lww_key() > other.lww_key()
+        } else {
+            self.context.get(&other.origin).is_some_and(|held| *held >= other.seq)
+        }
+    }
+}
+
+/// The causally maximal versions of one row.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Register {
+    versions: Vec<Version>,
+}
+
+impl Register {
+    pub fn versions(&self) -> &[Version] {
+        &self.versions
+    }
+
+    /// Add a version. Returns false (and changes nothing) when it is already known or some
+    /// held version has seen it; otherwise drops the versions it has seen and keeps it.
+    pub fn insert(&mut self, v: Version) -> bool {
+        if self.versions.iter().any(|w| w.dot() == v.dot() || w.has_seen(&v)) {
+            return false;
+        }
+        self.versions.retain(|w| !v.has_seen(w));
+        self.versions.push(v);
+        // A canonical order, so equal sets compare and serialise equal.
+        self.versions.sort_by_key(|w| w.lww_key());
+        true
+    }
+
+    /// The last writer among the held versions.
+    pub fn last_writer(&self) -> Option<&Version> {
+        self.versions.last()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Strategy {
+    Lww,
+    FieldMerge,
+    /// Priority per origin (greater wins); origins not listed have priority 0.
+    NodePriority(BTreeMap<Uuid, i32>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolution {
+    /// The visible row, or `None` when it is deleted.
+    pub row: Option<Row>,
+    /// The version whose decision applies (for the record of a conflict).
+    pub winner: (Uuid, i64, i32),
+    /// More than one concurrent version, with different content.
+    pub conflict: bool,
+}
+
+/// Decide the visible row from a register. `None` for an empty register.
+pub fn resolve(strategy: &Strategy, register: &Register) -> Option<Resolution> {
+    let versions = register.versions();
+    let last = register.last_writer()?;
+    let conflict = versions.iter().any(|v| v.row != last.row);
+    let winner = match strategy {
+        Strategy::Lww | Strategy::FieldMerge => last,
+        Strategy::NodePriority(priority) => {
+            let rank = |v: &Version| priority.get(&v.origin).copied().unwrap_or(0);
+            versions.iter().max_by_key(|v| (rank(v), v.lww_key())).expect("non-empty")
+        }
+    };
+    let row = match (strategy, &winner.row) {
+        (_, None) => None,
+        (Strategy::FieldMerge, Some(base)) => {
+            let mut merged = base.clone();
+            for (column, value) in merged.iter_mut() {
+                // Versions are sorted by lww_key: the last one that wrote the column wins.
+                if let Some(v) = versions.iter().rev().find(|v| v.row.is_some() && v.written.contains(column)) {
+                    if let Some(x) = v.row.as_ref().and_then(|r| r.get(column)) {
+                        *value = x.clone();
+                    }
+                }
+            }
+            Some(merged)
+        }
+        (_, Some(row)) => Some(row.clone()),
+    };
+    Some(Resolution { row, winner: winner.dot(), conflict })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::{ProptestConfig, any, prop, prop_assert, prop_assert_eq, proptest};
+    use serde_json::json;
+
+    fn node(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    fn version(origin: u128, seq: i64, hlc: u64, context: &[(u128, i64)], row: Option<Value>, written: &[&str]) -> Version {
+        Version {
+            origin: node(origin),
+            seq,
+            idx: 1,
+            hlc: Hlc(hlc),
+            context: context.iter().map(|(o, s)| (node(*o), *s)).collect(),
+            row: row.map(|r| r.as_object().unwrap().clone()),
+            written: written.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn register(versions: &[Version]) -> Register {
+        let mut r = Register::default();
+        for v in versions {
+            r.insert(v.clone());
+        }
+        r
+    }
+
+    /// DESIGN.md's counter-example: A (high priority); C (low) has seen A; B (low) is
+    /// concurrent with both and has the greatest clock. Pairwise rules applied in arrival
+    /// order end at C or at B depending on the order; over the maximal set {B, C} the answer
+    /// is always B.
+    #[test]
+    fn node_priority_counterexample_converges() {
+        let a = version(1, 1, 10, &[], Some(json!({"id": 1, "v": "A"})), &["id", "v"]);
+        let c = version(3, 1, 20, &[(1, 1)], Some(json!({"id": 1, "v": "C"})), &["v"]);
+        let b = version(2, 1, 30, &[], Some(json!({"id": 1, "v": "B"})), &["id", "v"]);
+        let strategy = Strategy::NodePriority(BTreeMap::from([(node(1), 10)]));
+        for order in [[&a, &b, &c], [&a, &c, &b], [&b, &c, &a], [&c, &a, &b]] {
+            let r = register(&order.map(|v| v.clone()));
+            let res = resolve(&strategy, &r).unwrap();
+            assert_eq!(res.row.unwrap()["v"], json!("B"), "order {:?}", order.map(|v| v.origin));
+            assert!(res.conflict);
+        }
+    }
+
+    #[test]
+    fn causally_later_write_is_not_a_conflict() {
+        let a = version(1, 1, 10, &[], Some(json!({"id": 1, "v": 1})), &["id", "v"]);
+        let b = version(2, 1, 5, &[(1, 1)], Some(json!({"id": 1, "v": 2})), &["v"]);
+        let res = resolve(&Strategy::Lww, &register(&[a, b])).unwrap();
+        assert_eq!(res.row.unwrap()["v"], json!(2));
+        assert!(!res.conflict);
+    }
+
+    #[test]
+    fn identical_concurrent_content_is_not_a_conflict() {
+        let a = version(1, 1, 10, &[], Some(json!({"id": 1, "v": 1})), &["id", "v"]);
+        let b = version(2, 1, 11, &[], Some(json!({"id": 1, "v": 1})), &["id", "v"]);
+        assert!(!resolve(&Strategy::Lww, &register(&[a, b])).unwrap().conflict);
+    }
+
+    #[test]
+    fn field_merge_keeps_both_columns() {
+        let base = version(1, 1, 10, &[], Some(json!({"id": 1, "a": 0, "b": 0})), &["id", "a", "b"]);
+        let left = version(1, 2, 20, &[], Some(json!({"id": 1, "a": 1, "b": 0})), &["a"]);
+        let right = version(2, 1, 15, &[(1, 1)], Some(json!({"id": 1, "a": 0, "b": 2})), &["b"]);
+        let row = resolve(&Strategy::FieldMerge, &register(&[base, left, right])).unwrap().row.unwrap();
+        assert_eq!(json!(row), json!({"id": 1, "a": 1, "b": 2}));
+    }
+
+    #[test]
+    fn an_update_seen_by_a_delete_does_not_resurrect_the_row() {
+        let insert = version(1, 1, 10, &[], Some(json!({"id": 1, "v": 0})), &["id", "v"]);
+        let update = version(2, 1, 50, &[(1, 1)], Some(json!({"id": 1, "v": 9})), &["v"]);
+        // The delete has seen the update although the update's clock is greater (skewed clock).
+        let delete = version(1, 2, 40, &[(2, 1)], None, &[]);
+        for order in [[&insert, &update, &delete], [&delete, &update, &insert], [&update, &delete, &insert]] {
+            let r = register(&order.map(|v| v.clone()));
+            assert_eq!(resolve(&Strategy::Lww, &r).unwrap().row, None);
+            assert_eq!(resolve(&Strategy::FieldMerge, &r).unwrap().row, None);
+        }
+    }
+
+    /// A random history on three nodes writing one row: each write sees everything its node
+    /// holds; syncs copy one node's whole set to another (which keeps every set causally
+    /// closed, as causal delivery does). Returns every version written.
+    fn history(steps: &[(u8, u8, u8, u8)]) -> Vec<Version> {
+        let mut held: Vec<Vec<Version>> = vec![Vec::new(); 3];
+        let mut seq = [0i64; 3];
+        let mut clock = [0u64; 3];
+        let mut all = Vec::new();
+        for &(kind, a, b, value) in steps {
+            let (a, b) = (a as usize % 3, b as usize % 3);
+            if kind % 3 == 0 && a != b {
+                let incoming = held[b].clone();
+                for v in incoming {
+                    if !held[a].iter().any(|w| w.dot() == v.dot()) {
+                        clock[a] = clock[a].max(v.hlc.0);
+                        held[a].push(v);
+                    }
+                }
+                continue;
+            }
+            seq[a] += 1;
+            clock[a] += 1 + (value as u64 % 3);
+            let mut context = BTreeMap::new();
+            for v in &held[a] {
+                let e = context.entry(v.origin).or_insert(0);
+                *e = (*e).max(v.seq);
+            }
+            let columns = ["a", "b", "c"];
+            let written: Vec<&str> = if kind % 3 == 1 { columns.to_vec() } else { vec![columns[value as usize % 3]] };
+            // The row this node sees now, with the written columns changed.
+            let current = resolve(&Strategy::Lww, &register(&held[a])).and_then(|r| r.row);
+            let row = if value % 7 == 0 {
+                None
+            } else {
+                let mut row = current.unwrap_or_else(|| json!({"a": 0, "b": 0, "c": 0}).as_object().unwrap().clone());
+                for c in &written {
+                    row.insert(c.to_string(), json!(value));
+                }
+                Some(row)
+            };
+            let v = Version {
+                origin: node(a as u128 + 1),
+                seq: seq[a],
+                idx: 1,
+                hlc: Hlc(clock[a]),
+                context,
+                row,
+                written: written.iter().map(|s| s.to_string()).collect(),
+            };
+            held[a].push(v.clone());
+            all.push(v);
+        }
+        all
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        /// Every delivery order of the same versions gives the same register and the same row,
+        /// for every strategy.
+        #[test]
+        fn any_delivery_order_converges(
+            steps in prop::collection::vec((0u8..3, 0u8..3, 0u8..3, 0u8..50), 1..40),
+            seed in any::<u64>(),
+        ) {
+            let all = history(&steps);
+            let mut shuffled = all.clone();
+            // A deterministic shuffle from the seed.
+            let mut s = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+                shuffled.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            let (r1, r2) = (register(&all), register(&shuffled));
+            prop_assert_eq!(&r1, &r2);
+            let priority = Strategy::NodePriority(BTreeMap::from([(node(2), 5), (node(3), 1)]));
+            for strategy in [Strategy::Lww, Strategy::FieldMerge, priority] {
+                prop_assert_eq!(resolve(&strategy, &r1), resolve(&strategy, &r2));
+            }
+            // Applying a version twice changes nothing.
+            let mut again = r1.clone();
+            for v in &all {
+                prop_assert!(!again.insert(v.clone()));
+            }
+            prop_assert_eq!(again, r1);
+        }
+    }
+}
