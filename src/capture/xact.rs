@@ -34,7 +34,6 @@ struct XactCapture {
     origin: uuid::Uuid,
     seq: i64,
     next_idx: i32,
-    vclock: serde_json::Value,
     pending: Vec<Pending>,
 }
 
@@ -98,9 +97,6 @@ fn ensure_started(ext: &clock::Ext) -> Result<(), SyncError> {
         return Ok(());
     }
     let seq = sequencer::begin_local_xact(&ext.schema, ext.node_id)?;
-    let mut ctx = remote_context(ext)?;
-    ctx.insert(ext.node_id.to_string(), seq);
-    let vclock = serde_json::to_value(ctx).expect("a map of numbers serialises");
     XACT.with(|x| {
         *x.borrow_mut() = Some(XactCapture {
             xid,
@@ -108,7 +104,6 @@ fn ensure_started(ext: &clock::Ext) -> Result<(), SyncError> {
             origin: ext.node_id,
             seq,
             next_idx: 1,
-            vclock,
             pending: Vec::new(),
         })
     });
@@ -149,16 +144,21 @@ pub fn add_parts(ext: &clock::Ext, table: &str, pk: &[String], parts: Vec<Part>)
 /// The remote part of the causal context: what this node holds of every other origin. Read
 /// again only when `sync_origins` changed (its generation moved), not once per transaction.
 /// A value read a little early only under-claims what was seen, which is safe.
-fn remote_context(ext: &clock::Ext) -> Result<BTreeMap<String, i64>, SyncError> {
+///
+/// It is taken when the transaction writes its log row, just before commit: later than any of
+/// its row writes, so a later local write never claims less than an earlier one (which keeps
+/// "has seen" transitive), and never more than the rows it wrote had seen (a remote change
+/// to one of those rows cannot be applied while this transaction holds the row lock).
+fn remote_context(schema: &str, node: uuid::Uuid) -> Result<BTreeMap<String, i64>, SyncError> {
     let generation = sequencer::remote_have_generation();
     if let Some(ctx) = REMOTE_HAVE.with(|r| {
-        r.borrow().as_ref().filter(|(node, g, _)| *node == ext.node_id && *g == generation).map(|(_, _, c)| c.clone())
+        r.borrow().as_ref().filter(|(n, g, _)| *n == node && *g == generation).map(|(_, _, c)| c.clone())
     }) {
         return Ok(ctx);
     }
     let mut ctx = BTreeMap::new();
     Spi::connect(|client| {
-        let rows = client.select(&format!("SELECT origin::text, upto FROM {}.sync_origins", ext.schema), None, &[])?;
+        let rows = client.select(&format!("SELECT origin::text, upto FROM {schema}.sync_origins"), None, &[])?;
         for row in rows {
             if let (Some(o), Some(n)) = (row.get::<String>(1)?, row.get::<i64>(2)?) {
                 ctx.insert(o, n);
@@ -166,7 +166,7 @@ fn remote_context(ext: &clock::Ext) -> Result<BTreeMap<String, i64>, SyncError> 
         }
         Ok::<_, SyncError>(())
     })?;
-    REMOTE_HAVE.with(|r| *r.borrow_mut() = Some((ext.node_id, generation, ctx.clone())));
+    REMOTE_HAVE.with(|r| *r.borrow_mut() = Some((node, generation, ctx.clone())));
     Ok(ctx)
 }
 
@@ -195,33 +195,8 @@ fn datum<T: IntoDatum>(v: T) -> pg_sys::Datum {
 /// Runs just before commit, and from `sync_flush()` so that a transaction can see its own
 /// changes in `sync_events`; later changes then go into another row of the same transaction.
 pub fn flush() {
-    let Some((schema, mut args)) = XACT.with(|x| {
-        let mut x = x.borrow_mut();
-        let x = x.as_mut()?;
-        if x.pending.is_empty() {
-            return None;
-        }
-        let pending = std::mem::take(&mut x.pending);
-        let n: i32 = pending.iter().map(|p| p.n).sum();
-        let first = pending[0].first_idx;
-        let hlc = pending.iter().map(|p| p.hlc).max().unwrap_or(0);
-        let args = vec![
-            datum(pgrx::Uuid::from_bytes(*x.origin.as_bytes())),
-            datum(x.seq),
-            datum(first as i64),
-            datum(unsafe { pg_sys::GetTopFullTransactionId().value } as i64),
-            datum(n),
-            datum(pgrx::JsonB(x.vclock.clone())),
-            datum(hlc),
-            datum(pending.iter().map(|p| p.hlc).collect::<Vec<i64>>()),
-            datum(pending.iter().map(|p| p.table.clone()).collect::<Vec<String>>()),
-            datum(pending.iter().map(|p| p.op.to_string()).collect::<Vec<String>>()),
-            datum(pending.iter().map(|p| p.pk.clone()).collect::<Vec<String>>()),
-            datum(pending.iter().map(|p| p.first_idx).collect::<Vec<i32>>()),
-            datum(pending.iter().map(|p| p.n).collect::<Vec<i32>>()),
-            datum(pending.into_iter().map(|p| p.rows).collect::<Vec<String>>()),
-        ];
-        Some((x.schema.clone(), args))
+    let Some((schema, origin, seq)) = XACT.with(|x| {
+        x.borrow().as_ref().filter(|x| !x.pending.is_empty()).map(|x| (x.schema.clone(), x.origin, x.seq))
     }) else {
         return;
     };
@@ -234,6 +209,28 @@ pub fn flush() {
             true
         }
     };
+    let mut ctx = remote_context(&schema, origin).unwrap_or_else(|e| e.report());
+    ctx.insert(origin.to_string(), seq);
+    let vclock = serde_json::to_value(ctx).expect("a map of numbers serialises");
+    let pending = XACT.with(|x| std::mem::take(&mut x.borrow_mut().as_mut().expect("checked above").pending));
+    let n: i32 = pending.iter().map(|p| p.n).sum();
+    let hlc = pending.iter().map(|p| p.hlc).max().unwrap_or(0);
+    let mut args = vec![
+        datum(pgrx::Uuid::from_bytes(*origin.as_bytes())),
+        datum(seq),
+        datum(pending[0].first_idx as i64),
+        datum(unsafe { pg_sys::GetTopFullTransactionId().value } as i64),
+        datum(n),
+        datum(pgrx::JsonB(vclock)),
+        datum(hlc),
+        datum(pending.iter().map(|p| p.hlc).collect::<Vec<i64>>()),
+        datum(pending.iter().map(|p| p.table.clone()).collect::<Vec<String>>()),
+        datum(pending.iter().map(|p| p.op.to_string()).collect::<Vec<String>>()),
+        datum(pending.iter().map(|p| p.pk.clone()).collect::<Vec<String>>()),
+        datum(pending.iter().map(|p| p.first_idx).collect::<Vec<i32>>()),
+        datum(pending.iter().map(|p| p.n).collect::<Vec<i32>>()),
+        datum(pending.into_iter().map(|p| p.rows).collect::<Vec<String>>()),
+    ];
     Spi::connect(|_client| {
         FLUSH_PLAN.with(|f| {
             let mut f = f.borrow_mut();
