@@ -19,12 +19,7 @@ pub struct Cluster {
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Run a PostgreSQL program as user postgres.
@@ -37,8 +32,7 @@ fn as_postgres(program: &str, args: &[&str]) -> Output {
     } else {
         Command::new(&path)
     };
-    let out = cmd.args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
-    out
+    cmd.args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"))
 }
 
 fn check(what: &str, out: Output) {

@@ -132,10 +132,10 @@ impl Batch {
             if e.seq <= from || e.seq > have {
                 return Err(BatchError::OutOfRange { origin: e.origin, seq: e.seq, idx: e.idx, from, have });
             }
-            if let Some(prev) = last.insert(e.origin, (e.seq, e.idx)) {
-                if prev >= (e.seq, e.idx) {
-                    return Err(BatchError::Order(e.origin));
-                }
+            if let Some(prev) = last.insert(e.origin, (e.seq, e.idx))
+                && prev >= (e.seq, e.idx)
+            {
+                return Err(BatchError::Order(e.origin));
             }
         }
         Ok(())

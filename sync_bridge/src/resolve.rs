@@ -139,10 +139,9 @@ pub fn resolve(strategy: &Strategy, register: &Register) -> Option<Resolution> {
             let mut merged = base.clone();
             for (column, value) in merged.iter_mut() {
                 // Versions are sorted by lww_key: the last one that wrote the column wins.
-                if let Some(v) = versions.iter().rev().find(|v| v.row.is_some() && v.written.contains(column)) {
-                    if let Some(x) = v.row.as_ref().and_then(|r| r.get(column)) {
-                        *value = x.clone();
-                    }
+                let writer = versions.iter().rev().find(|v| v.row.is_some() && v.written.contains(column));
+                if let Some(x) = writer.and_then(|v| v.row.as_ref()).and_then(|r| r.get(column)) {
+                    *value = x.clone();
                 }
             }
             Some(merged)
