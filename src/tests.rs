@@ -330,4 +330,17 @@ mod tests {
         assert_eq!(fast.len(), 50 + 10 + 5 + 5 + 1 + 1 + 5, "{fast:?}");
         assert_eq!(fast, viasql);
     }
+
+    #[pg_test(error = "sync_flush() cannot run inside a subtransaction")]
+    fn flush_is_refused_inside_a_savepoint() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        run("DO $$ BEGIN
+               BEGIN  -- a block with an EXCEPTION clause runs in a subtransaction
+                 INSERT INTO items VALUES (1);
+                 PERFORM sync_flush();
+               EXCEPTION WHEN division_by_zero THEN NULL;
+               END;
+             END $$");
+    }
 }

@@ -210,3 +210,33 @@ fn status_reports_tables_and_events() {
     let by_origin: BTreeMap<String, Value> = serde_json::from_value(status["have"].clone()).unwrap();
     assert_eq!(by_origin.len(), 1);
 }
+
+#[test]
+fn prepared_transactions_that_captured_are_refused() {
+    let c = Cluster::start("twophase", &["fsync = off", "max_prepared_transactions = 2"]);
+    let mut db = setup(&c);
+    db.batch_execute("BEGIN; INSERT INTO items VALUES (1, 0, 0, 'x')").unwrap();
+    let err = db.batch_execute("PREPARE TRANSACTION 'p1'").unwrap_err();
+    let e = err.as_db_error().expect("a server error");
+    assert_eq!(e.code().code(), "0A000");
+    assert!(e.hint().unwrap_or("").contains("PREPARE TRANSACTION"));
+    db.batch_execute("ROLLBACK").ok();
+    // A prepared transaction that captured nothing is fine.
+    db.batch_execute("BEGIN; SELECT 1; PREPARE TRANSACTION 'p2'").unwrap();
+    db.batch_execute("COMMIT PREPARED 'p2'").unwrap();
+    let events: i64 = db.query_one("SELECT count(*) FROM sync_events", &[]).unwrap().get(0);
+    assert_eq!(events, 0);
+}
+
+#[test]
+fn node_name_defaults_to_the_host_name() {
+    let c = Cluster::start_with(
+        "hostname",
+        &["shared_preload_libraries = 'pg_peersync'".to_string(), "fsync = off".to_string()],
+    );
+    let mut db = c.connect();
+    db.batch_execute("CREATE EXTENSION pg_peersync").unwrap();
+    let name: String = db.query_one("SELECT sync_status()->>'node_name'", &[]).unwrap().get(0);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(name, host.trim());
+}
