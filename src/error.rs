@@ -18,8 +18,10 @@ pub enum SyncError {
     ExcludedKey { table: String, column: String },
     #[error("{0} belongs to the pg_peersync extension and cannot be tracked")]
     OwnTable(String),
-    #[error("{0} is not an ordinary or partitioned table")]
+    #[error("{0} is not an ordinary table")]
     NotATable(String),
+    #[error("{0} is partitioned or part of an inheritance hierarchy, which pg_peersync does not track yet")]
+    Partitioned(String),
     #[error("table {0} is not tracked")]
     NotTracked(String),
     #[error("TRUNCATE of tracked table {0} is not replicated")]
@@ -51,6 +53,7 @@ impl SyncError {
             SyncError::ExcludedKey { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::OwnTable(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::NotATable(_) => ERRCODE_WRONG_OBJECT_TYPE,
+            SyncError::Partitioned(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             SyncError::NotTracked(_) => ERRCODE_UNDEFINED_OBJECT,
             SyncError::Truncate(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             SyncError::TwoPhase => ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -82,6 +85,11 @@ impl SyncError {
             }
             SyncError::OwnTable(_) => "Track your application's tables, not pg_peersync's.".into(),
             SyncError::NotATable(_) => "Only tables can be tracked; track the tables behind views.".into(),
+            SyncError::Partitioned(_) => {
+                "Writes through a parent and directly to a child would be captured under two names; \
+                 use an ordinary table for data to be synced."
+                    .into()
+            }
             SyncError::NotTracked(_) => "See SELECT * FROM sync_tables for the tracked tables.".into(),
             SyncError::Truncate(t) => format!(
                 "Use DELETE FROM {t} so that peers delete the rows too, or call sync_untrack_table('{t}') first."

@@ -343,4 +343,13 @@ mod tests {
                END;
              END $$");
     }
+
+    #[pg_test(error = "parted is partitioned or part of an inheritance hierarchy, which pg_peersync does not track yet")]
+    fn partitioned_tables_are_refused() {
+        run("CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY RANGE (id)");
+        run("CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100)");
+        let skipped: i32 = one("SELECT sync_track_schema('public')");
+        assert_eq!(skipped, 0, "track_schema leaves partitions and their parent alone");
+        run("SELECT sync_track_table('parted')");
+    }
 }
