@@ -352,4 +352,25 @@ mod tests {
         assert_eq!(skipped, 0, "track_schema leaves partitions and their parent alone");
         run("SELECT sync_track_table('parted')");
     }
+
+    #[pg_test]
+    fn table_digest_ignores_order_and_local_only_data() {
+        for t in ["left_t", "right_t"] {
+            run(&format!("CREATE TABLE {t} (id int PRIMARY KEY, v text, note text)"));
+            run(&format!("SELECT sync_track_table('{t}', row_filter => 'id < 100', exclude_columns => '{{note}}')"));
+        }
+        run("INSERT INTO left_t SELECT g, 'v' || g, 'a' FROM generate_series(1, 50) g");
+        run("INSERT INTO right_t SELECT g, 'v' || g, 'b' FROM generate_series(50, 1, -1) g");
+        run("INSERT INTO right_t VALUES (500, 'filtered out', NULL)");
+        let digest = |t: &str| one::<String>(&format!("SELECT sync_table_digest('{t}')"));
+        assert_eq!(digest("left_t"), digest("right_t"), "same captured content, other order");
+        run("UPDATE right_t SET v = 'changed' WHERE id = 7");
+        assert_ne!(digest("left_t"), digest("right_t"), "a captured value differs");
+    }
+
+    #[pg_test(error = "table items is not tracked")]
+    fn digest_of_an_untracked_table_is_refused() {
+        shop();
+        run("SELECT sync_table_digest('items')");
+    }
 }

@@ -272,3 +272,37 @@ fn sync_track_schema(schema: &str, exclude: default!(Vec<String>, "'{}'")) -> Sy
     }
     Ok(tracked)
 }
+
+/// An order-independent digest of a tracked table's captured content: the captured columns
+/// of the rows that match its filter. Nodes that have converged report the same digest; any
+/// captured value that differs changes it.
+#[pg_extern]
+fn sync_table_digest(tbl: PgRelation) -> SyncResult<String> {
+    let ext = clock::ext();
+    let relid = tbl.oid();
+    let name: String = Spi::get_one_with_args("SELECT $1::regclass::text", &[relid.into()])
+        .map_err(SyncError::from)?
+        .unwrap_or_default();
+    let digest = Spi::connect(|client| {
+        let rows = client.select(
+            &format!("SELECT table_name, row_filter, exclude_columns FROM {}.sync_tables WHERE relid = $1", ext.schema),
+            None,
+            &[relid.into()],
+        )?;
+        if rows.is_empty() {
+            return Err(SyncError::NotTracked(name.clone()));
+        }
+        let row = rows.first();
+        let qualified: String = row.get(1)?.unwrap_or_default();
+        let filter = row.get::<String>(2)?.map(|f| format!(" WHERE ({f})")).unwrap_or_default();
+        let exclude: Vec<String> = row.get(3)?.unwrap_or_default();
+        // Each row's canonical jsonb text is hashed; the sorted hashes are hashed again.
+        let query = format!(
+            "SELECT encode(sha256(convert_to(coalesce(string_agg(h, '' ORDER BY h), ''), 'UTF8')), 'hex') \
+               FROM (SELECT encode(sha256(convert_to((to_jsonb({ROW}.*) - $1::text[])::text, 'UTF8')), 'hex') AS h \
+                       FROM {qualified} {ROW}{filter}) s"
+        );
+        Ok(client.select(&query, None, &[exclude.into()])?.first().get_one::<String>()?.unwrap_or_default())
+    })?;
+    Ok(digest)
+}
