@@ -60,6 +60,12 @@ pub fn table_spec(relid: pg_sys::Oid, args: &[String]) -> Result<TableSpec, Sync
     Ok(TableSpec { qualified, pk, pk_attrs, exclude, filter })
 }
 
+/// The table's name as PostgreSQL shows it (schema-qualified only when not on the search path),
+/// for messages.
+fn display_name(relid: pg_sys::Oid) -> Result<String, SyncError> {
+    Ok(Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[relid.into()])?.unwrap_or_default())
+}
+
 fn check_strategy(strategy: &str) -> Result<(), SyncError> {
     if STRATEGIES.contains(&strategy) { Ok(()) } else { Err(SyncError::UnknownStrategy(strategy.into())) }
 }
@@ -129,9 +135,7 @@ fn sync_track_table(
 fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Vec<String>) -> SyncResult<()> {
     check_strategy(strategy)?;
     let ext = clock::ext();
-    let name: String = Spi::get_one_with_args("SELECT $1::regclass::text", &[tbl.into()])
-        .map_err(SyncError::from)?
-        .unwrap_or_default();
+    let name = display_name(tbl)?;
     check_trackable(tbl, &name)?;
     let filter = row_filter.map(str::trim).filter(|f| !f.is_empty()).map(str::to_owned);
     let args = vec![filter.clone().unwrap_or_default(), serde_json::to_string(&exclude).expect("strings serialise")];
@@ -208,9 +212,7 @@ fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Ve
 fn sync_untrack_table(tbl: PgRelation) -> SyncResult<()> {
     let tbl = tbl.oid();
     let ext = clock::ext();
-    let name: String = Spi::get_one_with_args("SELECT $1::regclass::text", &[tbl.into()])
-        .map_err(SyncError::from)?
-        .unwrap_or_default();
+    let name = display_name(tbl)?;
     Spi::connect_mut(|client| {
         let removed = client.update(
             &format!("DELETE FROM {}.sync_tables WHERE relid = $1 RETURNING table_name", ext.schema),
@@ -280,9 +282,7 @@ fn sync_track_schema(schema: &str, exclude: default!(Vec<String>, "'{}'")) -> Sy
 fn sync_table_digest(tbl: PgRelation) -> SyncResult<String> {
     let ext = clock::ext();
     let relid = tbl.oid();
-    let name: String = Spi::get_one_with_args("SELECT $1::regclass::text", &[relid.into()])
-        .map_err(SyncError::from)?
-        .unwrap_or_default();
+    let name = display_name(relid)?;
     let digest = Spi::connect(|client| {
         let rows = client.select(
             &format!("SELECT table_name, row_filter, exclude_columns FROM {}.sync_tables WHERE relid = $1", ext.schema),
