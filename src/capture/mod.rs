@@ -30,6 +30,8 @@ pub use track::table_spec;
 struct TableCache {
     args: Vec<String>,
     spec: TableSpec,
+    /// The primary-key column names as a JSON array, as stored with each part.
+    pk_json: String,
     plans: HashMap<Source, CapturePlan>,
 }
 
@@ -83,7 +85,9 @@ pub(crate) fn capture(
     let ext = clock::ext();
     if TABLES.with(|t| t.borrow().get(&relid).is_none_or(|c| c.args != args)) {
         let spec = table_spec(relid, args)?;
-        TABLES.with(|t| t.borrow_mut().insert(relid, TableCache { args: args.to_vec(), spec, plans: HashMap::new() }));
+        let pk_json = serde_json::to_string(&spec.pk).expect("strings serialise");
+        let cache = TableCache { args: args.to_vec(), spec, pk_json, plans: HashMap::new() };
+        TABLES.with(|t| t.borrow_mut().insert(relid, cache));
     }
     let (table, pk, parts) = TABLES.with(|t| {
         let mut t = t.borrow_mut();
@@ -111,7 +115,7 @@ pub(crate) fn capture(
                     .collect()
             }),
         };
-        (cache.spec.qualified.clone(), cache.spec.pk.clone(), parts)
+        (cache.spec.qualified.clone(), cache.pk_json.clone(), parts)
     });
     xact::add_parts(&ext, &table, &pk, parts)
 }

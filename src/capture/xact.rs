@@ -111,14 +111,14 @@ fn ensure_started(ext: &clock::Ext) -> Result<(), SyncError> {
 }
 
 /// Add one statement's parts to the transaction; returns how many changes they hold.
-pub fn add_parts(ext: &clock::Ext, table: &str, pk: &[String], parts: Vec<Part>) -> Result<i32, SyncError> {
+/// `pk` is the primary-key column names as a JSON array.
+pub fn add_parts(ext: &clock::Ext, table: &str, pk: &str, parts: Vec<Part>) -> Result<i32, SyncError> {
     if parts.iter().all(|p| p.n == 0) {
         return Ok(0); // e.g. an UPDATE that matched no row: no number, no clock tick
     }
     ensure_started(ext)?;
     let hlc = clock::tick().as_i64();
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    let pk = serde_json::to_string(pk).expect("strings serialise");
     Ok(XACT.with(|x| {
         let mut x = x.borrow_mut();
         let x = x.as_mut().expect("started above");
@@ -129,7 +129,7 @@ pub fn add_parts(ext: &clock::Ext, table: &str, pk: &[String], parts: Vec<Part>)
                 hlc,
                 table: table.to_string(),
                 op: part.op,
-                pk: pk.clone(),
+                pk: pk.to_string(),
                 first_idx: x.next_idx,
                 n: part.n,
                 rows: part.rows,
