@@ -5,7 +5,9 @@
 CREATE TABLE sync_node (
     singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     id         uuid NOT NULL DEFAULT gen_random_uuid(),
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- Local transactions up to this number are folded into sync_rows (see apply/local.rs).
+    indexed_upto bigint NOT NULL DEFAULT 0
 );
 INSERT INTO sync_node DEFAULT VALUES;
 
@@ -18,7 +20,11 @@ CREATE TABLE sync_tables (
     row_filter      text,
     exclude_columns text[] NOT NULL DEFAULT '{}',
     pk_columns      text[] NOT NULL,
-    tracked_at      timestamptz NOT NULL DEFAULT now()
+    tracked_at      timestamptz NOT NULL DEFAULT now(),
+    -- For strategy 'custom': f(local jsonb, remote jsonb, info jsonb) returns jsonb.
+    resolver        regprocedure,
+    -- Columns received from peers that this table lacks (ignored on apply).
+    missing_columns text[] NOT NULL DEFAULT '{}'
 );
 
 -- The change log: one row per committed local transaction that changed tracked tables (or per
@@ -94,7 +100,68 @@ CREATE TABLE sync_origins (
     upto   bigint NOT NULL
 );
 
+-- Per row ever changed by a received event: the causally maximal versions of the row (a
+-- multi-value register, JSON array of sync_bridge::resolve::Stored), which sync_apply
+-- resolves. A delete stays here as a tombstone, so a late update cannot resurrect the row.
+CREATE TABLE sync_rows (
+    relid    regclass NOT NULL,
+    pk       text NOT NULL,
+    versions jsonb NOT NULL,
+    PRIMARY KEY (relid, pk)
+) WITH (fillfactor = 90);
+
+-- Priorities for strategy 'node_priority' (greater wins; unlisted nodes have 0). Every node
+-- must hold the same rows: set them with sync_set_node_priority() on each node.
+CREATE TABLE sync_node_priorities (
+    node     uuid PRIMARY KEY,
+    priority integer NOT NULL
+);
+
+-- Received origin transactions not applied yet: waiting for an earlier one (error IS NULL),
+-- or failed to apply here (error set; see sync_apply_errors and sync_retry_errors()).
+CREATE TABLE sync_inbox (
+    origin      uuid NOT NULL,
+    origin_seq  bigint NOT NULL,
+    prev        bigint NOT NULL,
+    events      jsonb NOT NULL,
+    tables      text[] NOT NULL,
+    sqlstate    text,
+    error       text,
+    waiting_for text,
+    attempts    integer NOT NULL DEFAULT 0,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    failed_at   timestamptz,
+    PRIMARY KEY (origin, origin_seq)
+);
+
+CREATE VIEW sync_apply_errors AS
+SELECT origin, origin_seq, tables, jsonb_array_length(events) AS events, sqlstate, error, attempts,
+       received_at, failed_at
+  FROM sync_inbox WHERE error IS NOT NULL;
+
+-- Every true conflict (concurrent versions with different content) and how it was decided.
+-- local: the row as this node had it, with the versions behind it; remote: the incoming
+-- version; result: the row now visible (NULL when deleted).
+CREATE TABLE sync_conflicts (
+    id          bigserial PRIMARY KEY,
+    table_name  text NOT NULL,
+    pk          jsonb NOT NULL,
+    strategy    text NOT NULL,
+    local       jsonb NOT NULL,
+    remote      jsonb NOT NULL,
+    result      jsonb,
+    winner      text NOT NULL CHECK (winner IN ('local', 'remote', 'merged')),
+    detected_at timestamptz NOT NULL DEFAULT now(),
+    review      text NOT NULL DEFAULT 'none' CHECK (review IN ('none', 'pending', 'resolved')),
+    resolved_at timestamptz,
+    note        text
+);
+
 -- Let pg_dump include the data (a restored dump keeps its history).
 SELECT pg_catalog.pg_extension_config_dump('sync_tables', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_log', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_origins', '');
+SELECT pg_catalog.pg_extension_config_dump('sync_rows', '');
+SELECT pg_catalog.pg_extension_config_dump('sync_node_priorities', '');
+SELECT pg_catalog.pg_extension_config_dump('sync_inbox', '');
+SELECT pg_catalog.pg_extension_config_dump('sync_conflicts', '');

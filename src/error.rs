@@ -38,6 +38,22 @@ pub enum SyncError {
     TooManyDatabases(usize),
     #[error("sync_flush() cannot run inside a subtransaction")]
     FlushInSubtransaction,
+    #[error("malformed batch: {0}")]
+    BadBatch(String),
+    #[error("unsupported batch format {0}")]
+    BatchFormat(u32),
+    #[error("checksum mismatch on event {0}")]
+    Checksum(String),
+    #[error("event for table {0}, which is not tracked on this node")]
+    UntrackedTable(String),
+    #[error("strategy custom needs a resolver function for table {0}")]
+    NoResolver(String),
+    #[error("resolver {0} must take (jsonb, jsonb, jsonb) and return jsonb")]
+    BadResolver(String),
+    #[error("conflict {0} does not exist")]
+    NoSuchConflict(i64),
+    #[error("invalid choice for conflict {0}: {1}")]
+    BadChoice(i64, String),
     #[error("pg_peersync internal SPI error: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
 }
@@ -63,6 +79,13 @@ impl SyncError {
                 ERRCODE_CONFIGURATION_LIMIT_EXCEEDED
             }
             SyncError::FlushInSubtransaction => ERRCODE_ACTIVE_SQL_TRANSACTION,
+            SyncError::BadBatch(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            SyncError::BatchFormat(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
+            SyncError::Checksum(_) => ERRCODE_DATA_CORRUPTED,
+            SyncError::UntrackedTable(_) => ERRCODE_UNDEFINED_TABLE,
+            SyncError::NoResolver(_) | SyncError::BadResolver(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            SyncError::NoSuchConflict(_) => ERRCODE_NO_DATA_FOUND,
+            SyncError::BadChoice(..) => ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -111,6 +134,28 @@ impl SyncError {
             SyncError::FlushInSubtransaction => {
                 "Call it outside savepoints and exception blocks; changes are written at commit anyway.".into()
             }
+            SyncError::BadBatch(_) => {
+                "Pass the JSON document sync_changes() returned, unchanged; nothing was applied.".into()
+            }
+            SyncError::BatchFormat(_) => format!(
+                "This node reads batch format {}; upgrade pg_peersync on the older node. Nothing was applied.",
+                sync_bridge::FORMAT_VERSION
+            ),
+            SyncError::Checksum(_) => {
+                "The batch was altered after sync_changes() produced it; fetch it again. Nothing was applied.".into()
+            }
+            SyncError::UntrackedTable(t) => format!(
+                "Create the table and call SELECT sync_track_table('{t}') on this node, then apply the batch again. \
+                 Nothing was applied."
+            ),
+            SyncError::NoResolver(t) => format!(
+                "Name the function: SELECT sync_set_strategy('{t}', 'custom', 'my_resolver(jsonb,jsonb,jsonb)')."
+            ),
+            SyncError::BadResolver(_) => "Declare it as f(local jsonb, remote jsonb, info jsonb) RETURNS jsonb.".into(),
+            SyncError::NoSuchConflict(_) => "See SELECT * FROM sync_conflicts WHERE review = 'pending'.".into(),
+            SyncError::BadChoice(..) => {
+                "Pass 'local', 'remote' (as jsonb strings: '\"local\"') or the full row as a JSON object.".into()
+            }
             SyncError::Spi(_) => return None,
         })
     }
@@ -129,6 +174,17 @@ impl From<SyncError> for ErrorReport {
         match hint {
             Some(h) => report.set_hint(h),
             None => report,
+        }
+    }
+}
+
+impl From<sync_bridge::BatchError> for SyncError {
+    fn from(e: sync_bridge::BatchError) -> Self {
+        use sync_bridge::BatchError;
+        match e {
+            BatchError::Format(f) => SyncError::BatchFormat(f),
+            BatchError::Checksum { origin, seq, idx } => SyncError::Checksum(format!("{origin}/{seq}/{idx}")),
+            other => SyncError::BadBatch(other.to_string()),
         }
     }
 }

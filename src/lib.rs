@@ -6,11 +6,13 @@
 //! - `clock`: node identity and the hybrid logical clock kept in shared memory;
 //! - `sequencer`: numbers local transactions and computes the committed prefix (have-vector);
 //! - `capture`: table tracking and the capture trigger;
+//! - `apply`: `sync_apply()`, conflict resolution and review;
 //! - `changes`: `sync_have()` and `sync_changes()`, the batches peers pull;
 //! - `status`: `sync_status()`.
 
 use pgrx::prelude::*;
 
+mod apply;
 mod capture;
 mod changes;
 mod clock;
@@ -34,6 +36,7 @@ pub extern "C-unwind" fn _PG_init() {
     clock::init_shmem();
     sequencer::init_shmem();
     capture::init_backend_hooks();
+    apply::init_callbacks();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

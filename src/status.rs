@@ -18,6 +18,7 @@ fn sync_status() -> SyncResult<JsonB> {
                 'tables', coalesce((SELECT jsonb_agg(jsonb_build_object(
                         'table', t.table_name, 'strategy', t.strategy, 'row_filter', t.row_filter,
                         'exclude_columns', to_jsonb(t.exclude_columns), 'primary_key', to_jsonb(t.pk_columns),
+                        'ignored_columns', to_jsonb(t.missing_columns),
                         'events', coalesce(c.n, 0)) ORDER BY t.table_name)
                     FROM {s}.sync_tables t
                     LEFT JOIN (SELECT p.table_name, sum(p.n) AS n
@@ -27,7 +28,12 @@ fn sync_status() -> SyncResult<JsonB> {
                 'events', (SELECT jsonb_build_object(
                         'total', coalesce(sum(n), 0), 'local', coalesce(sum(n) FILTER (WHERE origin = $1), 0),
                         'oldest', min(created_at), 'newest', max(created_at))
-                    FROM {s}.sync_log))"
+                    FROM {s}.sync_log),
+                'apply', jsonb_build_object(
+                        'errors', (SELECT count(*) FROM {s}.sync_inbox WHERE error IS NOT NULL),
+                        'waiting', (SELECT count(*) FROM {s}.sync_inbox WHERE error IS NULL),
+                        'conflicts', (SELECT count(*) FROM {s}.sync_conflicts),
+                        'conflicts_to_review', (SELECT count(*) FROM {s}.sync_conflicts WHERE review = 'pending')))"
         ),
         &[pgrx::Uuid::from_bytes(*ext.node_id.as_bytes()).into()],
     )
@@ -45,6 +51,7 @@ fn sync_status() -> SyncResult<JsonB> {
         "tables": stored["tables"],
         "events": stored["events"],
         "have": have,
+        "apply": stored["apply"],
         "worker": "not built yet: no networking in this version",
     })))
 }

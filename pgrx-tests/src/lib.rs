@@ -153,3 +153,44 @@ pub fn changes(client: &mut postgres::Client, since: &serde_json::Value, max: i3
     let row = client.query_one("SELECT sync_changes($1::text::jsonb, $2)::text", &[&since.to_string(), &max]).unwrap();
     serde_json::from_str(row.get::<_, &str>(0)).unwrap()
 }
+
+/// Pull one batch of what `to` lacks from `from` and apply it on `to`; returns
+/// `(sync_apply's answer, the batch's "more")`.
+pub fn pull_once(from: &mut postgres::Client, to: &mut postgres::Client, max: i32) -> (serde_json::Value, bool) {
+    let have: String = to.query_one("SELECT sync_have()::text", &[]).unwrap().get(0);
+    let batch: String =
+        from.query_one("SELECT sync_changes($1::text::jsonb, $2)::text", &[&have, &max]).unwrap().get(0);
+    let more = serde_json::from_str::<serde_json::Value>(&batch).unwrap()["more"].as_bool().unwrap_or(false);
+    let out: String = to
+        .query_one("SELECT sync_apply($1::text::jsonb)::text", &[&batch])
+        .unwrap_or_else(|e| panic!("sync_apply failed: {e:?}"))
+        .get(0);
+    (serde_json::from_str(&out).unwrap(), more)
+}
+
+/// Pull from `from` into `to` until `from` has nothing more `to` can take; returns the summed
+/// counts of the applies.
+pub fn pull(from: &mut postgres::Client, to: &mut postgres::Client) -> serde_json::Map<String, serde_json::Value> {
+    let mut total = serde_json::Map::new();
+    // Bounded: each round moves at least one transaction or stops.
+    for _ in 0..10_000 {
+        let (out, more) = pull_once(from, to, 1000);
+        for key in ["applied", "skipped", "conflicts", "errors", "waiting", "transactions"] {
+            let sum = total.get(key).and_then(|v| v.as_i64()).unwrap_or(0) + out[key].as_i64().unwrap_or(0);
+            total.insert(key.into(), sum.into());
+        }
+        if !more || out["transactions"].as_i64() == Some(0) {
+            break;
+        }
+    }
+    total
+}
+
+pub fn have(db: &mut postgres::Client) -> serde_json::Value {
+    let text: String = db.query_one("SELECT sync_have()::text", &[]).unwrap().get(0);
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn digest(db: &mut postgres::Client, table: &str) -> String {
+    db.query_one("SELECT sync_table_digest($1::text::regclass)", &[&table]).unwrap().get(0)
+}

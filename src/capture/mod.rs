@@ -23,7 +23,7 @@ use sql::{Part, Source, TableSpec};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-pub use track::table_spec;
+pub use track::{check_strategy, display_name, table_spec};
 
 /// Per tracked table: its spec (and the trigger arguments it was built from), and the SQL
 /// path's plans by source.
@@ -138,6 +138,10 @@ fn _sync_capture<'a>(
     // Errors are raised here: a trigger's Err would reach the user as a generic panic message.
     let op = trigger.op().unwrap_or_else(|e| internal(e.to_string()));
     let Some(source) = source_of(&op) else { return Ok(None) };
+    if crate::apply::applying() {
+        // Received changes are stored by sync_apply with their origin, not captured again.
+        return Ok(None);
+    }
     let relid = trigger.relid().unwrap_or_else(|e| internal(e.to_string()));
     let args = trigger.extra_args().unwrap_or_else(|e| internal(e.to_string()));
     let td = trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData;

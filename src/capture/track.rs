@@ -62,11 +62,11 @@ pub fn table_spec(relid: pg_sys::Oid, args: &[String]) -> Result<TableSpec, Sync
 
 /// The table's name as PostgreSQL shows it (schema-qualified only when not on the search path),
 /// for messages.
-fn display_name(relid: pg_sys::Oid) -> Result<String, SyncError> {
+pub fn display_name(relid: pg_sys::Oid) -> Result<String, SyncError> {
     Ok(Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[relid.into()])?.unwrap_or_default())
 }
 
-fn check_strategy(strategy: &str) -> Result<(), SyncError> {
+pub fn check_strategy(strategy: &str) -> Result<(), SyncError> {
     if STRATEGIES.contains(&strategy) { Ok(()) } else { Err(SyncError::UnknownStrategy(strategy.into())) }
 }
 
@@ -153,6 +153,21 @@ fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Ve
             // Fails with PostgreSQL's own error (syntax, unknown column, type) before anything changes.
             client.update(&format!("SELECT ({f})::boolean FROM {t} {ROW} LIMIT 0"), None, &[])?;
         }
+        if strategy == "custom" {
+            // The resolver is named with sync_set_strategy(); keep it if already set.
+            let has: bool = client
+                .select(
+                    &format!("SELECT EXISTS (SELECT 1 FROM {}.sync_tables WHERE relid = $1 AND resolver IS NOT NULL)", ext.schema),
+                    None,
+                    &[tbl.into()],
+                )?
+                .first()
+                .get_one()?
+                .unwrap_or(false);
+            if !has {
+                return Err(SyncError::NoResolver(t.clone()));
+            }
+        }
         let already: bool = client
             .select(&format!("SELECT EXISTS (SELECT 1 FROM {}.sync_tables WHERE relid = $1)", ext.schema), None, &[tbl.into()])?
             .first()
@@ -223,6 +238,7 @@ fn sync_untrack_table(tbl: PgRelation) -> SyncResult<()> {
             return Err(SyncError::NotTracked(name.clone()));
         }
         let qualified: String = removed.first().get_one()?.unwrap_or_default();
+        client.update(&format!("DELETE FROM {}.sync_rows WHERE relid = $1", ext.schema), None, &[tbl.into()])?;
         for trig in TRIGGERS.iter().map(|(n, _)| *n).chain([TRUNCATE_TRIGGER]) {
             client.update(&format!("DROP TRIGGER IF EXISTS {trig} ON {qualified}"), None, &[])?;
         }

@@ -5,6 +5,7 @@
 //! logical clock arithmetic. The extension loads state through SPI and calls these functions.
 
 pub mod canonical;
+pub mod delivery;
 pub mod event;
 pub mod hlc;
 pub mod resolve;

@@ -151,6 +151,73 @@ pub fn resolve(strategy: &Strategy, register: &Register) -> Option<Resolution> {
     Some(Resolution { row, winner: winner.dot(), conflict })
 }
 
+/// How a version is kept in `sync_rows`, one JSON array of these per row: enough to decide
+/// "has seen" and to resolve, no more.
+///
+/// Under causal delivery a version arriving from another node has never been seen by one
+/// already held, and a held version can only have seen a *later-indexed* version when that is a
+/// local write; so of each held version's causal context only this node's entry (`l`) is
+/// kept. The row image (`r`) is kept only while the register holds several versions; a lone
+/// version's row is the table row itself.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Stored {
+    pub o: Uuid,
+    pub s: i64,
+    pub i: i32,
+    pub h: u64,
+    /// The version's causal context entry for this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l: Option<i64>,
+    /// A delete.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub d: bool,
+    /// Columns written, when not every column (an UPDATE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub w: Option<BTreeSet<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r: Option<Row>,
+}
+
+impl Stored {
+    /// Keep `v` as seen from node `me`; with its row when `keep_row`.
+    pub fn from_version(v: &Version, me: Uuid, keep_row: bool) -> Stored {
+        let all = v.row.as_ref().is_some_and(|r| r.len() == v.written.len() && r.keys().all(|k| v.written.contains(k)));
+        Stored {
+            o: v.origin,
+            s: v.seq,
+            i: v.idx,
+            h: v.hlc.0,
+            l: if v.origin == me { None } else { v.context.get(&me).copied() },
+            d: v.row.is_none(),
+            w: if all || v.row.is_none() { None } else { Some(v.written.clone()) },
+            r: if keep_row { v.row.clone() } else { None },
+        }
+    }
+
+    /// Back to a version; `row` stands in for the image when it was not kept (the table row).
+    pub fn to_version(&self, me: Uuid, row: Option<&Row>) -> Version {
+        let row = if self.d { None } else { self.r.clone().or_else(|| row.cloned()) };
+        let written = match (&self.w, &row) {
+            (Some(w), _) => w.clone(),
+            (None, Some(r)) => r.keys().cloned().collect(),
+            (None, None) => BTreeSet::new(),
+        };
+        let context = self.l.map(|l| BTreeMap::from([(me, l)])).unwrap_or_default();
+        Version { origin: self.o, seq: self.s, idx: self.i, hlc: Hlc(self.h), context, row, written }
+    }
+
+    /// True when the stored version lacks a row image it needs to be resolved against others.
+    pub fn needs_row(&self) -> bool {
+        !self.d && self.r.is_none()
+    }
+}
+
+/// Store a register: row images only when it holds several versions.
+pub fn store(register: &Register, me: Uuid) -> Vec<Stored> {
+    let keep = register.versions().len() > 1;
+    register.versions().iter().map(|v| Stored::from_version(v, me, keep)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

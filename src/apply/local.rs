@@ -1,0 +1,84 @@
+//! Fold local writes into the row registers, lazily.
+//!
+//! Capture does not touch `sync_rows`: that would cost every local write a second row write.
+//! Instead, before it reads any register, `sync_apply` folds in the local transactions
+//! committed since the last time (they are in `sync_log`), keeping per row only the latest.
+//! A local write was made on top of every version applied before it, so it replaces the
+//! row's register, unless a version already held has seen it.
+//!
+//! `sync_node.indexed_upto` records the committed prefix folded so far; transactions above it
+//! that were already visible are folded again next time, which changes nothing.
+
+use super::Table;
+use super::rows::{load_registers, store_registers};
+use crate::error::SyncError;
+use crate::sequencer;
+use pgrx::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+use sync_bridge::resolve::Stored;
+use uuid::Uuid;
+
+pub fn index(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<(), SyncError> {
+    let indexed: i64 = Spi::get_one(&format!("SELECT indexed_upto FROM {schema}.sync_node"))?.unwrap_or(0);
+    // Taken before the read below: everything up to it is visible to that read.
+    let prefix = sequencer::committed_prefix(schema, me)?;
+    // Per (table, key): the latest local version.
+    let mut latest: BTreeMap<(String, String), Stored> = BTreeMap::new();
+    Spi::connect(|client| {
+        let rows = client.select(
+            &format!(
+                "SELECT table_name, pk::text, origin_seq, origin_idx, hlc, op = 'DELETE', \
+                        CASE WHEN op = 'UPDATE' THEN ARRAY(SELECT jsonb_object_keys(old)) END \
+                   FROM {schema}.sync_events WHERE origin = $1 AND origin_seq > $2 \
+                  ORDER BY origin_seq, origin_idx"
+            ),
+            None,
+            &[pgrx::Uuid::from_bytes(*me.as_bytes()).into(), indexed.into()],
+        )?;
+        for row in rows {
+            let table: String = row.get(1)?.expect("table");
+            let key: String = row.get(2)?.expect("pk");
+            let w: Option<Vec<String>> = row.get(7)?;
+            let v = Stored {
+                o: me,
+                s: row.get(3)?.expect("seq"),
+                i: row.get(4)?.expect("idx"),
+                h: row.get::<i64>(5)?.expect("hlc") as u64,
+                l: None,
+                d: row.get(6)?.expect("op"),
+                w: w.map(|w| w.into_iter().collect()),
+                r: None,
+            };
+            latest.insert((table, key), v);
+        }
+        Ok::<_, SyncError>(())
+    })?;
+    let mut by_table: BTreeMap<&str, Vec<(&str, &Stored)>> = BTreeMap::new();
+    for ((table, key), v) in &latest {
+        // Changes to tables no longer tracked have no register.
+        if tables.contains_key(table) {
+            by_table.entry(table).or_default().push((key, v));
+        }
+    }
+    for (table, versions) in by_table {
+        let relid = tables[table].relid;
+        let keys: Vec<String> = versions.iter().map(|(k, _)| k.to_string()).collect();
+        let held: HashMap<String, Vec<Stored>> = load_registers(schema, relid, keys)?.into_iter().collect();
+        let mut changed: Vec<(&str, Vec<Stored>)> = Vec::new();
+        for (key, v) in versions {
+            let local = v.to_version(me, None);
+            let seen = held.get(key).is_some_and(|regs| {
+                regs.iter().any(|w| w.to_version(me, None).dot() == local.dot() || w.to_version(me, None).has_seen(&local))
+            });
+            if !seen {
+                changed.push((key, vec![v.clone()]));
+            }
+        }
+        let regs: Vec<(&str, &Vec<Stored>)> = changed.iter().map(|(k, s)| (*k, s)).collect();
+        store_registers(schema, relid, &regs)?;
+    }
+    if prefix > indexed {
+        Spi::run_with_args(&format!("UPDATE {schema}.sync_node SET indexed_upto = $1"), &[prefix.into()])?;
+    }
+    Ok(())
+}

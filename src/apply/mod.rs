@@ -1,0 +1,363 @@
+//! `sync_apply()`: apply a batch from another node's `sync_changes()`.
+//!
+//! 1. The batch is parsed and checked whole (format, checksums, ranges, tracked tables) before
+//!    anything is written: bad input is an error and nothing is applied.
+//! 2. Its events are grouped into origin transactions. Those already held are skipped; the
+//!    rest are applied in causal order (`sync_bridge::delivery`), each in its own
+//!    subtransaction: `rows` resolves and writes the rows, `store` keeps the events in
+//!    `sync_log` under their original origin and number (so this node relays them).
+//! 3. A transaction that cannot be applied here (type, constraint, missing column) is rolled
+//!    back alone and kept in `sync_inbox` with the reason; what depends on it waits there too,
+//!    until `sync_retry_errors()` or a later batch makes it appliable.
+//!
+//! While applying, the capture trigger stands aside (`applying()`): received changes are
+//! stored once, with their origin, never re-captured as local ones.
+
+pub mod conflicts;
+mod local;
+mod rows;
+mod store;
+mod subxact;
+
+use crate::changes::have_vector;
+use crate::clock;
+use crate::error::{SyncError, SyncResult};
+use crate::sequencer;
+use pgrx::JsonB;
+use pgrx::prelude::*;
+use serde_json::{Value, json};
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use sync_bridge::delivery::{self, Pending, Wait};
+use sync_bridge::{Batch, Event, Hlc};
+use uuid::Uuid;
+
+thread_local! {
+    static APPLYING: Cell<bool> = const { Cell::new(false) };
+    static HAVE_CHANGED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True while `sync_apply` writes received rows: the capture trigger must not record them.
+pub fn applying() -> bool {
+    APPLYING.with(|a| a.get())
+}
+
+/// Sets `applying()` for its lifetime (also cleared at transaction end, should an error skip
+/// the drop).
+struct Applying;
+
+impl Applying {
+    fn start() -> Applying {
+        APPLYING.with(|a| a.set(true));
+        Applying
+    }
+}
+
+impl Drop for Applying {
+    fn drop(&mut self) {
+        APPLYING.with(|a| a.set(false));
+    }
+}
+
+pub fn init_callbacks() {
+    #[pg_guard]
+    unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+        use pg_sys::XactEvent::*;
+        match event {
+            // Backends cache sync_origins by generation; move it once the new rows are
+            // visible (and before row locks are released, see capture::xact).
+            XACT_EVENT_COMMIT => {
+                if HAVE_CHANGED.with(|h| h.replace(false)) {
+                    sequencer::remote_have_changed();
+                }
+                APPLYING.with(|a| a.set(false));
+            }
+            XACT_EVENT_ABORT => {
+                HAVE_CHANGED.with(|h| h.set(false));
+                APPLYING.with(|a| a.set(false));
+            }
+            _ => {}
+        }
+    }
+    unsafe { pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut()) };
+}
+
+/// A tracked table as apply needs it.
+pub(crate) struct Table {
+    pub relid: pg_sys::Oid,
+    /// Schema-qualified, quoted where needed: the name events carry, usable in SQL.
+    pub name: String,
+    pub strategy: String,
+    pub pk: Vec<String>,
+    pub exclude: Vec<String>,
+    pub resolver: Option<String>,
+    pub columns: BTreeSet<String>,
+    /// Received columns this table lacks: already recorded, and newly met.
+    pub missing: BTreeSet<String>,
+    pub new_missing: BTreeSet<String>,
+}
+
+fn load_tables(schema: &str) -> Result<HashMap<String, Table>, SyncError> {
+    Spi::connect(|client| {
+        let mut tables = HashMap::new();
+        let rows = client.select(
+            &format!(
+                "SELECT t.relid::oid, t.table_name, t.strategy, t.pk_columns, t.exclude_columns, \
+                        t.resolver::oid::regproc::text, t.missing_columns, \
+                        ARRAY(SELECT a.attname::text FROM pg_attribute a \
+                               WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped) \
+                   FROM {schema}.sync_tables t"
+            ),
+            None,
+            &[],
+        )?;
+        for row in rows {
+            let name: String = row.get(2)?.unwrap_or_default();
+            let t = Table {
+                relid: row.get(1)?.expect("relid"),
+                name: name.clone(),
+                strategy: row.get(3)?.unwrap_or_default(),
+                pk: row.get(4)?.unwrap_or_default(),
+                exclude: row.get(5)?.unwrap_or_default(),
+                resolver: row.get(6)?,
+                missing: row.get::<Vec<String>>(7)?.unwrap_or_default().into_iter().collect(),
+                columns: row.get::<Vec<String>>(8)?.unwrap_or_default().into_iter().collect(),
+                new_missing: BTreeSet::new(),
+            };
+            tables.insert(name, t);
+        }
+        Ok(tables)
+    })
+}
+
+/// One received origin transaction.
+#[derive(Clone)]
+pub(crate) struct Txn {
+    pub origin: Uuid,
+    pub seq: i64,
+    pub prev: i64,
+    pub events: Vec<Event>,
+    pub in_inbox: bool,
+}
+
+impl Txn {
+    fn pending(&self) -> Pending {
+        let mut context = BTreeMap::new();
+        for e in &self.events {
+            for (o, n) in &e.vclock {
+                let c = context.entry(*o).or_insert(*n);
+                *c = (*c).max(*n);
+            }
+        }
+        Pending { origin: self.origin, seq: self.seq, prev: self.prev, context }
+    }
+}
+
+/// Group a checked batch into origin transactions, dropping this node's own events.
+fn transactions(batch: &Batch, me: Uuid) -> Vec<Txn> {
+    let mut txns: Vec<Txn> = Vec::new();
+    for e in &batch.events {
+        if e.origin == me {
+            continue;
+        }
+        match txns.last_mut() {
+            Some(t) if t.origin == e.origin && t.seq == e.seq => t.events.push(e.clone()),
+            last => {
+                // Events come grouped by origin, oldest first (checked by validate()).
+                let prev = match last {
+                    Some(t) if t.origin == e.origin => t.seq,
+                    _ => batch.from.get(&e.origin).copied().unwrap_or(0),
+                };
+                txns.push(Txn { origin: e.origin, seq: e.seq, prev, events: vec![e.clone()], in_inbox: false });
+            }
+        }
+    }
+    txns
+}
+
+#[derive(Default)]
+struct Counts {
+    applied: i64,
+    skipped: i64,
+    conflicts: i64,
+    transactions: i64,
+    failed: i64,
+    waiting: i64,
+}
+
+/// What one call of `sync_apply` or `sync_retry_errors` works with.
+struct Run {
+    schema: String,
+    me: Uuid,
+    tables: HashMap<String, Table>,
+    have: BTreeMap<Uuid, i64>,
+    counts: Counts,
+}
+
+impl Run {
+    fn start() -> Result<Run, SyncError> {
+        let ext = clock::ext();
+        // One applier at a time per database: registers are read, resolved and written whole.
+        Spi::run("SELECT pg_advisory_xact_lock(hashtext('pg_peersync.apply'))")?;
+        let tables = load_tables(&ext.schema)?;
+        // Local writes made so far become versions in the registers before any remote one.
+        local::index(&ext.schema, ext.node_id, &tables)?;
+        Ok(Run { schema: ext.schema.clone(), me: ext.node_id, tables, have: have_vector()?, counts: Counts::default() })
+    }
+
+    fn inbox(&self, failed_too: bool) -> Result<Vec<Txn>, SyncError> {
+        store::inbox(&self.schema, failed_too)
+    }
+
+    /// Apply what can be applied of `txns`, keep the rest in the inbox.
+    fn deliver(&mut self, txns: Vec<Txn>) -> Result<(), SyncError> {
+        let mut fresh = Vec::new();
+        for t in txns {
+            if self.have.get(&t.origin).is_some_and(|h| t.seq <= *h) {
+                // Already held: a copy left in the inbox goes, a repeated one is skipped.
+                if t.in_inbox {
+                    store::remove_from_inbox(&self.schema, &t)?;
+                } else {
+                    self.counts.skipped += t.events.len() as i64;
+                }
+            } else {
+                fresh.push(t);
+            }
+        }
+        let mut txns = fresh;
+        // A transaction already held in the inbox arrived again: keep the inbox copy.
+        txns.sort_by_key(|t| (t.origin, t.seq, !t.in_inbox));
+        txns.dedup_by_key(|t| (t.origin, t.seq));
+        let pending: Vec<Pending> = txns.iter().map(Txn::pending).collect();
+        let mut failures: HashMap<usize, subxact::Failure> = HashMap::new();
+        let mut max_hlc = 0i64;
+        let mut have = self.have.clone();
+        let delivered = delivery::plan(&mut have, self.me, &pending, |i| {
+            let t = &txns[i];
+            // Any error, ours or the data's, rolls back this origin transaction alone.
+            match subxact::run(|| self.apply_one(t).unwrap_or_else(|e| e.report())) {
+                Ok(()) => {
+                    max_hlc = max_hlc.max(t.events.iter().map(|e| e.hlc).max().unwrap_or(0));
+                    true
+                }
+                Err(f) => {
+                    failures.insert(i, f);
+                    false
+                }
+            }
+        });
+        self.have = have;
+        if max_hlc > 0 {
+            clock::observe(Hlc::from_i64(max_hlc));
+        }
+        let delivered: BTreeSet<usize> = delivered.into_iter().collect();
+        for (i, t) in txns.iter().enumerate() {
+            if delivered.contains(&i) {
+                if t.in_inbox {
+                    store::remove_from_inbox(&self.schema, t)?;
+                }
+            } else if let Some(f) = failures.get(&i) {
+                self.counts.failed += 1;
+                store::hold(&self.schema, t, Some(f), None)?;
+            } else {
+                self.counts.waiting += 1;
+                let why = match delivery::check(&self.have, self.me, &pending[i]) {
+                    Err(Wait::Predecessor { origin, need, have } | Wait::Context { origin, need, have }) => {
+                        format!("events of origin {origin} up to {need} (this node has {have})")
+                    }
+                    _ => "an earlier transaction that failed".to_string(),
+                };
+                store::hold(&self.schema, t, None, Some(&why))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_one(&mut self, t: &Txn) -> Result<(), SyncError> {
+        let stats = rows::apply(&self.schema, self.me, &mut self.tables, &t.events)?;
+        store::log(&self.schema, &t.events)?;
+        self.counts.transactions += 1;
+        self.counts.applied += stats.applied;
+        self.counts.skipped += stats.skipped;
+        self.counts.conflicts += stats.conflicts;
+        Ok(())
+    }
+
+    /// A batch covers each origin's `(from, have]` whole: once everything in it is held, so is
+    /// the batch's `have` (numbers of rolled-back transactions are never used).
+    fn raise_to_batch(&mut self, batch: &Batch) {
+        for (origin, &top) in &batch.have {
+            if *origin == self.me {
+                continue;
+            }
+            let held = self.have.get(origin).copied().unwrap_or(0);
+            let from = batch.from.get(origin).copied().unwrap_or(0);
+            let last = batch.events.iter().filter(|e| e.origin == *origin).map(|e| e.seq).max().unwrap_or(from);
+            if held >= from && held >= last && top > held {
+                self.have.insert(*origin, top);
+            }
+        }
+    }
+
+    fn finish(self, before: BTreeMap<Uuid, i64>) -> Result<JsonB, SyncError> {
+        let changed: Vec<(Uuid, i64)> = self
+            .have
+            .iter()
+            .filter(|(o, n)| **o != self.me && before.get(o) != Some(n))
+            .map(|(o, n)| (*o, *n))
+            .collect();
+        if !changed.is_empty() {
+            store::origins(&self.schema, &changed)?;
+            HAVE_CHANGED.with(|h| h.set(true));
+        }
+        let missing = rows::persist_missing_columns(&self.schema, &self.tables)?;
+        let c = &self.counts;
+        let have: serde_json::Map<String, Value> = self.have.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        let mut out = json!({
+            "applied": c.applied,
+            "transactions": c.transactions,
+            "skipped": c.skipped,
+            "conflicts": c.conflicts,
+            "errors": c.failed,
+            "waiting": c.waiting,
+            "have": have,
+        });
+        if !missing.is_empty() {
+            out["ignored_columns"] = json!(missing);
+        }
+        Ok(JsonB(out))
+    }
+}
+
+/// Apply a batch produced by `sync_changes()` on another node; returns counts: `applied`
+/// events, `transactions`, `skipped` (already held), `conflicts`, `errors` (origin transactions
+/// held in `sync_apply_errors`), `waiting` (held until what they depend on arrives) and the
+/// resulting `have`.
+#[pg_extern]
+fn sync_apply(batch: JsonB) -> SyncResult<JsonB> {
+    sequencer::require_read_committed("sync_apply()")?;
+    let batch: Batch = serde_json::from_value(batch.0).map_err(|e| SyncError::BadBatch(e.to_string()))?;
+    batch.validate().map_err(SyncError::from)?;
+    let mut run = Run::start()?;
+    if let Some(e) = batch.events.iter().find(|e| !run.tables.contains_key(&e.table)) {
+        return Err(SyncError::UntrackedTable(e.table.clone()).into());
+    }
+    let before = run.have.clone();
+    let mut txns = run.inbox(false)?;
+    txns.extend(transactions(&batch, run.me));
+    run.deliver(txns)?;
+    run.raise_to_batch(&batch);
+    Ok(run.finish(before)?)
+}
+
+/// Try again every origin transaction held in `sync_apply_errors` (and what waits for them),
+/// for instance after adding a missing column. Returns the same counts as `sync_apply`.
+#[pg_extern]
+fn sync_retry_errors() -> SyncResult<JsonB> {
+    sequencer::require_read_committed("sync_retry_errors()")?;
+    let mut run = Run::start()?;
+    let before = run.have.clone();
+    let txns = run.inbox(true)?;
+    run.deliver(txns)?;
+    Ok(run.finish(before)?)
+}

@@ -1,0 +1,451 @@
+//! Apply one origin transaction's row changes: load each row's register from `sync_rows`,
+//! add the incoming version (`sync_bridge::resolve`), decide the visible row with the table's
+//! strategy, and write what changed, in origin order, set-based.
+//!
+//! Writes go in runs of consecutive changes to one table of one kind (upsert or delete), so a
+//! child row the origin wrote after its parent is written after it here too, and foreign keys
+//! hold without being deferred.
+
+use super::Table;
+use super::subxact;
+use crate::error::SyncError;
+use pgrx::prelude::*;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use sync_bridge::canonical::jsonb_text;
+use sync_bridge::resolve::{self, Register, Resolution, Row, Stored, Strategy, Version};
+use sync_bridge::{Event, Hlc, Op};
+use uuid::Uuid;
+
+#[derive(Default)]
+pub struct Stats {
+    pub applied: i64,
+    pub skipped: i64,
+    pub conflicts: i64,
+}
+
+/// One row's state while a transaction is applied.
+struct RowState {
+    stored: Vec<Stored>,
+    /// The row as the table holds it, when known (`Some(None)`: no such row).
+    current: Option<Option<Row>>,
+    dirty: bool,
+}
+
+struct Write<'e> {
+    table: &'e str,
+    key: &'e str,
+    /// The row to upsert, or `None` to delete the row `pk` names.
+    row: Option<Row>,
+    pk: &'e Value,
+}
+
+struct Conflict {
+    table: String,
+    pk: Value,
+    strategy: String,
+    local: Value,
+    remote: Value,
+    result: Option<Row>,
+    winner: &'static str,
+    review: &'static str,
+    note: Option<String>,
+}
+
+pub fn version_of(e: &Event) -> Version {
+    let row = e.data.as_ref().and_then(Value::as_object).cloned();
+    let written = match (e.op, &row, &e.old) {
+        (Op::Update, _, Some(Value::Object(old))) => old.keys().cloned().collect(),
+        (Op::Delete, ..) => BTreeSet::new(),
+        (_, Some(r), _) => r.keys().cloned().collect(),
+        _ => BTreeSet::new(),
+    };
+    Version {
+        origin: e.origin,
+        seq: e.seq,
+        idx: e.idx,
+        hlc: Hlc::from_i64(e.hlc),
+        context: e.vclock.clone(),
+        row: if e.op == Op::Delete { None } else { row },
+        written,
+    }
+}
+
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+pub fn apply(
+    schema: &str,
+    me: Uuid,
+    tables: &mut HashMap<String, Table>,
+    events: &[Event],
+) -> Result<Stats, SyncError> {
+    let mut stats = Stats::default();
+    let keys: Vec<String> = events.iter().map(|e| jsonb_text(&e.pk)).collect();
+    let mut states: HashMap<(&str, &str), RowState> = HashMap::new();
+    let mut by_table: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, e) in events.iter().enumerate() {
+        by_table.entry(e.table.as_str()).or_default().push(i);
+    }
+    for (table, idx) in &by_table {
+        let t = &tables[*table];
+        let wanted: Vec<String> = idx.iter().map(|&i| keys[i].clone()).collect();
+        for (pk, stored) in load_registers(schema, t.relid, wanted)? {
+            let key = idx.iter().map(|&i| keys[i].as_str()).find(|k| *k == pk).expect("asked for it");
+            states.insert((*table, key), RowState { stored, current: None, dirty: false });
+        }
+        // Rows whose first incoming version is concurrent with a held one that keeps no image:
+        // that image is the table row.
+        let mut first: BTreeMap<&str, usize> = BTreeMap::new();
+        for &i in idx {
+            first.entry(keys[i].as_str()).or_insert(i);
+        }
+        let need: Vec<&str> = first
+            .iter()
+            .filter(|(k, i)| {
+                states.get(&(*table, **k)).is_some_and(|s| {
+                    let v = version_of(&events[**i]);
+                    s.stored.iter().any(|w| w.needs_row() && !v.has_seen(&w.to_version(me, None)))
+                })
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        if !need.is_empty() {
+            let pks: Vec<&Value> = need.iter().map(|k| &events[first[k]].pk).collect();
+            let mut found = current_rows(t, &pks)?;
+            for k in need {
+                let row = found.remove(k);
+                states.get_mut(&(*table, k)).expect("has a register").current = Some(row);
+            }
+        }
+    }
+
+    let priorities = if by_table.keys().any(|t| tables[*t].strategy == "node_priority") {
+        load_priorities(schema)?
+    } else {
+        BTreeMap::new()
+    };
+    let mut writes: Vec<Write> = Vec::new();
+    let mut conflicts: Vec<Conflict> = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let t = &tables[&e.table];
+        let state = states
+            .entry((e.table.as_str(), keys[i].as_str()))
+            .or_insert_with(|| RowState { stored: Vec::new(), current: None, dirty: false });
+        let v = version_of(e);
+        let held: Vec<Version> = state.stored.iter().map(|s| s.to_version(me, None)).collect();
+        if held.iter().any(|w| w.dot() == v.dot() || w.has_seen(&v)) {
+            stats.skipped += 1;
+            continue;
+        }
+        stats.applied += 1;
+        state.dirty = true;
+        let target = if held.iter().all(|w| v.has_seen(w)) {
+            // The usual case: the incoming version saw everything held; it alone remains.
+            state.stored = vec![Stored::from_version(&v, me, false)];
+            v.row.clone()
+        } else {
+            let table_row = state.current.clone().flatten();
+            let mut register = Register::default();
+            for s in &state.stored {
+                register.insert(s.to_version(me, table_row.as_ref()));
+            }
+            let before = match &state.current {
+                Some(row) => row.clone(),
+                None => decide(schema, t, &register, &priorities, &e.pk).0.row,
+            };
+            let unseen: Vec<Value> = register
+                .versions()
+                .iter()
+                .filter(|w| !v.has_seen(w))
+                .map(|w| json!({"origin": w.origin, "seq": w.seq, "idx": w.idx, "hlc": w.hlc.as_i64()}))
+                .collect();
+            register.insert(v.clone());
+            let (res, note) = decide(schema, t, &register, &priorities, &e.pk);
+            if res.conflict {
+                stats.conflicts += 1;
+                let winner = if res.row == v.row {
+                    "remote"
+                } else if res.row == before {
+                    "local"
+                } else {
+                    "merged"
+                };
+                conflicts.push(Conflict {
+                    table: t.name.clone(),
+                    pk: e.pk.clone(),
+                    strategy: t.strategy.clone(),
+                    local: json!({"row": before, "versions": unseen}),
+                    remote: json!({"row": v.row, "origin": v.origin, "seq": v.seq, "idx": v.idx, "hlc": e.hlc}),
+                    result: res.row.clone(),
+                    winner,
+                    review: if t.strategy == "manual" || note.is_some() { "pending" } else { "none" },
+                    note,
+                });
+            }
+            state.stored = resolve::store(&register, me);
+            res.row
+        };
+        if state.current.as_ref() != Some(&target) {
+            writes.push(Write { table: &e.table, key: &keys[i], row: target.clone(), pk: &e.pk });
+        }
+        state.current = Some(target);
+    }
+
+    {
+        let _guard = super::Applying::start();
+        write_runs(tables, &writes)?;
+    }
+    let mut dirty: BTreeMap<&str, Vec<(&str, &Vec<Stored>)>> = BTreeMap::new();
+    for ((table, key), s) in &states {
+        if s.dirty {
+            dirty.entry(table).or_default().push((key, &s.stored));
+        }
+    }
+    for (table, regs) in dirty {
+        store_registers(schema, tables[table].relid, &regs)?;
+    }
+    record_conflicts(schema, &conflicts)?;
+    Ok(stats)
+}
+
+/// The visible row for a register under the table's strategy, and a note when a custom
+/// resolver failed (the `lww` result applies then).
+fn decide(
+    schema: &str,
+    t: &Table,
+    register: &Register,
+    priorities: &BTreeMap<Uuid, i32>,
+    pk: &Value,
+) -> (Resolution, Option<String>) {
+    let strategy = match t.strategy.as_str() {
+        "field_merge" => Strategy::FieldMerge,
+        "node_priority" => Strategy::NodePriority(priorities.clone()),
+        _ => Strategy::Lww,
+    };
+    let res = resolve::resolve(&strategy, register).expect("register is not empty");
+    if t.strategy != "custom" || !res.conflict {
+        return (res, None);
+    }
+    let Some(resolver) = &t.resolver else {
+        return (res, Some(SyncError::NoResolver(t.name.clone()).to_string()));
+    };
+    // Fold the versions in the canonical (lww) order, so every node asks the same questions.
+    let versions = register.versions();
+    let mut acc = json!(versions[0].row);
+    for w in &versions[1..] {
+        let info = json!({"table": t.name, "pk": pk, "schema": schema,
+                          "local": {"origin": versions[0].origin, "hlc": versions[0].hlc.as_i64()},
+                          "remote": {"origin": w.origin, "seq": w.seq, "hlc": w.hlc.as_i64()}});
+        let call = format!("SELECT {resolver}($1::jsonb, $2::jsonb, $3::jsonb)::text");
+        let args = [acc.to_string(), json!(w.row).to_string(), info.to_string()];
+        let result = subxact::run(|| {
+            Spi::get_one_with_args::<String>(&call, &[args[0].clone().into(), args[1].clone().into(), args[2].clone().into()])
+        });
+        match result {
+            Ok(Ok(text)) => acc = text.map(|s| serde_json::from_str(&s).unwrap_or(Value::Null)).unwrap_or(Value::Null),
+            Ok(Err(e)) => return (res, Some(format!("resolver {resolver} failed: {e}"))),
+            Err(f) => return (res, Some(format!("resolver {resolver} failed: {} ({})", f.message, f.sqlstate))),
+        }
+    }
+    let row = match acc {
+        Value::Object(mut row) => {
+            // The key identifies the row; a resolver cannot move it.
+            if let Some(pk) = pk.as_object() {
+                for (k, v) in pk {
+                    row.insert(k.clone(), v.clone());
+                }
+            }
+            Some(row)
+        }
+        Value::Null => None,
+        other => {
+            return (res, Some(format!("resolver {resolver} returned {other}, not an object or null")));
+        }
+    };
+    (Resolution { row, ..res }, None)
+}
+
+pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: Vec<String>) -> Result<Vec<(String, Vec<Stored>)>, SyncError> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            &format!("SELECT pk, versions::text FROM {schema}.sync_rows WHERE relid = $1::oid::regclass AND pk = ANY($2)"),
+            None,
+            &[relid.into(), keys.into()],
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let pk: String = row.get(1)?.expect("pk");
+            let text: String = row.get(2)?.expect("versions");
+            let stored: Vec<Stored> = serde_json::from_str(&text)
+                .map_err(|e| SyncError::BadBatch(format!("sync_rows entry for {pk} is unreadable: {e}")))?;
+            out.push((pk, stored));
+        }
+        Ok(out)
+    })
+}
+
+pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[(&str, &Vec<Stored>)]) -> Result<(), SyncError> {
+    if regs.is_empty() {
+        return Ok(());
+    }
+    let map: serde_json::Map<String, Value> =
+        regs.iter().map(|(k, s)| (k.to_string(), serde_json::to_value(s).expect("serialises"))).collect();
+    Spi::run_with_args(
+        &format!(
+            "INSERT INTO {schema}.sync_rows (relid, pk, versions) \
+             SELECT $1::oid::regclass, x.key, x.value FROM jsonb_each($2::jsonb) x \
+             ON CONFLICT (relid, pk) DO UPDATE SET versions = EXCLUDED.versions"
+        ),
+        &[relid.into(), Value::Object(map).to_string().into()],
+    )?;
+    Ok(())
+}
+
+/// The table rows (captured columns) for these keys, by canonical key text.
+fn current_rows(t: &Table, pks: &[&Value]) -> Result<HashMap<String, Row>, SyncError> {
+    let cols = t.pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "SELECT (SELECT jsonb_object_agg(k, to_jsonb(x) -> k) FROM unnest($2::text[]) k)::text, \
+                (to_jsonb(x) - $3::text[])::text \
+           FROM {tbl} x WHERE ({cols}) IN (SELECT {cols} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb))",
+        tbl = t.name
+    );
+    Spi::connect(|client| {
+        let rows = client.select(
+            &sql,
+            None,
+            &[json!(pks).to_string().into(), t.pk.clone().into(), t.exclude.clone().into()],
+        )?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let key: String = row.get(1)?.expect("key");
+            let text: String = row.get(2)?.expect("row");
+            if let Ok(Value::Object(r)) = serde_json::from_str(&text) {
+                out.insert(key, r);
+            }
+        }
+        Ok(out)
+    })
+}
+
+fn load_priorities(schema: &str) -> Result<BTreeMap<Uuid, i32>, SyncError> {
+    Spi::connect(|client| {
+        let mut out = BTreeMap::new();
+        for row in client.select(&format!("SELECT node, priority FROM {schema}.sync_node_priorities"), None, &[])? {
+            if let (Some(n), Some(p)) = (row.get::<pgrx::Uuid>(1)?, row.get::<i32>(2)?) {
+                out.insert(Uuid::from_bytes(*n.as_bytes()), p);
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// Execute the writes in origin order, grouping consecutive ones that one statement can do.
+fn write_runs(tables: &mut HashMap<String, Table>, writes: &[Write]) -> Result<(), SyncError> {
+    let mut start = 0;
+    while start < writes.len() {
+        let first = &writes[start];
+        let columns = |w: &Write| w.row.as_ref().map(|r| r.keys().cloned().collect::<Vec<_>>());
+        let mut keys = BTreeSet::from([first.key]);
+        let mut end = start + 1;
+        while end < writes.len() {
+            let w = &writes[end];
+            if w.table != first.table || columns(w) != columns(first) || !keys.insert(w.key) {
+                break;
+            }
+            end += 1;
+        }
+        let t = tables.get_mut(first.table).expect("checked tracked");
+        let run = &writes[start..end];
+        match &first.row {
+            Some(row) => upsert(t, row, run)?,
+            None => delete(t, run)?,
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+fn upsert(t: &mut Table, sample: &Row, run: &[Write]) -> Result<(), SyncError> {
+    let mut cols = Vec::new();
+    for c in sample.keys() {
+        if t.columns.contains(c) {
+            cols.push(c.as_str());
+        } else if !t.missing.contains(c) {
+            t.new_missing.insert(c.clone());
+        }
+    }
+    let list = cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+    let pk = t.pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+    let set: Vec<String> = cols
+        .iter()
+        .filter(|c| !t.pk.iter().any(|p| p == *c))
+        .map(|c| format!("{q} = EXCLUDED.{q}", q = quote_ident(c)))
+        .collect();
+    let action = if set.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", set.join(", ")) };
+    let rows: Vec<&Row> = run.iter().map(|w| w.row.as_ref().expect("an upsert run")).collect();
+    Spi::run_with_args(
+        &format!(
+            "INSERT INTO {tbl} ({list}) SELECT {list} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb) \
+             ON CONFLICT ({pk}) DO {action}",
+            tbl = t.name
+        ),
+        &[serde_json::to_string(&rows).expect("rows serialise").into()],
+    )?;
+    Ok(())
+}
+
+fn delete(t: &Table, run: &[Write]) -> Result<(), SyncError> {
+    let pk = t.pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+    let pks: Vec<&Value> = run.iter().map(|w| w.pk).collect();
+    Spi::run_with_args(
+        &format!(
+            "DELETE FROM {tbl} WHERE ({pk}) IN (SELECT {pk} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb))",
+            tbl = t.name
+        ),
+        &[json!(pks).to_string().into()],
+    )?;
+    Ok(())
+}
+
+fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncError> {
+    if conflicts.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<Value> = conflicts
+        .iter()
+        .map(|c| {
+            json!({"table_name": c.table, "pk": c.pk, "strategy": c.strategy, "local": c.local,
+                   "remote": c.remote, "result": c.result, "winner": c.winner, "review": c.review,
+                   "note": c.note})
+        })
+        .collect();
+    Spi::run_with_args(
+        &format!(
+            "INSERT INTO {schema}.sync_conflicts (table_name, pk, strategy, local, remote, result, winner, review, note) \
+             SELECT table_name, pk, strategy, local, remote, \
+                    CASE WHEN jsonb_typeof(result) = 'null' THEN NULL ELSE result END, winner, review, note \
+               FROM jsonb_to_recordset($1::jsonb) AS x(table_name text, pk jsonb, strategy text, local jsonb, \
+                    remote jsonb, result jsonb, winner text, review text, note text)"
+        ),
+        &[json!(rows).to_string().into()],
+    )?;
+    Ok(())
+}
+
+/// Record received columns that tables lack (once per table and column); returns them as
+/// `table.column` for `sync_apply`'s answer.
+pub fn persist_missing_columns(schema: &str, tables: &HashMap<String, Table>) -> Result<Vec<String>, SyncError> {
+    let mut out = Vec::new();
+    for t in tables.values().filter(|t| !t.new_missing.is_empty()) {
+        let all: Vec<String> = t.missing.union(&t.new_missing).cloned().collect();
+        Spi::run_with_args(
+            &format!("UPDATE {schema}.sync_tables SET missing_columns = $2 WHERE relid = $1::oid::regclass"),
+            &[t.relid.into(), all.into()],
+        )?;
+        out.extend(t.new_missing.iter().map(|c| format!("{}.{}", t.name, c)));
+    }
+    Ok(out)
+}

@@ -1,0 +1,160 @@
+//! What apply keeps: received events in `sync_log` (original origin and numbers, so this
+//! node serves them to others), held transactions in `sync_inbox`, and `sync_origins`.
+
+use super::Txn;
+use super::subxact::Failure;
+use crate::error::SyncError;
+use pgrx::prelude::*;
+use serde_json::{Value, json};
+use sync_bridge::{Event, Op};
+use uuid::Uuid;
+
+fn uuid(u: Uuid) -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes(*u.as_bytes())
+}
+
+/// Store one origin transaction's events as `sync_log` rows in the same layout capture
+/// writes: one row per run of events sharing a causal context (an origin writes one per
+/// `sync_flush`), parts per run of one statement's changes of one kind to one table.
+pub fn log(schema: &str, events: &[Event]) -> Result<(), SyncError> {
+    let mut start = 0;
+    while start < events.len() {
+        let mut end = start + 1;
+        while end < events.len() && events[end].vclock == events[start].vclock && events[end].idx == events[end - 1].idx + 1 {
+            end += 1;
+        }
+        log_row(schema, &events[start..end])?;
+        start = end;
+    }
+    Ok(())
+}
+
+fn log_row(schema: &str, events: &[Event]) -> Result<(), SyncError> {
+    let (mut hlc, mut table, mut op, mut pk, mut first, mut n, mut rows) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::<Vec<Value>>::new());
+    for (i, e) in events.iter().enumerate() {
+        let same_part = i > 0 && {
+            let p = &events[i - 1];
+            p.hlc == e.hlc && p.table == e.table && p.op == e.op
+        };
+        if !same_part {
+            hlc.push(e.hlc);
+            table.push(e.table.clone());
+            op.push(e.op.as_str().to_string());
+            let keys: Vec<&String> = e.pk.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+            pk.push(json!(keys).to_string());
+            first.push(e.idx);
+            n.push(0i32);
+            rows.push(Vec::new());
+        }
+        *n.last_mut().expect("a part") += 1;
+        rows.last_mut().expect("a part").push(match e.op {
+            Op::Insert => e.data.clone().unwrap_or(Value::Null),
+            Op::Delete => e.old.clone().unwrap_or(Value::Null),
+            Op::Update => json!([e.data, e.old]),
+        });
+    }
+    let head = &events[0];
+    let rows: Vec<String> = rows.into_iter().map(|r| Value::Array(r).to_string()).collect();
+    Spi::run_with_args(
+        &format!(
+            "INSERT INTO {schema}.sync_log (origin, origin_seq, first_idx, origin_xact, n, vclock, hlc, \
+               part_hlc, part_table, part_op, part_pk, part_first, part_n, part_rows) \
+             VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14) \
+             ON CONFLICT DO NOTHING"
+        ),
+        &[
+            uuid(head.origin).into(),
+            head.seq.into(),
+            (head.idx as i64).into(),
+            head.xact.into(),
+            (events.len() as i32).into(),
+            serde_json::to_string(&head.vclock).expect("serialises").into(),
+            hlc.iter().copied().max().unwrap_or(0).into(),
+            hlc.into(),
+            table.into(),
+            op.into(),
+            pk.into(),
+            first.into(),
+            n.into(),
+            rows.into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// The held transactions: waiting ones, and with `failed_too` also those that failed.
+pub fn inbox(schema: &str, failed_too: bool) -> Result<Vec<Txn>, SyncError> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            &format!(
+                "SELECT prev, events::text FROM {schema}.sync_inbox WHERE $1 OR error IS NULL ORDER BY origin, origin_seq"
+            ),
+            None,
+            &[failed_too.into()],
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let prev: i64 = row.get(1)?.expect("prev");
+            let text: String = row.get(2)?.expect("events");
+            let events: Vec<Event> = serde_json::from_str(&text)
+                .map_err(|e| SyncError::BadBatch(format!("a sync_inbox entry is unreadable: {e}")))?;
+            let head = events.first().ok_or_else(|| SyncError::BadBatch("an empty sync_inbox entry".into()))?;
+            out.push(Txn { origin: head.origin, seq: head.seq, prev, events: events.clone(), in_inbox: true });
+        }
+        Ok(out)
+    })
+}
+
+/// Keep a transaction in the inbox: failed (with the error) or waiting (with what for).
+pub fn hold(schema: &str, t: &Txn, failure: Option<&Failure>, waiting_for: Option<&str>) -> Result<(), SyncError> {
+    let tables: Vec<String> = {
+        let mut v: Vec<String> = t.events.iter().map(|e| e.table.clone()).collect();
+        v.dedup();
+        v
+    };
+    Spi::run_with_args(
+        &format!(
+            "INSERT INTO {schema}.sync_inbox AS i (origin, origin_seq, prev, events, tables, sqlstate, error, waiting_for, \
+                                                  attempts, failed_at) \
+             VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, CASE WHEN $7 IS NULL THEN 0 ELSE 1 END, \
+                     CASE WHEN $7 IS NULL THEN NULL ELSE now() END) \
+             ON CONFLICT (origin, origin_seq) DO UPDATE SET \
+               sqlstate = EXCLUDED.sqlstate, error = EXCLUDED.error, waiting_for = EXCLUDED.waiting_for, \
+               attempts = i.attempts + EXCLUDED.attempts, failed_at = coalesce(EXCLUDED.failed_at, i.failed_at)"
+        ),
+        &[
+            uuid(t.origin).into(),
+            t.seq.into(),
+            t.prev.into(),
+            serde_json::to_string(&t.events).expect("serialises").into(),
+            tables.into(),
+            failure.map(|f| f.sqlstate.clone()).into(),
+            failure.map(|f| f.message.clone()).into(),
+            waiting_for.map(str::to_owned).into(),
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn remove_from_inbox(schema: &str, t: &Txn) -> Result<(), SyncError> {
+    Spi::run_with_args(
+        &format!("DELETE FROM {schema}.sync_inbox WHERE origin = $1 AND origin_seq = $2"),
+        &[uuid(t.origin).into(), t.seq.into()],
+    )?;
+    Ok(())
+}
+
+/// Record how far this node now holds each of these origins.
+pub fn origins(schema: &str, upto: &[(Uuid, i64)]) -> Result<(), SyncError> {
+    let map: serde_json::Map<String, Value> = upto.iter().map(|(o, n)| (o.to_string(), json!(n))).collect();
+    Spi::run_with_args(
+        &format!(
+            "INSERT INTO {schema}.sync_origins (origin, upto) \
+             SELECT key::uuid, value::bigint FROM jsonb_each_text($1::jsonb) \
+             ON CONFLICT (origin) DO UPDATE SET upto = greatest({schema}.sync_origins.upto, EXCLUDED.upto)"
+        ),
+        &[Value::Object(map).to_string().into()],
+    )?;
+    Ok(())
+}
