@@ -242,3 +242,267 @@ fn missing_columns_are_ignored_and_reported_once() {
     let status: Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["tables"][0]["ignored_columns"], json!(["note"]), "{status}");
 }
+
+/// Three nodes, fully exchanged: every pair, until nothing moves (bounded).
+fn exchange_all(n: &mut [Client]) {
+    for _ in 0..3 {
+        for from in 0..n.len() {
+            for to in 0..n.len() {
+                if from != to {
+                    let (a, b) = two(n, from, to);
+                    pull(a, b);
+                }
+            }
+        }
+    }
+}
+
+/// Two distinct nodes of the slice, mutably.
+fn two(n: &mut [Client], i: usize, j: usize) -> (&mut Client, &mut Client) {
+    assert_ne!(i, j);
+    if i < j {
+        let (l, r) = n.split_at_mut(j);
+        (&mut l[i], &mut r[0])
+    } else {
+        let (l, r) = n.split_at_mut(i);
+        (&mut r[0], &mut l[j])
+    }
+}
+
+fn strategy_nodes(c: &Cluster, strategy: &str) -> Vec<Client> {
+    let mut n = nodes(
+        c,
+        3,
+        "CREATE EXTENSION pg_peersync;
+         CREATE TABLE items (id int PRIMARY KEY, name text, qty int, note text);
+         CREATE FUNCTION pick(l jsonb, r jsonb, info jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+           SELECT CASE WHEN l = 'null' THEN r WHEN r = 'null' THEN l
+                  ELSE r || jsonb_build_object('qty', greatest((l->>'qty')::int, (r->>'qty')::int),
+                                               'note', concat_ws('+', l->>'note', r->>'note')) END $$;
+         SELECT sync_track_table('items');",
+    );
+    let ids: Vec<String> = n.iter_mut().map(node_id).collect();
+    for db in n.iter_mut() {
+        db.execute("SELECT sync_set_strategy('items', $1, CASE WHEN $1 = 'custom' THEN 'pick(jsonb,jsonb,jsonb)' END)", &[&strategy])
+            .unwrap();
+        // node0 first, node2 last, the same on every node.
+        for (i, id) in ids.iter().enumerate() {
+            db.execute("SELECT sync_set_node_priority($1::text::uuid, $2)", &[id, &(10 - 5 * i as i32)]).unwrap();
+        }
+    }
+    n
+}
+
+fn row(db: &mut Client, id: i32) -> Option<(String, i32, Option<String>)> {
+    db.query_opt("SELECT name, qty, note FROM items WHERE id = $1", &[&id]).unwrap().map(|r| (r.get(0), r.get(1), r.get(2)))
+}
+
+fn assert_converged(n: &mut [Client]) {
+    let d: Vec<String> = n.iter_mut().map(|db| digest(db, "items")).collect();
+    if !d.iter().all(|x| *x == d[0]) {
+        let dump: Vec<(Vec<String>, Vec<String>)> = n
+            .iter_mut()
+            .map(|db| (rows(db, "items"), rows(db, "(SELECT pk, versions FROM sync_rows)")))
+            .collect();
+        panic!("digests differ: {d:?}\n{dump:#?}");
+    }
+    // An origin at 0 (a node that never wrote) is the same as an absent one.
+    let h: Vec<Value> = n
+        .iter_mut()
+        .map(|db| {
+            let mut h = have(db);
+            h.as_object_mut().unwrap().retain(|_, v| v != &json!(0));
+            h
+        })
+        .collect();
+    assert!(h.iter().all(|x| *x == h[0]), "have-vectors differ: {h:?}");
+}
+
+#[test]
+fn concurrent_updates_resolve_per_strategy() {
+    let c = Cluster::start("apply-strategies", &["fsync = off"]);
+    for strategy in ["lww", "field_merge", "node_priority", "custom", "manual"] {
+        let mut n = strategy_nodes(&c, strategy);
+        n[0].execute("INSERT INTO items VALUES (1, 'x', 1, 'base')", &[]).unwrap();
+        exchange_all(&mut n);
+        // Concurrent: node1 changes qty, then node0 changes name (greater clock, higher priority
+        // than node1 but node1's write is the later one under node_priority... see below).
+        n[1].execute("UPDATE items SET qty = 5, note = 'one' WHERE id = 1", &[]).unwrap();
+        n[0].execute("UPDATE items SET name = 'y', note = 'zero' WHERE id = 1", &[]).unwrap();
+        exchange_all(&mut n);
+        assert_converged(&mut n);
+        let got = row(&mut n[2], 1).unwrap();
+        let want = match strategy {
+            // node0 wrote last: its whole row.
+            "lww" | "manual" | "node_priority" => ("y".to_string(), 1, Some("zero".to_string())),
+            // Each column from its last writer: name from node0, qty from node1, note from node0.
+            "field_merge" => ("y".to_string(), 5, Some("zero".to_string())),
+            // pick(): the later row, greatest qty, notes joined in canonical order.
+            "custom" => ("y".to_string(), 5, Some("one+zero".to_string())),
+            _ => unreachable!(),
+        };
+        assert_eq!(got, want, "{strategy}");
+        // Both nodes that received a concurrent version recorded the conflict.
+        for i in [0, 1] {
+            let (n_conf, review): (i64, Option<String>) = n[i]
+                .query_one("SELECT count(*), max(review) FROM sync_conflicts", &[])
+                .map(|r| (r.get(0), r.get(1)))
+                .unwrap();
+            assert_eq!(n_conf, 1, "{strategy} node{i}");
+            assert_eq!(review.as_deref(), Some(if strategy == "manual" { "pending" } else { "none" }));
+        }
+        if strategy == "node_priority" {
+            // Now node2 (lowest priority) writes last, concurrently with node0: node0 still wins.
+            n[2].execute("UPDATE items SET note = 'two' WHERE id = 1", &[]).unwrap();
+            n[0].execute("UPDATE items SET note = 'zero again' WHERE id = 1", &[]).unwrap();
+            exchange_all(&mut n);
+            assert_converged(&mut n);
+            assert_eq!(row(&mut n[1], 1).unwrap().2.as_deref(), Some("zero again"));
+        }
+        if strategy == "manual" {
+            // Review on node1: keep node1's own version; it replicates as a new change.
+            let id: i64 = n[1].query_one("SELECT id FROM sync_conflicts", &[]).unwrap().get(0);
+            let e = n[1].execute("SELECT sync_resolve_conflict($1, '\"mine\"')", &[&id]).unwrap_err();
+            assert_eq!(e.code().unwrap().code(), "22023");
+            n[1].execute("SELECT sync_resolve_conflict($1, '\"local\"')", &[&id]).unwrap();
+            exchange_all(&mut n);
+            assert_converged(&mut n);
+            assert_eq!(row(&mut n[0], 1).unwrap(), ("x".to_string(), 5, Some("one".to_string())));
+            let review: String = n[1].query_one("SELECT review FROM sync_conflicts WHERE id = $1", &[&id]).unwrap().get(0);
+            assert_eq!(review, "resolved");
+        }
+        drop(n);
+    }
+}
+
+#[test]
+fn custom_resolver_that_raises_falls_back_to_lww_and_is_recorded() {
+    let c = Cluster::start("apply-custom-raise", &["fsync = off"]);
+    let mut n = strategy_nodes(&c, "lww");
+    for db in n.iter_mut() {
+        db.batch_execute(
+            "CREATE FUNCTION boom(l jsonb, r jsonb, info jsonb) RETURNS jsonb LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'no opinion'; END $$;
+             SELECT sync_set_strategy('items', 'custom', 'boom(jsonb,jsonb,jsonb)');",
+        )
+        .unwrap();
+    }
+    n[0].execute("INSERT INTO items VALUES (1, 'a', 1, NULL)", &[]).unwrap();
+    n[1].execute("INSERT INTO items VALUES (1, 'b', 2, NULL)", &[]).unwrap();
+    exchange_all(&mut n);
+    assert_converged(&mut n);
+    assert_eq!(row(&mut n[2], 1).unwrap().0, "b");
+    let note: String = n[0].query_one("SELECT note FROM sync_conflicts", &[]).unwrap().get(0);
+    assert!(note.contains("no opinion"), "{note}");
+    // A wrong signature is refused when it is set.
+    let e = n[0].execute("SELECT sync_set_strategy('items', 'custom', 'lower(text)')", &[]).unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "22023");
+}
+
+#[test]
+fn deletes_and_late_updates() {
+    let c = Cluster::start("apply-deletes", &["fsync = off"]);
+    for strategy in ["lww", "field_merge", "node_priority"] {
+        let mut n = strategy_nodes(&c, strategy);
+        each(&mut n[0], &["INSERT INTO items VALUES (1, 'a', 1, NULL), (2, 'b', 1, NULL)"]);
+        exchange_all(&mut n);
+        // Row 1: node0 updates, node1 then deletes it concurrently (the delete is later).
+        n[0].execute("UPDATE items SET qty = 9 WHERE id = 1", &[]).unwrap();
+        n[1].execute("DELETE FROM items WHERE id = 1", &[]).unwrap();
+        // Row 2: node1 deletes, node2 then updates concurrently (the update is later).
+        n[1].execute("DELETE FROM items WHERE id = 2", &[]).unwrap();
+        n[2].execute("UPDATE items SET qty = 7 WHERE id = 2", &[]).unwrap();
+        exchange_all(&mut n);
+        assert_converged(&mut n);
+        match strategy {
+            // The later of the two wins.
+            "lww" | "field_merge" => {
+                assert_eq!(row(&mut n[0], 1), None, "{strategy}");
+                assert_eq!(row(&mut n[0], 2), Some(("b".into(), 7, None)), "{strategy}");
+            }
+            // Priority first: node0 (update) beats node1 (delete); node1 (delete) beats node2.
+            _ => {
+                assert_eq!(row(&mut n[0], 1), Some(("a".into(), 9, None)));
+                assert_eq!(row(&mut n[0], 2), None);
+            }
+        }
+        drop(n);
+    }
+
+    // A delete that has seen an update: the update, arriving again later, changes nothing.
+    let mut n = strategy_nodes(&c, "lww");
+    n[0].execute("INSERT INTO items VALUES (5, 'a', 1, NULL)", &[]).unwrap();
+    n[0].execute("UPDATE items SET qty = 50 WHERE id = 5", &[]).unwrap();
+    {
+        let (a, b) = two(&mut n, 0, 1);
+        pull(a, b);
+    }
+    n[1].execute("DELETE FROM items WHERE id = 5", &[]).unwrap();
+    {
+        // node2 gets the delete (and, causally first, the update) through node1...
+        let (b, c2) = two(&mut n, 1, 2);
+        pull(b, c2);
+    }
+    assert_eq!(row(&mut n[2], 5), None);
+    // ...then from node0 itself: already held, skipped, not resurrected.
+    let (a, c2) = two(&mut n, 0, 2);
+    let out = pull(a, c2);
+    assert_eq!(out["applied"], json!(0), "{out:?}");
+    assert_eq!(row(&mut n[2], 5), None);
+}
+
+/// DESIGN.md invariant 4's counter-example: A (node0, highest priority) writes; C (node2,
+/// lowest) has seen A and writes; B (node1) is concurrent with both and writes last. Delivered
+/// in different orders, every node ends at B: A is not causally maximal (C has seen it), and of
+/// the maximal set {B, C}, equal in priority, B has the greatest clock. Pairwise rules
+/// applied in arrival order would end at C on one node and at B on another.
+#[test]
+fn node_priority_counterexample_converges_in_every_order() {
+    let c = Cluster::start("apply-counterexample", &["fsync = off"]);
+    let mut n = strategy_nodes(&c, "node_priority");
+    let b_id = node_id(&mut n[1]);
+    for db in n.iter_mut() {
+        // B and C both low: node1 down to node2's 0.
+        db.execute("SELECT sync_set_node_priority($1::text::uuid, 0)", &[&b_id]).unwrap();
+    }
+    n[0].execute("INSERT INTO items VALUES (1, 'A', 0, NULL)", &[]).unwrap();
+    {
+        let (a, c2) = two(&mut n, 0, 2);
+        pull(a, c2);
+    }
+    n[2].execute("UPDATE items SET name = 'C' WHERE id = 1", &[]).unwrap();
+    n[1].execute("INSERT INTO items VALUES (1, 'B', 0, NULL)", &[]).unwrap();
+    // node0: A, B, C. node1: B, A, C. node2: A, C, B.
+    for (to, order) in [(0usize, [1usize, 2]), (1, [0, 2]), (2, [1, 0])] {
+        for from in order {
+            let (f, t) = two(&mut n, from, to);
+            pull(f, t);
+        }
+    }
+    for db in n.iter_mut() {
+        assert_eq!(row(db, 1).unwrap().0, "B");
+    }
+    assert_converged(&mut n);
+}
+
+#[test]
+fn identical_content_on_both_sides_is_not_a_conflict() {
+    let c = Cluster::start("apply-same-dump", &["fsync = off"]);
+    // Both databases restored from one dump, then tracked: their existing rows are captured
+    // as each node's own inserts, with the same content.
+    let mut n = nodes(
+        &c,
+        2,
+        "CREATE EXTENSION pg_peersync;
+         CREATE TABLE items (id int PRIMARY KEY, name text, qty int, note text);
+         INSERT INTO items SELECT g, 'n' || g, g, NULL FROM generate_series(1, 100) g;
+         SELECT sync_track_table('items');",
+    );
+    let (a, b) = two(&mut n, 0, 1);
+    let out = pull(a, b);
+    assert_eq!((out["applied"].clone(), out["conflicts"].clone()), (json!(100), json!(0)), "{out:?}");
+    let out = pull(b, a);
+    assert_eq!(out["conflicts"], json!(0), "{out:?}");
+    assert_eq!(digest(a, "items"), digest(b, "items"));
+    assert_eq!(count(a, "SELECT count(*) FROM sync_conflicts") + count(b, "SELECT count(*) FROM sync_conflicts"), 0);
+}

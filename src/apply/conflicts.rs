@@ -27,8 +27,9 @@ fn sync_set_strategy(
             let (oid, ok) = Spi::connect(|client| {
                 let row = client
                     .select(
-                        "SELECT p.oid, p.prorettype = 'jsonb'::regtype \
-                                AND p.proargtypes::oid[] = ARRAY['jsonb'::regtype, 'jsonb'::regtype, 'jsonb'::regtype]::oid[] \
+                        "SELECT p.oid, p.prorettype = 'jsonb'::regtype AND p.pronargs = 3 \
+                                AND p.proargtypes[0] = 'jsonb'::regtype AND p.proargtypes[1] = 'jsonb'::regtype \
+                                AND p.proargtypes[2] = 'jsonb'::regtype \
                            FROM pg_proc p WHERE p.oid = $1::regprocedure",
                         None,
                         &[f.into()],
@@ -83,8 +84,8 @@ fn sync_set_node_priority(node: pgrx::Uuid, priority: i32) -> SyncResult<()> {
 fn sync_resolve_conflict(id: i64, choice: JsonB) -> SyncResult<Option<JsonB>> {
     let ext = clock::ext();
     let s = &ext.schema;
-    let found = Spi::connect(|client| {
-        let rows = client.select(
+    let found = Spi::connect_mut(|client| {
+        let rows = client.update(
             &format!(
                 "SELECT c.table_name, c.pk::text, c.local::text, c.remote::text, t.relid::oid \
                    FROM {s}.sync_conflicts c LEFT JOIN {s}.sync_tables t ON t.table_name = c.table_name \

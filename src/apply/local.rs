@@ -19,13 +19,18 @@ use sync_bridge::resolve::Stored;
 use uuid::Uuid;
 
 pub fn index(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<(), SyncError> {
-    let indexed: i64 = Spi::get_one(&format!("SELECT indexed_upto FROM {schema}.sync_node"))?.unwrap_or(0);
+    // Reads here and in `rows` are "mutating" SPI statements: those take a fresh snapshot and
+    // see this transaction's own earlier writes (a read-only one would not).
+    let indexed: i64 = Spi::connect_mut(|c| {
+        c.update(&format!("SELECT indexed_upto FROM {schema}.sync_node"), None, &[])?.first().get_one::<i64>()
+    })?
+    .unwrap_or(0);
     // Taken before the read below: everything up to it is visible to that read.
     let prefix = sequencer::committed_prefix(schema, me)?;
     // Per (table, key): the latest local version.
     let mut latest: BTreeMap<(String, String), Stored> = BTreeMap::new();
-    Spi::connect(|client| {
-        let rows = client.select(
+    Spi::connect_mut(|client| {
+        let rows = client.update(
             &format!(
                 "SELECT table_name, pk::text, origin_seq, origin_idx, hlc, op = 'DELETE', \
                         CASE WHEN op = 'UPDATE' THEN ARRAY(SELECT jsonb_object_keys(old)) END \

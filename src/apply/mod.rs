@@ -98,9 +98,9 @@ pub(crate) struct Table {
 }
 
 fn load_tables(schema: &str) -> Result<HashMap<String, Table>, SyncError> {
-    Spi::connect(|client| {
+    Spi::connect_mut(|client| {
         let mut tables = HashMap::new();
-        let rows = client.select(
+        let rows = client.update(
             &format!(
                 "SELECT t.relid::oid, t.table_name, t.strategy, t.pk_columns, t.exclude_columns, \
                         t.resolver::oid::regproc::text, t.missing_columns, \

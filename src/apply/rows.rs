@@ -268,8 +268,8 @@ fn decide(
 }
 
 pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: Vec<String>) -> Result<Vec<(String, Vec<Stored>)>, SyncError> {
-    Spi::connect(|client| {
-        let rows = client.select(
+    Spi::connect_mut(|client| {
+        let rows = client.update(
             &format!("SELECT pk, versions::text FROM {schema}.sync_rows WHERE relid = $1::oid::regclass AND pk = ANY($2)"),
             None,
             &[relid.into(), keys.into()],
@@ -312,8 +312,8 @@ fn current_rows(t: &Table, pks: &[&Value]) -> Result<HashMap<String, Row>, SyncE
            FROM {tbl} x WHERE ({cols}) IN (SELECT {cols} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb))",
         tbl = t.name
     );
-    Spi::connect(|client| {
-        let rows = client.select(
+    Spi::connect_mut(|client| {
+        let rows = client.update(
             &sql,
             None,
             &[json!(pks).to_string().into(), t.pk.clone().into(), t.exclude.clone().into()],
@@ -331,9 +331,9 @@ fn current_rows(t: &Table, pks: &[&Value]) -> Result<HashMap<String, Row>, SyncE
 }
 
 fn load_priorities(schema: &str) -> Result<BTreeMap<Uuid, i32>, SyncError> {
-    Spi::connect(|client| {
+    Spi::connect_mut(|client| {
         let mut out = BTreeMap::new();
-        for row in client.select(&format!("SELECT node, priority FROM {schema}.sync_node_priorities"), None, &[])? {
+        for row in client.update(&format!("SELECT node, priority FROM {schema}.sync_node_priorities"), None, &[])? {
             if let (Some(n), Some(p)) = (row.get::<pgrx::Uuid>(1)?, row.get::<i32>(2)?) {
                 out.insert(Uuid::from_bytes(*n.as_bytes()), p);
             }

@@ -85,8 +85,8 @@ fn log_row(schema: &str, events: &[Event]) -> Result<(), SyncError> {
 
 /// The held transactions: waiting ones, and with `failed_too` also those that failed.
 pub fn inbox(schema: &str, failed_too: bool) -> Result<Vec<Txn>, SyncError> {
-    Spi::connect(|client| {
-        let rows = client.select(
+    Spi::connect_mut(|client| {
+        let rows = client.update(
             &format!(
                 "SELECT prev, events::text FROM {schema}.sync_inbox WHERE $1 OR error IS NULL ORDER BY origin, origin_seq"
             ),
