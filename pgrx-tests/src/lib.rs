@@ -194,3 +194,49 @@ pub fn have(db: &mut postgres::Client) -> serde_json::Value {
 pub fn digest(db: &mut postgres::Client, table: &str) -> String {
     db.query_one("SELECT sync_table_digest($1::text::regclass)", &[&table]).unwrap().get(0)
 }
+
+/// `n` databases of one cluster acting as nodes (each gets its own node id at CREATE
+/// EXTENSION), with `schema` run in each.
+pub fn nodes(c: &Cluster, n: usize, schema: &str) -> Vec<postgres::Client> {
+    let mut admin = c.connect();
+    (0..n)
+        .map(|i| {
+            let name = format!("node{i}");
+            admin.execute(&format!("DROP DATABASE IF EXISTS {name}"), &[]).unwrap();
+            admin.execute(&format!("CREATE DATABASE {name}"), &[]).unwrap();
+            let mut db = c.connect_db(&name);
+            db.batch_execute(schema).unwrap();
+            db
+        })
+        .collect()
+}
+
+/// Two distinct nodes of the slice, mutably.
+pub fn two(n: &mut [postgres::Client], i: usize, j: usize) -> (&mut postgres::Client, &mut postgres::Client) {
+    assert_ne!(i, j);
+    if i < j {
+        let (l, r) = n.split_at_mut(j);
+        (&mut l[i], &mut r[0])
+    } else {
+        let (l, r) = n.split_at_mut(i);
+        (&mut r[0], &mut l[j])
+    }
+}
+
+/// Every node pulls from every other until a whole round applies nothing (bounded).
+pub fn exchange_all(n: &mut [postgres::Client]) {
+    for _ in 0..5 {
+        let mut moved = 0;
+        for from in 0..n.len() {
+            for to in 0..n.len() {
+                if from != to {
+                    let (a, b) = two(n, from, to);
+                    moved += pull(a, b)["transactions"].as_i64().unwrap_or(0);
+                }
+            }
+        }
+        if moved == 0 {
+            return;
+        }
+    }
+}

@@ -1,28 +1,13 @@
 //! End-to-end apply tests: several databases of one cluster act as nodes (each has its own
 //! node id) and exchange batches with `sync_changes()` / `sync_apply()`.
 
-use pg_peersync_tests::{Cluster, digest, have, pull, pull_once};
+use pg_peersync_tests::{Cluster, digest, exchange_all, have, nodes, pull, pull_once, two};
 use postgres::Client;
 use serde_json::{Value, json};
 
 const SCHEMA: &str = "CREATE EXTENSION pg_peersync;
      CREATE TABLE items (id int PRIMARY KEY, name text, qty int, note text);
      SELECT sync_track_table('items');";
-
-/// `n` databases of one cluster, each with the extension and `schema` run in it.
-fn nodes(c: &Cluster, n: usize, schema: &str) -> Vec<Client> {
-    let mut admin = c.connect();
-    (0..n)
-        .map(|i| {
-            let name = format!("node{i}");
-            admin.execute(&format!("DROP DATABASE IF EXISTS {name}"), &[]).unwrap();
-            admin.execute(&format!("CREATE DATABASE {name}"), &[]).unwrap();
-            let mut db = c.connect_db(&name);
-            db.batch_execute(schema).unwrap();
-            db
-        })
-        .collect()
-}
 
 /// Run each statement as its own transaction (a multi-statement batch_execute is one).
 fn each(db: &mut Client, statements: &[&str]) {
@@ -241,32 +226,6 @@ fn missing_columns_are_ignored_and_reported_once() {
     let status: String = b[0].query_one("SELECT sync_status()::text", &[]).unwrap().get(0);
     let status: Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["tables"][0]["ignored_columns"], json!(["note"]), "{status}");
-}
-
-/// Three nodes, fully exchanged: every pair, until nothing moves (bounded).
-fn exchange_all(n: &mut [Client]) {
-    for _ in 0..3 {
-        for from in 0..n.len() {
-            for to in 0..n.len() {
-                if from != to {
-                    let (a, b) = two(n, from, to);
-                    pull(a, b);
-                }
-            }
-        }
-    }
-}
-
-/// Two distinct nodes of the slice, mutably.
-fn two(n: &mut [Client], i: usize, j: usize) -> (&mut Client, &mut Client) {
-    assert_ne!(i, j);
-    if i < j {
-        let (l, r) = n.split_at_mut(j);
-        (&mut l[i], &mut r[0])
-    } else {
-        let (l, r) = n.split_at_mut(i);
-        (&mut r[0], &mut l[j])
-    }
 }
 
 fn strategy_nodes(c: &Cluster, strategy: &str) -> Vec<Client> {
