@@ -128,6 +128,13 @@ pub fn apply(
     };
     let mut writes: Vec<Write> = Vec::new();
     let mut conflicts: Vec<Conflict> = Vec::new();
+    // Rows changed more than once in this transaction: their latest image is kept in memory.
+    let mut seen_keys = BTreeSet::new();
+    let repeated: BTreeSet<(&str, &str)> = events
+        .iter()
+        .zip(&keys)
+        .filter_map(|(e, k)| (!seen_keys.insert((e.table.as_str(), k.as_str()))).then_some((e.table.as_str(), k.as_str())))
+        .collect();
     for (i, e) in events.iter().enumerate() {
         let t = &tables[&e.table];
         let state = states
@@ -144,7 +151,7 @@ pub fn apply(
         let target = if held.iter().all(|w| v.has_seen(w)) {
             // The usual case: the incoming version saw everything held; it alone remains.
             state.stored = vec![Stored::from_version(&v, me, false)];
-            v.row.clone()
+            v.row
         } else {
             let table_row = state.current.clone().flatten();
             let mut register = Register::default();
@@ -187,10 +194,13 @@ pub fn apply(
             state.stored = resolve::store(&register, me);
             res.row
         };
-        if state.current.as_ref() != Some(&target) {
-            writes.push(Write { table: &e.table, key: &keys[i], row: target.clone(), pk: &e.pk });
+        if state.current.as_ref() == Some(&target) {
+            continue;
         }
-        state.current = Some(target);
+        if repeated.contains(&(e.table.as_str(), keys[i].as_str())) {
+            state.current = Some(target.clone());
+        }
+        writes.push(Write { table: &e.table, key: &keys[i], row: target, pk: &e.pk });
     }
 
     {
@@ -290,15 +300,14 @@ pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[(&str, &
     if regs.is_empty() {
         return Ok(());
     }
-    let map: serde_json::Map<String, Value> =
-        regs.iter().map(|(k, s)| (k.to_string(), serde_json::to_value(s).expect("serialises"))).collect();
+    let map: BTreeMap<&str, &Vec<Stored>> = regs.iter().map(|(k, s)| (*k, *s)).collect();
     Spi::run_with_args(
         &format!(
             "INSERT INTO {schema}.sync_rows (relid, pk, versions) \
              SELECT $1::oid::regclass, x.key, x.value FROM jsonb_each($2::jsonb) x \
              ON CONFLICT (relid, pk) DO UPDATE SET versions = EXCLUDED.versions"
         ),
-        &[relid.into(), Value::Object(map).to_string().into()],
+        &[relid.into(), serde_json::to_string(&map).expect("serialises").into()],
     )?;
     Ok(())
 }

@@ -16,11 +16,12 @@ pub fn jsonb_text(v: &Value) -> String {
     out
 }
 
-fn write_value(out: &mut String, v: &Value) {
+/// Append `v`'s canonical text to `out`.
+pub fn write_value(out: &mut String, v: &Value) {
     match v {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::Number(n) => out.push_str(n.as_str()),
         Value::String(s) => write_string(out, s),
         Value::Array(items) => {
             out.push('[');
@@ -52,7 +53,7 @@ fn write_value(out: &mut String, v: &Value) {
 
 /// PostgreSQL's `escape_json`: a few named escapes, other control characters as `\u00xx`,
 /// everything else (including non-ASCII) literally.
-fn write_string(out: &mut String, s: &str) {
+pub fn write_string(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
         match c {

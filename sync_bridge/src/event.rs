@@ -1,7 +1,8 @@
 //! Events and batches: the units `sync_changes()` produces and `sync_apply()` consumes.
 //! `PROTOCOL.md` specifies the format; this module is its reference implementation.
 
-use crate::canonical::jsonb_text;
+use crate::canonical::{write_string, write_value};
+use std::fmt::Write;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -59,17 +60,26 @@ pub struct Event {
 impl Event {
     /// The bytes the checksum covers: a JSON array in PostgreSQL's jsonb text form.
     pub fn canonical_text(&self) -> String {
-        jsonb_text(&json!([
-            self.origin.to_string(),
-            self.seq,
-            self.idx,
-            self.hlc,
-            self.table,
-            self.op.as_str(),
-            self.pk,
-            self.data,
-            self.old,
-        ]))
+        // Written piece by piece: building a JSON array first would copy the row images.
+        let mut out = String::with_capacity(256);
+        let opt = |out: &mut String, v: &Option<Value>| match v {
+            Some(v) => write_value(out, v),
+            None => out.push_str("null"),
+        };
+        out.push('[');
+        write_string(&mut out, &self.origin.to_string());
+        let _ = write!(out, ", {}, {}, {}, ", self.seq, self.idx, self.hlc);
+        write_string(&mut out, &self.table);
+        out.push_str(", ");
+        write_string(&mut out, self.op.as_str());
+        out.push_str(", ");
+        write_value(&mut out, &self.pk);
+        out.push_str(", ");
+        opt(&mut out, &self.data);
+        out.push_str(", ");
+        opt(&mut out, &self.old);
+        out.push(']');
+        out
     }
 
     pub fn compute_checksum(&self) -> String {

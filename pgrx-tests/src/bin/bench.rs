@@ -1,8 +1,10 @@
-//! `make bench`: capture overhead, measured side by side in one run.
+//! `make bench`: capture and apply overhead, measured side by side in one run.
 //!
-//! Two databases in one throwaway cluster, identical except that one has pg_peersync tracking
-//! the tables. Runs alternate plain / tracked, and each pair gives a ratio; the table shows the
-//! median and range over the pairs, since this machine is noisy.
+//! Capture: two databases in one throwaway cluster, identical except that one has pg_peersync
+//! tracking the tables. Apply: a 100k-event stream from a third database, applied in batches
+//! of 1,000 with `sync_apply()`, against a plain upsert of the same rows. Runs alternate, and
+//! each pair gives a ratio; the table shows the median and range over the pairs, since this
+//! machine is noisy.
 
 use pg_peersync_tests::Cluster;
 use std::time::Instant;
@@ -10,6 +12,147 @@ use std::time::Instant;
 /// pgbench pairs (each `BENCH_SECONDS` per side) and bulk-statement pairs.
 const PAIRS: usize = 4;
 const BULK_PAIRS: usize = 5;
+const APPLY_PAIRS: usize = 3;
+const STREAM_ROWS: i64 = 100_000;
+const APPLY_BATCH: i32 = 1000;
+
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, name text, qty int, price numeric, note text)";
+
+/// The stream: `STREAM_ROWS` rows inserted 1,000 per transaction on a source node, read back
+/// as `sync_changes()` batches of `APPLY_BATCH` events.
+fn stream(c: &Cluster) -> Vec<String> {
+    c.connect().batch_execute("CREATE DATABASE source").unwrap();
+    let mut src = c.connect_db("source");
+    src.batch_execute(&format!("CREATE EXTENSION pg_peersync; {ITEMS}; SELECT sync_track_table('items');")).unwrap();
+    for k in 0..STREAM_ROWS / 1000 {
+        src.batch_execute(&format!(
+            "INSERT INTO items SELECT g, md5(g::text), g % 100, g * 1.5, 'stream row' FROM generate_series({}, {}) g",
+            k * 1000 + 1,
+            (k + 1) * 1000
+        ))
+        .unwrap();
+    }
+    let mut have = serde_json::json!({});
+    let mut batches = Vec::new();
+    loop {
+        let b: String = src
+            .query_one("SELECT sync_changes($1::text::jsonb, $2)::text", &[&have.to_string(), &APPLY_BATCH])
+            .unwrap()
+            .get(0);
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        if v["events"].as_array().unwrap().is_empty() {
+            break;
+        }
+        for (k, n) in v["have"].as_object().unwrap() {
+            have[k] = n.clone();
+        }
+        batches.push(b);
+    }
+    batches
+}
+
+/// A database ready to receive the stream; with `local_rows`, it first wrote every one of the
+/// stream's rows itself (concurrently, as far as the stream is concerned), so each event
+/// conflicts.
+fn receiver(c: &Cluster, name: &str, local_rows: bool) -> postgres::Client {
+    c.connect().batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    let mut db = c.connect_db(name);
+    db.batch_execute(&format!("CREATE EXTENSION pg_peersync; {ITEMS}; SELECT sync_track_table('items');")).unwrap();
+    if local_rows {
+        db.batch_execute(&format!(
+            "INSERT INTO items SELECT g, 'local', 0, 0, NULL FROM generate_series(1, {STREAM_ROWS}) g"
+        ))
+        .unwrap();
+        // Fold the local writes into the row registers now (sync_apply would do it first).
+        db.batch_execute("SELECT sync_retry_errors()").unwrap();
+    }
+    db.batch_execute("CHECKPOINT").unwrap();
+    db
+}
+
+fn apply_all(db: &mut postgres::Client, batches: &[String]) -> (f64, i64) {
+    let start = Instant::now();
+    let mut conflicts = 0;
+    for b in batches {
+        let out: String = db.query_one("SELECT sync_apply($1::text::jsonb)::text", &[b]).unwrap().get(0);
+        let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(out["errors"], serde_json::json!(0), "{out}");
+        conflicts += out["conflicts"].as_i64().unwrap_or(0);
+    }
+    (start.elapsed().as_secs_f64(), conflicts)
+}
+
+/// The baselines: the same rows upserted in batches of the same size, given either the same
+/// batch documents `sync_apply` gets (the rows extracted in SQL) or just the rows.
+fn upsert_all(db: &mut postgres::Client, table: &str, inputs: &[String], whole_batch: bool) -> f64 {
+    let source = if whole_batch {
+        "jsonb_path_query_array($1::text::jsonb, '$.events[*].data')"
+    } else {
+        "$1::text::jsonb"
+    };
+    let sql = format!(
+        "INSERT INTO {table} SELECT * FROM jsonb_to_recordset({source}) \
+           AS x(id int, name text, qty int, price numeric, note text) \
+         ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, qty = EXCLUDED.qty, price = EXCLUDED.price, note = EXCLUDED.note"
+    );
+    let start = Instant::now();
+    for r in inputs {
+        db.execute(&sql, &[r]).unwrap();
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// Returns the ratios: apply / upsert throughput (from the same batches, from bare rows), and
+/// conflicting / clean apply throughput.
+fn apply_bench(c: &Cluster) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let batches = stream(c);
+    let rows: Vec<String> = batches
+        .iter()
+        .map(|b| {
+            let v: serde_json::Value = serde_json::from_str(b).unwrap();
+            let data: Vec<&serde_json::Value> = v["events"].as_array().unwrap().iter().map(|e| &e["data"]).collect();
+            serde_json::to_string(&data).unwrap()
+        })
+        .collect();
+    let events: usize = rows.iter().map(|r| serde_json::from_str::<Vec<serde_json::Value>>(r).unwrap().len()).sum();
+    assert_eq!(events as i64, STREAM_ROWS);
+    let mut plain = c.connect_db("plain");
+    let (mut vs_upsert, mut vs_rows, mut vs_clean) = (vec![], vec![], vec![]);
+    for pair in 0..APPLY_PAIRS {
+        let (table, rows_table) = (format!("upsert_{pair}"), format!("upsert_rows_{pair}"));
+        for t in [&table, &rows_table] {
+            plain.batch_execute(&format!("{}; CHECKPOINT", ITEMS.replace("items", t))).unwrap();
+        }
+        let mut clean = receiver(c, &format!("clean_{pair}"), false);
+        let mut conflicting = receiver(c, &format!("conflicting_{pair}"), true);
+        // Alternate the order, so a drift in the machine's speed cancels out.
+        let mut t = [0.0f64; 4];
+        let mut conflicts = 0;
+        let order: [usize; 4] = if pair % 2 == 0 { [0, 1, 2, 3] } else { [3, 2, 1, 0] };
+        for k in order {
+            match k {
+                0 => t[0] = upsert_all(&mut plain, &table, &batches, true),
+                1 => t[1] = apply_all(&mut clean, &batches).0,
+                2 => (t[2], conflicts) = apply_all(&mut conflicting, &batches),
+                _ => t[3] = upsert_all(&mut plain, &rows_table, &rows, false),
+            }
+        }
+        assert_eq!(conflicts, STREAM_ROWS, "every event conflicts");
+        let rate = |t: f64| STREAM_ROWS as f64 / t;
+        println!(
+            "apply {pair}: upsert from the batches {:.0} rows/s (from bare rows {:.0}), sync_apply {:.0} rows/s, \
+             every event conflicting {:.0} rows/s",
+            rate(t[0]),
+            rate(t[3]),
+            rate(t[1]),
+            rate(t[2])
+        );
+        vs_upsert.push(t[0] / t[1]);
+        vs_rows.push(t[3] / t[1]);
+        vs_clean.push(t[1] / t[2]);
+    }
+    (vs_upsert, vs_rows, vs_clean)
+}
 
 fn pgbench_tps(c: &Cluster, db: &str, seconds: u32) -> f64 {
     // Start each run from a clean checkpoint with the OS's write-back done, so no run pays
@@ -39,6 +182,13 @@ fn summary(name: &str, ratios: &[f64], target: &str) {
 }
 
 fn main() {
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("apply") {
+        let c = Cluster::start("bench", &["shared_buffers = '256MB'", "max_wal_size = '4GB'", "autovacuum = off"]);
+        c.connect().batch_execute("CREATE DATABASE plain").unwrap();
+        let (vs_upsert, vs_rows, vs_clean) = apply_bench(&c);
+        apply_summary(&vs_upsert, &vs_rows, &vs_clean);
+        return;
+    }
     let seconds: u32 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     println!("Starting a throwaway cluster (shared_buffers 256MB, fsync on, autovacuum off)...");
     let c = Cluster::start("bench", &["shared_buffers = '256MB'", "max_wal_size = '4GB'", "checkpoint_timeout = '30min'", "autovacuum = off"]);
@@ -98,9 +248,17 @@ fn main() {
         ins.push(times[1][0] / times[0][0]);
         upd.push(times[1][1] / times[0][1]);
     }
+    let (vs_upsert, vs_rows, vs_clean) = apply_bench(&c);
     println!("\n| {:<44} | median | range        | target   |", "ratio (tracked / plain)");
     println!("|{}|--------|--------------|----------|", "-".repeat(46));
     summary(&format!("pgbench tpcb-like TPS, s=10, 4 clients, {seconds}s"), &tps, ">= 0.85");
     summary("100k-row single-statement INSERT time", &ins, "<= 2.0");
     summary("100k-row single-statement UPDATE time", &upd, "<= 2.0");
+    apply_summary(&vs_upsert, &vs_rows, &vs_clean);
+}
+
+fn apply_summary(vs_upsert: &[f64], vs_rows: &[f64], vs_clean: &[f64]) {
+    summary("apply / upsert of the same batches (100k, 1k)", vs_upsert, ">= 0.6");
+    summary("apply / upsert of the bare rows (100k, 1k)", vs_rows, "(info)");
+    summary("apply, every event conflicting / none", vs_clean, ">= 0.5");
 }
