@@ -280,7 +280,12 @@ fn decide(
 pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: Vec<String>) -> Result<Vec<(String, Vec<Stored>)>, SyncError> {
     Spi::connect_mut(|client| {
         let rows = client.update(
-            &format!("SELECT pk, versions::text FROM {schema}.sync_rows WHERE relid = $1::oid::regclass AND pk = ANY($2)"),
+            // A join, not `pk = ANY($2)`: costed as a nested loop of index probes, which is what
+            // a batch of keys against a large table needs (the other form turns into a scan).
+            &format!(
+                "SELECT r.pk, r.versions::text FROM unnest($2::text[]) AS k(pk) \
+                   JOIN {schema}.sync_rows r ON r.relid = $1::oid::regclass AND r.pk = k.pk"
+            ),
             None,
             &[relid.into(), keys.into()],
         )?;
@@ -314,12 +319,12 @@ pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[(&str, &
 
 /// The table rows (captured columns) for these keys, by canonical key text.
 fn current_rows(t: &Table, pks: &[&Value]) -> Result<HashMap<String, Row>, SyncError> {
-    let cols = t.pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
     let sql = format!(
         "SELECT (SELECT jsonb_object_agg(k, to_jsonb(x) -> k) FROM unnest($2::text[]) k)::text, \
                 (to_jsonb(x) - $3::text[])::text \
-           FROM {tbl} x WHERE ({cols}) IN (SELECT {cols} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb))",
-        tbl = t.name
+           FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb) k JOIN {tbl} x ON {on}",
+        tbl = t.name,
+        on = t.pk.iter().map(|c| format!("x.{q} = k.{q}", q = quote_ident(c))).collect::<Vec<_>>().join(" AND ")
     );
     Spi::connect_mut(|client| {
         let rows = client.update(

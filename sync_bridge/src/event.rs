@@ -4,7 +4,7 @@
 use crate::canonical::{write_string, write_value};
 use std::fmt::Write;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -155,6 +155,7 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn event(seq: i64, idx: i32) -> Event {
         let mut e = Event {
