@@ -54,6 +54,8 @@ pub enum SyncError {
     NoSuchConflict(i64),
     #[error("invalid choice for conflict {0}: {1}")]
     BadChoice(i64, String),
+    #[error("a local transaction wrote the same rows while they were being applied")]
+    ConcurrentLocalWrite,
     #[error("pg_peersync internal SPI error: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
 }
@@ -86,6 +88,7 @@ impl SyncError {
             SyncError::NoResolver(_) | SyncError::BadResolver(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::NoSuchConflict(_) => ERRCODE_NO_DATA_FOUND,
             SyncError::BadChoice(..) => ERRCODE_INVALID_PARAMETER_VALUE,
+            SyncError::ConcurrentLocalWrite => ERRCODE_T_R_SERIALIZATION_FAILURE,
             SyncError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -156,6 +159,7 @@ impl SyncError {
             SyncError::BadChoice(..) => {
                 "Pass 'local', 'remote' (as jsonb strings: '\"local\"') or the full row as a JSON object.".into()
             }
+            SyncError::ConcurrentLocalWrite => "sync_apply retries this itself; apply the batch again.".into(),
             SyncError::Spi(_) => return None,
         })
     }

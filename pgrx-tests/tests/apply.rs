@@ -465,3 +465,45 @@ fn identical_content_on_both_sides_is_not_a_conflict() {
     assert_eq!(digest(a, "items"), digest(b, "items"));
     assert_eq!(count(a, "SELECT count(*) FROM sync_conflicts") + count(b, "SELECT count(*) FROM sync_conflicts"), 0);
 }
+
+/// A local transaction writes a row while sync_apply is about to write the same row: apply
+/// waits for its row lock, notices the local write committed meanwhile, and applies the origin
+/// transaction again with it folded in, so both nodes still resolve the same way.
+#[test]
+fn local_write_racing_an_apply_is_folded_in() {
+    let c = Cluster::start("apply-race", &["fsync = off"]);
+    let mut n = nodes(&c, 2, SCHEMA);
+    n[0].execute("INSERT INTO items VALUES (1, 'from node0', 1, NULL)", &[]).unwrap();
+    let b = batch(&mut n[0], &json!({}));
+    // node1 writes the same key in a transaction left open...
+    let mut local = c.connect_db("node1");
+    let mut tx = local.transaction().unwrap();
+    tx.execute("INSERT INTO items VALUES (1, 'from node1', 2, NULL)", &[]).unwrap();
+    // ...while another session applies node0's batch, which must wait for that row.
+    let conn = c.conn_string("node1");
+    let applier = std::thread::spawn(move || {
+        let mut db = postgres::Client::connect(&conn, postgres::NoTls).unwrap();
+        apply(&mut db, &b).unwrap()
+    });
+    let mut watch = c.connect_db("node1");
+    let mut waiting = false;
+    for _ in 0..600 {
+        waiting = count(
+            &mut watch,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%sync_apply%'",
+        ) > 0;
+        if waiting {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(waiting, "sync_apply never waited for the local row lock");
+    tx.commit().unwrap();
+    let out = applier.join().unwrap();
+    assert_eq!(out["conflicts"], json!(1), "{out}");
+    exchange_all(&mut n);
+    assert_eq!(digest(&mut n[0], "items"), digest(&mut n[1], "items"));
+    // node1's insert came later: last writer wins on both nodes.
+    let name: String = n[0].query_one("SELECT name FROM items WHERE id = 1", &[]).unwrap().get(0);
+    assert_eq!(name, "from node1");
+}

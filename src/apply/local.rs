@@ -18,7 +18,15 @@ use std::collections::{BTreeMap, HashMap};
 use sync_bridge::resolve::Stored;
 use uuid::Uuid;
 
-pub fn index(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<(), SyncError> {
+/// What one `index` pass folded: every local transaction numbered up to `prefix`, and those
+/// above it listed in `above` (committed out of order).
+#[derive(Clone, Debug, Default)]
+pub struct Folded {
+    pub prefix: i64,
+    pub above: Vec<i64>,
+}
+
+pub fn index(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<Folded, SyncError> {
     // Reads here and in `rows` are "mutating" SPI statements: those take a fresh snapshot and
     // see this transaction's own earlier writes (a read-only one would not).
     let indexed: i64 = Spi::connect_mut(|c| {
@@ -29,6 +37,7 @@ pub fn index(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<
     let prefix = sequencer::committed_prefix(schema, me)?;
     // Per (table, key): the latest local version.
     let mut latest: BTreeMap<(String, String), Stored> = BTreeMap::new();
+    let mut above = Vec::new();
     Spi::connect_mut(|client| {
         let rows = client.update(
             &format!(
@@ -54,6 +63,9 @@ pub fn index(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<
                 w: w.map(|w| w.into_iter().collect()),
                 r: None,
             };
+            if v.s > prefix && above.last() != Some(&v.s) {
+                above.push(v.s);
+            }
             latest.insert((table, key), v);
         }
         Ok::<_, SyncError>(())
@@ -85,5 +97,32 @@ pub fn index(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<
     if prefix > indexed {
         Spi::run_with_args(&format!("UPDATE {schema}.sync_node SET indexed_upto = $1"), &[prefix.into()])?;
     }
-    Ok(())
+    Ok(Folded { prefix, above })
+}
+
+/// True when a local transaction that `folded` did not include has committed since and wrote
+/// one of `keys` (table, key text). Apply read those rows' registers without it, then waited
+/// for its row lock and wrote over it: the origin transaction must be applied again.
+pub fn raced(schema: &str, me: Uuid, folded: &Folded, keys: &[(String, String)]) -> Result<bool, SyncError> {
+    let (tables, pks): (Vec<String>, Vec<String>) = keys.iter().cloned().unzip();
+    Ok(Spi::connect_mut(|c| {
+        c.update(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM {schema}.sync_events e \
+                   JOIN unnest($4::text[], $5::text[]) AS k(t, pk) ON e.table_name = k.t AND e.pk::text = k.pk \
+                  WHERE e.origin = $1 AND e.origin_seq > $2 AND e.origin_seq <> ALL($3))"
+            ),
+            None,
+            &[
+                pgrx::Uuid::from_bytes(*me.as_bytes()).into(),
+                folded.prefix.into(),
+                folded.above.clone().into(),
+                tables.into(),
+                pks.into(),
+            ],
+        )?
+        .first()
+        .get_one::<bool>()
+    })?
+    .unwrap_or(false))
 }

@@ -175,6 +175,9 @@ fn transactions(events: Vec<Event>, from: &BTreeMap<Uuid, i64>, me: Uuid) -> Vec
     txns
 }
 
+/// The SQLSTATE of `SyncError::ConcurrentLocalWrite` (serialization_failure).
+const RACED: &str = "40001";
+
 #[derive(Default)]
 struct Counts {
     applied: i64,
@@ -190,6 +193,8 @@ struct Run {
     schema: String,
     me: Uuid,
     tables: HashMap<String, Table>,
+    /// The local transactions folded into the registers so far.
+    folded: local::Folded,
     have: BTreeMap<Uuid, i64>,
     counts: Counts,
 }
@@ -201,8 +206,15 @@ impl Run {
         Spi::run("SELECT pg_advisory_xact_lock(hashtext('pg_peersync.apply'))")?;
         let tables = load_tables(&ext.schema)?;
         // Local writes made so far become versions in the registers before any remote one.
-        local::index(&ext.schema, ext.node_id, &tables)?;
-        Ok(Run { schema: ext.schema.clone(), me: ext.node_id, tables, have: have_vector()?, counts: Counts::default() })
+        let folded = local::index(&ext.schema, ext.node_id, &tables)?;
+        Ok(Run {
+            schema: ext.schema.clone(),
+            me: ext.node_id,
+            tables,
+            folded,
+            have: have_vector()?,
+            counts: Counts::default(),
+        })
     }
 
     fn inbox(&self, failed_too: bool) -> Result<Vec<Txn>, SyncError> {
@@ -235,16 +247,26 @@ impl Run {
         let delivered = delivery::plan(&mut have, self.me, &pending, |i| {
             let t = &txns[i];
             // Any error, ours or the data's, rolls back this origin transaction alone.
-            match subxact::run(|| self.apply_one(t).unwrap_or_else(|e| e.report())) {
-                Ok(()) => {
-                    max_hlc = max_hlc.max(t.events.iter().map(|e| e.hlc).max().unwrap_or(0));
-                    true
-                }
-                Err(f) => {
-                    failures.insert(i, f);
-                    false
+            for attempt in 1.. {
+                match subxact::run(|| self.apply_one(t).unwrap_or_else(|e| e.report())) {
+                    Ok(()) => {
+                        max_hlc = max_hlc.max(t.events.iter().map(|e| e.hlc).max().unwrap_or(0));
+                        return true;
+                    }
+                    // A local write to the same rows committed meanwhile: fold it in, again.
+                    Err(f) if f.sqlstate == RACED && attempt < 5 => {
+                        match local::index(&self.schema, self.me, &self.tables) {
+                            Ok(folded) => self.folded = folded,
+                            Err(e) => e.report(),
+                        }
+                    }
+                    Err(f) => {
+                        failures.insert(i, f);
+                        return false;
+                    }
                 }
             }
+            unreachable!("the loop returns")
         });
         self.have = have;
         if max_hlc > 0 {
@@ -275,6 +297,11 @@ impl Run {
 
     fn apply_one(&mut self, t: &Txn) -> Result<(), SyncError> {
         let stats = rows::apply(&self.schema, self.me, &mut self.tables, &t.events)?;
+        let keys: Vec<(String, String)> =
+            t.events.iter().map(|e| (e.table.clone(), sync_bridge::canonical::jsonb_text(&e.pk))).collect();
+        if local::raced(&self.schema, self.me, &self.folded, &keys)? {
+            return Err(SyncError::ConcurrentLocalWrite);
+        }
         store::log(&self.schema, &t.events)?;
         self.counts.transactions += 1;
         self.counts.applied += stats.applied;
