@@ -373,4 +373,46 @@ mod tests {
         shop();
         run("SELECT sync_table_digest('items')");
     }
+
+    #[pg_test(error = "strategy custom needs a resolver function for table items")]
+    fn custom_strategy_needs_a_resolver() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        run("SELECT sync_set_strategy('items', 'custom')");
+    }
+
+    #[pg_test]
+    fn strategy_can_be_changed_and_tracking_keeps_the_resolver() {
+        shop();
+        run("CREATE FUNCTION keep_left(l jsonb, r jsonb, i jsonb) RETURNS jsonb LANGUAGE sql AS 'SELECT l'");
+        run("SELECT sync_track_table('items')");
+        run("SELECT sync_set_strategy('items', 'custom', 'keep_left(jsonb,jsonb,jsonb)')");
+        // Tracking again with 'custom' keeps the resolver already named.
+        run("SELECT sync_track_table('items', 'custom')");
+        assert_eq!(one::<String>("SELECT strategy || ' ' || resolver::text FROM sync_tables"), "custom keep_left(jsonb,jsonb,jsonb)");
+        run("SELECT sync_set_strategy('items', 'field_merge')");
+        assert_eq!(one::<String>("SELECT strategy FROM sync_tables"), "field_merge");
+    }
+
+    #[pg_test(error = "table items is not tracked")]
+    fn strategy_of_an_untracked_table_is_refused() {
+        shop();
+        run("SELECT sync_set_strategy('items', 'lww')");
+    }
+
+    #[pg_test(error = "conflict 42 does not exist")]
+    fn resolving_an_unknown_conflict_is_refused() {
+        run("SELECT sync_resolve_conflict(42, '\"local\"')");
+    }
+
+    #[pg_test]
+    fn applying_an_empty_batch_changes_nothing() {
+        let node = one::<String>("SELECT sync_node_id()::text");
+        let batch = format!(
+            r#"{{"format": 1, "source": "{node}", "from": {{}}, "have": {{}}, "events": [], "more": false}}"#
+        );
+        let out = one::<JsonB>(&format!("SELECT sync_apply('{batch}')")).0;
+        assert_eq!(out["applied"], json!(0));
+        assert_eq!(out["transactions"], json!(0));
+    }
 }
