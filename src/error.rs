@@ -77,9 +77,7 @@ impl SyncError {
             SyncError::TwoPhase => ERRCODE_FEATURE_NOT_SUPPORTED,
             SyncError::Isolation(_) => ERRCODE_ACTIVE_SQL_TRANSACTION,
             SyncError::BadHaveVector(_) => ERRCODE_INVALID_PARAMETER_VALUE,
-            SyncError::TooManyBackends(_) | SyncError::TooManyDatabases(_) => {
-                ERRCODE_CONFIGURATION_LIMIT_EXCEEDED
-            }
+            SyncError::TooManyBackends(_) | SyncError::TooManyDatabases(_) => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             SyncError::FlushInSubtransaction => ERRCODE_ACTIVE_SQL_TRANSACTION,
             SyncError::BadBatch(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::BatchFormat(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -101,13 +99,10 @@ impl SyncError {
             SyncError::NoPrimaryKey(t) => format!(
                 "Peers identify rows by primary key: ALTER TABLE {t} ADD PRIMARY KEY (...), then track it again."
             ),
-            SyncError::UnknownStrategy(_) => {
-                "Use one of: lww, field_merge, node_priority, custom, manual.".into()
-            }
+            SyncError::UnknownStrategy(_) => "Use one of: lww, field_merge, node_priority, custom, manual.".into(),
             SyncError::UnknownColumn { .. } => "Check the names in exclude_columns.".into(),
             SyncError::ExcludedKey { .. } => {
-                "Primary key columns identify the row on every node; remove them from exclude_columns."
-                    .into()
+                "Primary key columns identify the row on every node; remove them from exclude_columns.".into()
             }
             SyncError::OwnTable(_) => "Track your application's tables, not pg_peersync's.".into(),
             SyncError::NotATable(_) => "Only tables can be tracked; track the tables behind views.".into(),
@@ -121,19 +116,14 @@ impl SyncError {
                 "Use DELETE FROM {t} so that peers delete the rows too, or call sync_untrack_table('{t}') first."
             ),
             SyncError::TwoPhase => "Commit the transaction directly instead of PREPARE TRANSACTION.".into(),
-            SyncError::Isolation(_) => {
-                "Call it outside REPEATABLE READ / SERIALIZABLE transactions.".into()
-            }
+            SyncError::Isolation(_) => "Call it outside REPEATABLE READ / SERIALIZABLE transactions.".into(),
             SyncError::BadHaveVector(_) => {
-                "Pass a JSON object mapping origin node ids (uuid) to sequence numbers, as sync_have() returns."
-                    .into()
+                "Pass a JSON object mapping origin node ids (uuid) to sequence numbers, as sync_have() returns.".into()
             }
             SyncError::TooManyBackends(_) => {
                 "Lower max_connections, or raise pg_peersync's slot limit and rebuild.".into()
             }
-            SyncError::TooManyDatabases(_) => {
-                "Use pg_peersync in fewer databases of this cluster.".into()
-            }
+            SyncError::TooManyDatabases(_) => "Use pg_peersync in fewer databases of this cluster.".into(),
             SyncError::FlushInSubtransaction => {
                 "Call it outside savepoints and exception blocks; changes are written at commit anyway.".into()
             }

@@ -112,11 +112,7 @@ fn ensure_loaded(schema: &str, node: Uuid) -> Result<(), SyncError> {
     if state.dbs.iter().any(|d| d.db == db && d.next > 0) {
         return Ok(());
     }
-    let entry = state
-        .dbs
-        .iter_mut()
-        .find(|d| d.db == db || d.db == 0)
-        .ok_or(SyncError::TooManyDatabases(MAX_DBS))?;
+    let entry = state.dbs.iter_mut().find(|d| d.db == db || d.db == 0).ok_or(SyncError::TooManyDatabases(MAX_DBS))?;
     *entry = DbCounter { db, next: max_seq + 1 };
     Ok(())
 }
@@ -170,10 +166,8 @@ pub fn committed_prefix(schema: &str, node: Uuid) -> Result<i64, SyncError> {
             &format!("SELECT coalesce(max(origin_seq), 0) FROM {schema}.sync_log WHERE origin = $1"),
             &[pgrx::PgOid::BuiltIn(pgrx::PgBuiltInOids::UUIDOID)],
         )?;
-        let v = client
-            .select(&stmt, None, &[pgrx::Uuid::from_bytes(*node.as_bytes()).into()])?
-            .first()
-            .get_one::<i64>()?;
+        let v =
+            client.select(&stmt, None, &[pgrx::Uuid::from_bytes(*node.as_bytes()).into()])?.first().get_one::<i64>()?;
         Ok::<_, SyncError>(v.unwrap_or(0))
     })?;
     Ok(bound.min(committed_max))

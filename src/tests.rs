@@ -231,11 +231,9 @@ mod tests {
                0.1, 'Grüße 👋 \t\n\\', repeat('x', 1024 * 1024), NULL)");
         run("SELECT sync_flush()");
         // The stored image rebuilds a row equal to the original, column by column.
-        let same: bool = one(
-            "SELECT bool_and(r IS NOT DISTINCT FROM k) FROM kinds k,
+        let same: bool = one("SELECT bool_and(r IS NOT DISTINCT FROM k) FROM kinds k,
                     LATERAL (SELECT jsonb_populate_record(NULL::kinds, e.data) AS r
-                               FROM sync_events e WHERE e.table_name = 'public.kinds') x",
-        );
+                               FROM sync_events e WHERE e.table_name = 'public.kinds') x");
         assert!(same);
     }
 
@@ -247,7 +245,10 @@ mod tests {
         run("UPDATE items SET price = 2");
         run("DELETE FROM items");
         run("SELECT sync_flush()");
-        let evs = one::<JsonB>(&format!("SELECT jsonb_agg({} ORDER BY origin_seq, origin_idx) FROM sync_events", crate::changes::EVENT_JSON));
+        let evs = one::<JsonB>(&format!(
+            "SELECT jsonb_agg({} ORDER BY origin_seq, origin_idx) FROM sync_events",
+            crate::changes::EVENT_JSON
+        ));
         let evs: Vec<sync_bridge::Event> = serde_json::from_value(evs.0).unwrap();
         assert_eq!(evs.len(), 3);
         for e in &evs {
@@ -297,7 +298,9 @@ mod tests {
         run("INSERT INTO items VALUES (1)");
         run("INSERT INTO items VALUES (2)");
         run("SELECT sync_flush()");
-        let ordered: bool = one("SELECT bool_and(hlc > prev) FROM (SELECT hlc, lag(hlc) OVER (ORDER BY origin_idx) prev FROM sync_events) s WHERE prev IS NOT NULL");
+        let ordered: bool = one(
+            "SELECT bool_and(hlc > prev) FROM (SELECT hlc, lag(hlc) OVER (ORDER BY origin_idx) prev FROM sync_events) s WHERE prev IS NOT NULL",
+        );
         assert!(ordered);
     }
 
@@ -344,7 +347,9 @@ mod tests {
              END $$");
     }
 
-    #[pg_test(error = "parted is partitioned or part of an inheritance hierarchy, which pg_peersync does not track yet")]
+    #[pg_test(
+        error = "parted is partitioned or part of an inheritance hierarchy, which pg_peersync does not track yet"
+    )]
     fn partitioned_tables_are_refused() {
         run("CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY RANGE (id)");
         run("CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100)");
@@ -389,7 +394,10 @@ mod tests {
         run("SELECT sync_set_strategy('items', 'custom', 'keep_left(jsonb,jsonb,jsonb)')");
         // Tracking again with 'custom' keeps the resolver already named.
         run("SELECT sync_track_table('items', 'custom')");
-        assert_eq!(one::<String>("SELECT strategy || ' ' || resolver::text FROM sync_tables"), "custom keep_left(jsonb,jsonb,jsonb)");
+        assert_eq!(
+            one::<String>("SELECT strategy || ' ' || resolver::text FROM sync_tables"),
+            "custom keep_left(jsonb,jsonb,jsonb)"
+        );
         run("SELECT sync_set_strategy('items', 'field_merge')");
         assert_eq!(one::<String>("SELECT strategy FROM sync_tables"), "field_merge");
     }
@@ -408,9 +416,8 @@ mod tests {
     #[pg_test]
     fn applying_an_empty_batch_changes_nothing() {
         let node = one::<String>("SELECT sync_node_id()::text");
-        let batch = format!(
-            r#"{{"format": 1, "source": "{node}", "from": {{}}, "have": {{}}, "events": [], "more": false}}"#
-        );
+        let batch =
+            format!(r#"{{"format": 1, "source": "{node}", "from": {{}}, "have": {{}}, "events": [], "more": false}}"#);
         let out = one::<JsonB>(&format!("SELECT sync_apply('{batch}')")).0;
         assert_eq!(out["applied"], json!(0));
         assert_eq!(out["transactions"], json!(0));

@@ -63,7 +63,10 @@ impl Cluster {
         let data = cluster.data_dir();
         check(
             "initdb",
-            as_postgres("initdb", &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]),
+            as_postgres(
+                "initdb",
+                &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"],
+            ),
         );
         let mut text = format!(
             "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nport = 5432\nmax_connections = 40\n",
@@ -109,7 +112,10 @@ impl Cluster {
     /// Stop the server; `immediate` simulates a crash (no checkpoint, no clean shutdown).
     pub fn stop_server(&mut self, immediate: bool) {
         let mode = if immediate { "immediate" } else { "fast" };
-        check("pg_ctl stop", as_postgres("pg_ctl", &["-D", self.data_dir().to_str().unwrap(), "-m", mode, "-w", "stop"]));
+        check(
+            "pg_ctl stop",
+            as_postgres("pg_ctl", &["-D", self.data_dir().to_str().unwrap(), "-m", mode, "-w", "stop"]),
+        );
         self.stopped = true;
     }
 

@@ -25,11 +25,7 @@ fn node_id(db: &mut Client) -> String {
 }
 
 fn rows(db: &mut Client, table: &str) -> Vec<String> {
-    db.query(&format!("SELECT t::text FROM {table} t ORDER BY 1"), &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    db.query(&format!("SELECT t::text FROM {table} t ORDER BY 1"), &[]).unwrap().iter().map(|r| r.get(0)).collect()
 }
 
 fn batch(db: &mut Client, since: &Value) -> String {
@@ -87,10 +83,13 @@ fn apply_is_idempotent_creates_no_local_events_and_relays() {
             .collect()
     };
     assert_eq!(sums(&mut n0[0]), sums(&mut n2[0]));
-    assert_eq!(have(&mut n2[0]), have(&mut n0[0]).as_object().unwrap().iter().fold(have(&mut n2[0]), |mut h, (k, v)| {
-        h[k] = v.clone();
-        h
-    }));
+    assert_eq!(
+        have(&mut n2[0]),
+        have(&mut n0[0]).as_object().unwrap().iter().fold(have(&mut n2[0]), |mut h, (k, v)| {
+            h[k] = v.clone();
+            h
+        })
+    );
     // C's local writes still replicate after applying (capture is only suspended while applying).
     n2[0].execute("UPDATE items SET note = 'from C' WHERE id = 1", &[]).unwrap();
     pull(&mut n2[0], &mut n0[0]);
@@ -147,8 +146,10 @@ fn bad_batches_are_refused_whole() {
     tampered["events"][1]["data"]["name"] = json!("evil");
     assert_eq!(state(apply(&mut n[1], &tampered.to_string()).unwrap_err()), "XX001");
 
-    n[0].batch_execute("CREATE TABLE other (id int PRIMARY KEY); SELECT sync_track_table('other'); INSERT INTO other VALUES (1);")
-        .unwrap();
+    n[0].batch_execute(
+        "CREATE TABLE other (id int PRIMARY KEY); SELECT sync_track_table('other'); INSERT INTO other VALUES (1);",
+    )
+    .unwrap();
     let untracked = batch(&mut n[0], &json!({}));
     let e = apply(&mut n[1], &untracked).unwrap_err();
     assert!(hint(&e).contains("sync_track_table"), "{}", hint(&e));
@@ -168,15 +169,21 @@ fn unappliable_transactions_are_held_and_retried() {
     n[1].batch_execute("ALTER TABLE items ADD COLUMN site text NOT NULL").unwrap();
     each(
         &mut n[0],
-        &["INSERT INTO items VALUES (1, 'a', 1, NULL)", "UPDATE items SET qty = 2 WHERE id = 1", "INSERT INTO items VALUES (2, 'b', 1, NULL)"],
+        &[
+            "INSERT INTO items VALUES (1, 'a', 1, NULL)",
+            "UPDATE items SET qty = 2 WHERE id = 1",
+            "INSERT INTO items VALUES (2, 'b', 1, NULL)",
+        ],
     );
     let (a, b) = n.split_at_mut(1);
     let (out, _) = pull_once(&mut a[0], &mut b[0], 1000);
-    assert_eq!((out["errors"].clone(), out["waiting"].clone(), out["applied"].clone()), (json!(1), json!(2), json!(0)), "{out}");
-    let (sqlstate, error): (String, String) = b[0]
-        .query_one("SELECT sqlstate, error FROM sync_apply_errors", &[])
-        .map(|r| (r.get(0), r.get(1)))
-        .unwrap();
+    assert_eq!(
+        (out["errors"].clone(), out["waiting"].clone(), out["applied"].clone()),
+        (json!(1), json!(2), json!(0)),
+        "{out}"
+    );
+    let (sqlstate, error): (String, String) =
+        b[0].query_one("SELECT sqlstate, error FROM sync_apply_errors", &[]).map(|r| (r.get(0), r.get(1))).unwrap();
     assert_eq!(sqlstate, "23502", "{error}");
     assert!(error.contains("site"), "{error}");
     assert_eq!(count(&mut b[0], "SELECT count(*) FROM items"), 0);
@@ -211,8 +218,10 @@ fn unappliable_transactions_are_held_and_retried() {
 fn missing_columns_are_ignored_and_reported_once() {
     let c = Cluster::start("apply-columns", &["fsync = off"]);
     let mut n = nodes(&c, 2, SCHEMA);
-    n[1].batch_execute("ALTER TABLE items DROP COLUMN note; ALTER TABLE items ADD COLUMN local_only text DEFAULT 'kept'")
-        .unwrap();
+    n[1].batch_execute(
+        "ALTER TABLE items DROP COLUMN note; ALTER TABLE items ADD COLUMN local_only text DEFAULT 'kept'",
+    )
+    .unwrap();
     n[0].batch_execute("INSERT INTO items VALUES (1, 'a', 1, 'dropped on B')").unwrap();
     let (a, b) = n.split_at_mut(1);
     let (out, _) = pull_once(&mut a[0], &mut b[0], 1000);
@@ -242,8 +251,11 @@ fn strategy_nodes(c: &Cluster, strategy: &str) -> Vec<Client> {
     );
     let ids: Vec<String> = n.iter_mut().map(node_id).collect();
     for db in n.iter_mut() {
-        db.execute("SELECT sync_set_strategy('items', $1, CASE WHEN $1 = 'custom' THEN 'pick(jsonb,jsonb,jsonb)' END)", &[&strategy])
-            .unwrap();
+        db.execute(
+            "SELECT sync_set_strategy('items', $1, CASE WHEN $1 = 'custom' THEN 'pick(jsonb,jsonb,jsonb)' END)",
+            &[&strategy],
+        )
+        .unwrap();
         // node0 first, node2 last, the same on every node.
         for (i, id) in ids.iter().enumerate() {
             db.execute("SELECT sync_set_node_priority($1::text::uuid, $2)", &[id, &(10 - 5 * i as i32)]).unwrap();
@@ -253,16 +265,16 @@ fn strategy_nodes(c: &Cluster, strategy: &str) -> Vec<Client> {
 }
 
 fn row(db: &mut Client, id: i32) -> Option<(String, i32, Option<String>)> {
-    db.query_opt("SELECT name, qty, note FROM items WHERE id = $1", &[&id]).unwrap().map(|r| (r.get(0), r.get(1), r.get(2)))
+    db.query_opt("SELECT name, qty, note FROM items WHERE id = $1", &[&id])
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
 }
 
 fn assert_converged(n: &mut [Client]) {
     let d: Vec<String> = n.iter_mut().map(|db| digest(db, "items")).collect();
     if !d.iter().all(|x| *x == d[0]) {
-        let dump: Vec<(Vec<String>, Vec<String>)> = n
-            .iter_mut()
-            .map(|db| (rows(db, "items"), rows(db, "(SELECT pk, versions FROM sync_rows)")))
-            .collect();
+        let dump: Vec<(Vec<String>, Vec<String>)> =
+            n.iter_mut().map(|db| (rows(db, "items"), rows(db, "(SELECT pk, versions FROM sync_rows)"))).collect();
         panic!("digests differ: {d:?}\n{dump:#?}");
     }
     // An origin at 0 (a node that never wrote) is the same as an absent one.
@@ -327,7 +339,8 @@ fn concurrent_updates_resolve_per_strategy() {
             exchange_all(&mut n);
             assert_converged(&mut n);
             assert_eq!(row(&mut n[0], 1).unwrap(), ("x".to_string(), 5, Some("one".to_string())));
-            let review: String = n[1].query_one("SELECT review FROM sync_conflicts WHERE id = $1", &[&id]).unwrap().get(0);
+            let review: String =
+                n[1].query_one("SELECT review FROM sync_conflicts WHERE id = $1", &[&id]).unwrap().get(0);
             assert_eq!(review, "resolved");
         }
         drop(n);

@@ -86,7 +86,8 @@ fn prefix_property_holds_under_concurrent_writers_and_rollbacks() {
         let batch = changes(&mut reader, &have, 50);
         batches += 1;
         for e in advance(&mut have, &batch) {
-            let key = (e["origin"].as_str().unwrap().to_string(), e["seq"].as_i64().unwrap(), e["idx"].as_i64().unwrap());
+            let key =
+                (e["origin"].as_str().unwrap().to_string(), e["seq"].as_i64().unwrap(), e["idx"].as_i64().unwrap());
             assert!(seen.insert(key.clone()), "event {key:?} received twice");
             let txn = (key.0.clone(), key.1);
             let b = *batch_of_txn.entry(txn.clone()).or_insert(batches);
@@ -113,10 +114,8 @@ fn prefix_property_holds_under_concurrent_writers_and_rollbacks() {
     assert_eq!(seen, stored, "the reader holds exactly the committed events");
     let txns: HashSet<i64> = seen.iter().map(|k| k.1).collect();
     assert_eq!(txns.len() as i32, committed_txns, "one number per committed transaction");
-    let final_have: Value = serde_json::from_str(
-        reader.query_one("SELECT sync_have()::text", &[]).unwrap().get::<_, &str>(0),
-    )
-    .unwrap();
+    let final_have: Value =
+        serde_json::from_str(reader.query_one("SELECT sync_have()::text", &[]).unwrap().get::<_, &str>(0)).unwrap();
     assert_eq!(final_have, have);
     assert!(batches > 10, "the reader pulled while writers ran ({batches} batches)");
 }
@@ -160,7 +159,11 @@ fn numbers_are_never_reused_after_a_crash() {
     drop(db);
     c.restart(true);
     let mut db = c.connect();
-    assert_eq!(db.query_one("SELECT sync_node_id()::text", &[]).unwrap().get::<_, String>(0), node, "identity survives restart");
+    assert_eq!(
+        db.query_one("SELECT sync_node_id()::text", &[]).unwrap().get::<_, String>(0),
+        node,
+        "identity survives restart"
+    );
     db.execute("INSERT INTO items VALUES (3, 0, 0, 'after crash')", &[]).unwrap();
     let batch = changes(&mut db, &have, 1000);
     let events = advance(&mut have, &batch);
@@ -198,7 +201,10 @@ fn changes_refuse_repeatable_read_and_bad_have_vectors() {
 fn status_reports_tables_and_events() {
     let c = Cluster::start("status", &["fsync = off"]);
     let mut db = setup(&c);
-    db.batch_execute("INSERT INTO items SELECT g, 0, 0, 'x' FROM generate_series(1, 10) g; DELETE FROM items WHERE id = 1").unwrap();
+    db.batch_execute(
+        "INSERT INTO items SELECT g, 0, 0, 'x' FROM generate_series(1, 10) g; DELETE FROM items WHERE id = 1",
+    )
+    .unwrap();
     let status: Value =
         serde_json::from_str(db.query_one("SELECT sync_status()::text", &[]).unwrap().get::<_, &str>(0)).unwrap();
     assert_eq!(status["node_name"], json!("status"));

@@ -32,12 +32,15 @@ fn setup(c: &Cluster) -> Vec<Client> {
              SELECT sync_track_table('t_{s}');"
         ));
     }
-    schema.push_str("SELECT sync_set_strategy('t_field_merge', 'field_merge');
+    schema.push_str(
+        "SELECT sync_set_strategy('t_field_merge', 'field_merge');
                      SELECT sync_set_strategy('t_node_priority', 'node_priority');
                      SELECT sync_set_strategy('t_custom', 'custom', 'merge(jsonb,jsonb,jsonb)');
-                     SELECT sync_set_strategy('t_manual', 'manual');");
+                     SELECT sync_set_strategy('t_manual', 'manual');",
+    );
     let mut n = nodes(c, 3, &schema);
-    let ids: Vec<String> = n.iter_mut().map(|db| db.query_one("SELECT sync_node_id()::text", &[]).unwrap().get(0)).collect();
+    let ids: Vec<String> =
+        n.iter_mut().map(|db| db.query_one("SELECT sync_node_id()::text", &[]).unwrap().get(0)).collect();
     for db in n.iter_mut() {
         for (i, id) in ids.iter().enumerate() {
             // Node 1 highest, nodes 0 and 2 tied (ties go to lww).
@@ -105,7 +108,10 @@ fn random_histories_converge_for_every_strategy() {
         let haves: Vec<Value> = n.iter_mut().map(normalised_have).collect();
         let held: Vec<i64> =
             n.iter_mut().map(|db| db.query_one("SELECT count(*) FROM sync_inbox", &[]).unwrap().get(0)).collect();
-        if digests.iter().any(|d| *d != digests[0]) || haves.iter().any(|h| *h != haves[0]) || held.iter().any(|h| *h > 0) {
+        if digests.iter().any(|d| *d != digests[0])
+            || haves.iter().any(|h| *h != haves[0])
+            || held.iter().any(|h| *h > 0)
+        {
             let rows: Vec<Vec<String>> = n
                 .iter_mut()
                 .map(|db| {

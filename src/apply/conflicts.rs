@@ -4,19 +4,15 @@
 use crate::capture::display_name;
 use crate::clock;
 use crate::error::{SyncError, SyncResult};
-use pgrx::{JsonB, PgRelation};
 use pgrx::prelude::*;
+use pgrx::{JsonB, PgRelation};
 use serde_json::Value;
 
 /// Change a tracked table's conflict strategy. `resolver` names the function for 'custom':
 /// `f(local jsonb, remote jsonb, info jsonb) returns jsonb`. Every node should use the same
 /// strategy for a table.
 #[pg_extern]
-fn sync_set_strategy(
-    tbl: PgRelation,
-    strategy: &str,
-    resolver: default!(Option<&str>, "NULL"),
-) -> SyncResult<()> {
+fn sync_set_strategy(tbl: PgRelation, strategy: &str, resolver: default!(Option<&str>, "NULL")) -> SyncResult<()> {
     crate::capture::check_strategy(strategy)?;
     let ext = clock::ext();
     let name = display_name(tbl.oid())?;
@@ -127,7 +123,8 @@ fn sync_resolve_conflict(id: i64, choice: JsonB) -> SyncResult<Option<JsonB>> {
         }
         other => return Err(SyncError::BadChoice(id, other.to_string()).into()),
     };
-    let keys: Vec<String> = pk.as_object().map(|o| o.keys().map(|k| super::rows::quote_ident(k)).collect()).unwrap_or_default();
+    let keys: Vec<String> =
+        pk.as_object().map(|o| o.keys().map(|k| super::rows::quote_ident(k)).collect()).unwrap_or_default();
     let keys = keys.join(", ");
     // Ordinary statements, captured by the triggers like any local write.
     if row.is_object() {

@@ -133,13 +133,17 @@ pub fn apply(
     let repeated: BTreeSet<(&str, &str)> = events
         .iter()
         .zip(&keys)
-        .filter_map(|(e, k)| (!seen_keys.insert((e.table.as_str(), k.as_str()))).then_some((e.table.as_str(), k.as_str())))
+        .filter_map(|(e, k)| {
+            (!seen_keys.insert((e.table.as_str(), k.as_str()))).then_some((e.table.as_str(), k.as_str()))
+        })
         .collect();
     for (i, e) in events.iter().enumerate() {
         let t = &tables[&e.table];
-        let state = states
-            .entry((e.table.as_str(), keys[i].as_str()))
-            .or_insert_with(|| RowState { stored: Vec::new(), current: None, dirty: false });
+        let state = states.entry((e.table.as_str(), keys[i].as_str())).or_insert_with(|| RowState {
+            stored: Vec::new(),
+            current: None,
+            dirty: false,
+        });
         let v = version_of(e);
         let held: Vec<Version> = state.stored.iter().map(|s| s.to_version(me, None)).collect();
         if held.iter().any(|w| w.dot() == v.dot() || w.has_seen(&v)) {
@@ -251,12 +255,17 @@ fn decide(
         let call = format!("SELECT {resolver}($1::jsonb, $2::jsonb, $3::jsonb)::text");
         let args = [acc.to_string(), json!(w.row).to_string(), info.to_string()];
         let result = subxact::run(|| {
-            Spi::get_one_with_args::<String>(&call, &[args[0].clone().into(), args[1].clone().into(), args[2].clone().into()])
+            Spi::get_one_with_args::<String>(
+                &call,
+                &[args[0].clone().into(), args[1].clone().into(), args[2].clone().into()],
+            )
         });
         match result {
             Ok(Ok(text)) => acc = text.map(|s| serde_json::from_str(&s).unwrap_or(Value::Null)).unwrap_or(Value::Null),
             Ok(Err(e)) => return (res, Some(format!("resolver {resolver} failed: {e}"))),
-            Err(f) => return (res, Some(format!("resolver {resolver} failed: {} ({})", f.message, f.sqlstate))),
+            Err(f) => {
+                return (res, Some(format!("resolver {resolver} failed: {} ({})", f.message, f.sqlstate)));
+            }
         }
     }
     let row = match acc {
@@ -277,7 +286,11 @@ fn decide(
     (Resolution { row, ..res }, None)
 }
 
-pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: Vec<String>) -> Result<Vec<(String, Vec<Stored>)>, SyncError> {
+pub(super) fn load_registers(
+    schema: &str,
+    relid: pg_sys::Oid,
+    keys: Vec<String>,
+) -> Result<Vec<(String, Vec<Stored>)>, SyncError> {
     Spi::connect_mut(|client| {
         let rows = client.update(
             // A join, not `pk = ANY($2)`: costed as a nested loop of index probes, which is what
@@ -301,7 +314,11 @@ pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: Vec<String>
     })
 }
 
-pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[(&str, &Vec<Stored>)]) -> Result<(), SyncError> {
+pub(super) fn store_registers(
+    schema: &str,
+    relid: pg_sys::Oid,
+    regs: &[(&str, &Vec<Stored>)],
+) -> Result<(), SyncError> {
     if regs.is_empty() {
         return Ok(());
     }

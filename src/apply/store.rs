@@ -20,7 +20,10 @@ pub fn log(schema: &str, events: &[Event]) -> Result<(), SyncError> {
     let mut start = 0;
     while start < events.len() {
         let mut end = start + 1;
-        while end < events.len() && events[end].vclock == events[start].vclock && events[end].idx == events[end - 1].idx + 1 {
+        while end < events.len()
+            && events[end].vclock == events[start].vclock
+            && events[end].idx == events[end - 1].idx + 1
+        {
             end += 1;
         }
         log_row(schema, &events[start..end])?;

@@ -43,7 +43,12 @@ struct Projections {
 impl Projections {
     /// The old values of `columns` as a JSON object (`row_to_json` of a row holding only them).
     /// Allocates the descriptor in the current memory context the first time.
-    unsafe fn json(&mut self, slot: *mut pg_sys::TupleTableSlot, columns: &[i32], scratch: &mut PgMemoryContexts) -> &'static str {
+    unsafe fn json(
+        &mut self,
+        slot: *mut pg_sys::TupleTableSlot,
+        columns: &[i32],
+        scratch: &mut PgMemoryContexts,
+    ) -> &'static str {
         unsafe {
             let desc = self.desc;
             let pdesc = *self.by_columns.entry(columns.to_vec()).or_insert_with(|| {
@@ -137,14 +142,17 @@ unsafe fn same_value(a: *mut pg_sys::TupleTableSlot, b: *mut pg_sys::TupleTableS
         }
         if key.len > 0 {
             let (pa, pb) = (va.cast_mut_ptr::<u8>(), vb.cast_mut_ptr::<u8>());
-            return std::slice::from_raw_parts(pa, key.len as usize) == std::slice::from_raw_parts(pb, key.len as usize);
+            return std::slice::from_raw_parts(pa, key.len as usize)
+                == std::slice::from_raw_parts(pb, key.len as usize);
         }
         if key.len == -1 {
             // Identical raw bytes (inline or the same TOAST pointer) mean equal values,
             // without fetching anything out of line.
             let (ra, rb) = (va.cast_mut_ptr::<pg_sys::varlena>(), vb.cast_mut_ptr::<pg_sys::varlena>());
             let (sa, sb) = (pgrx::varlena::varsize_any(ra), pgrx::varlena::varsize_any(rb));
-            if sa == sb && std::slice::from_raw_parts(ra.cast::<u8>(), sa) == std::slice::from_raw_parts(rb.cast::<u8>(), sb) {
+            if sa == sb
+                && std::slice::from_raw_parts(ra.cast::<u8>(), sa) == std::slice::from_raw_parts(rb.cast::<u8>(), sb)
+            {
                 return true;
             }
             let da = pg_sys::pg_detoast_datum_packed(va.cast_mut_ptr());

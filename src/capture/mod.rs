@@ -132,12 +132,12 @@ fn source_of(op: &PgTriggerOperation) -> Option<Source> {
 /// The capture trigger: AFTER INSERT / UPDATE / DELETE ... FOR EACH STATEMENT, with transition
 /// tables. Arguments: the row filter ('' for none) and the excluded columns (a JSON array).
 #[pg_trigger]
-fn _sync_capture<'a>(
-    trigger: &'a PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, ErrorReport> {
+fn _sync_capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, ErrorReport> {
     // Errors are raised here: a trigger's Err would reach the user as a generic panic message.
     let op = trigger.op().unwrap_or_else(|e| internal(e.to_string()));
-    let Some(source) = source_of(&op) else { return Ok(None) };
+    let Some(source) = source_of(&op) else {
+        return Ok(None);
+    };
     if crate::apply::applying() {
         // Received changes are stored by sync_apply with their origin, not captured again.
         return Ok(None);
@@ -156,11 +156,7 @@ fn _sync_capture<'a>(
 fn _sync_refuse_truncate<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, ErrorReport> {
-    let name = format!(
-        "{}.{}",
-        trigger.table_schema().unwrap_or_default(),
-        trigger.table_name().unwrap_or_default()
-    );
+    let name = format!("{}.{}", trigger.table_schema().unwrap_or_default(), trigger.table_name().unwrap_or_default());
     SyncError::Truncate(name).report()
 }
 

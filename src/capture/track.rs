@@ -8,8 +8,8 @@ use super::fast::KeyAttr;
 use super::sql::{ROW, Source, TableSpec, quote_literal};
 use crate::clock;
 use crate::error::{SyncError, SyncResult};
-use pgrx::prelude::*;
 use pgrx::PgRelation;
+use pgrx::prelude::*;
 
 pub const STRATEGIES: [&str; 5] = ["lww", "field_merge", "node_priority", "custom", "manual"];
 
@@ -49,14 +49,12 @@ pub fn table_spec(relid: pg_sys::Oid, args: &[String]) -> Result<TableSpec, Sync
         let nums: Vec<i32> = row.get(3)?.unwrap_or_default();
         let byvals: Vec<bool> = row.get(4)?.unwrap_or_default();
         let lens: Vec<i32> = row.get(5)?.unwrap_or_default();
-        let attrs = (0..nums.len())
-            .map(|i| KeyAttr { attnum: nums[i], byval: byvals[i], len: lens[i] as i16 })
-            .collect();
+        let attrs =
+            (0..nums.len()).map(|i| KeyAttr { attnum: nums[i], byval: byvals[i], len: lens[i] as i16 }).collect();
         Ok::<_, SyncError>((row.get::<String>(1)?.unwrap_or_default(), names, attrs))
     })?;
     let filter = args.first().filter(|f| !f.is_empty()).cloned();
-    let exclude: Vec<String> =
-        args.get(1).and_then(|e| serde_json::from_str(e).ok()).unwrap_or_default();
+    let exclude: Vec<String> = args.get(1).and_then(|e| serde_json::from_str(e).ok()).unwrap_or_default();
     Ok(TableSpec { qualified, pk, pk_attrs, exclude, filter })
 }
 
@@ -157,7 +155,10 @@ fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Ve
             // The resolver is named with sync_set_strategy(); keep it if already set.
             let has: bool = client
                 .select(
-                    &format!("SELECT EXISTS (SELECT 1 FROM {}.sync_tables WHERE relid = $1 AND resolver IS NOT NULL)", ext.schema),
+                    &format!(
+                        "SELECT EXISTS (SELECT 1 FROM {}.sync_tables WHERE relid = $1 AND resolver IS NOT NULL)",
+                        ext.schema
+                    ),
                     None,
                     &[tbl.into()],
                 )?
@@ -169,7 +170,11 @@ fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Ve
             }
         }
         let already: bool = client
-            .select(&format!("SELECT EXISTS (SELECT 1 FROM {}.sync_tables WHERE relid = $1)", ext.schema), None, &[tbl.into()])?
+            .select(
+                &format!("SELECT EXISTS (SELECT 1 FROM {}.sync_tables WHERE relid = $1)", ext.schema),
+                None,
+                &[tbl.into()],
+            )?
             .first()
             .get_one()?
             .unwrap_or(false);
@@ -268,11 +273,7 @@ fn sync_track_schema(schema: &str, exclude: default!(Vec<String>, "'{}'")) -> Sy
               ORDER BY c.relname",
             s = ext.schema
         );
-        let rows = client.select(
-            &query,
-            None,
-            &[schema.into(), exclude.into()],
-        )?;
+        let rows = client.select(&query, None, &[schema.into(), exclude.into()])?;
         let mut out = Vec::new();
         for row in rows {
             out.push((row.get(1)?.unwrap(), row.get(2)?.unwrap(), row.get(3)?.unwrap_or(false)));

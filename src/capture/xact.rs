@@ -40,9 +40,11 @@ struct XactCapture {
 thread_local! {
     static XACT: RefCell<Option<XactCapture>> = const { RefCell::new(None) };
     static FLUSH_PLAN: RefCell<Option<(String, CapturePlan)>> = const { RefCell::new(None) };
-    /// `sync_origins` as last read: (node, generation, origin -> upto).
-    static REMOTE_HAVE: RefCell<Option<(uuid::Uuid, u64, BTreeMap<String, i64>)>> = const { RefCell::new(None) };
+    static REMOTE_HAVE: RefCell<Option<RemoteHave>> = const { RefCell::new(None) };
 }
+
+/// `sync_origins` as last read: (node, generation, origin -> upto).
+type RemoteHave = (uuid::Uuid, u64, BTreeMap<String, i64>);
 
 /// Register the transaction callbacks, once per backend (from `_PG_init`).
 pub fn init_callbacks() {
@@ -58,16 +60,10 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     match event {
         // Last moment to write: an error here still aborts the transaction cleanly.
         XACT_EVENT_PRE_COMMIT => flush(),
-        XACT_EVENT_PRE_PREPARE => {
-            if XACT.with(|x| x.borrow().is_some()) {
-                SyncError::TwoPhase.report();
-            }
-        }
+        XACT_EVENT_PRE_PREPARE if XACT.with(|x| x.borrow().is_some()) => SyncError::TwoPhase.report(),
         // After the outcome is visible: forget the buffer and release the number.
-        XACT_EVENT_COMMIT | XACT_EVENT_ABORT => {
-            if XACT.with(|x| x.borrow_mut().take()).is_some() {
-                sequencer::end_local_xact();
-            }
+        XACT_EVENT_COMMIT | XACT_EVENT_ABORT if XACT.with(|x| x.borrow_mut().take()).is_some() => {
+            sequencer::end_local_xact();
         }
         _ => {}
     }
@@ -151,9 +147,9 @@ pub fn add_parts(ext: &clock::Ext, table: &str, pk: &str, parts: Vec<Part>) -> R
 /// to one of those rows cannot be applied while this transaction holds the row lock).
 fn remote_context(schema: &str, node: uuid::Uuid) -> Result<BTreeMap<String, i64>, SyncError> {
     let generation = sequencer::remote_have_generation();
-    if let Some(ctx) = REMOTE_HAVE.with(|r| {
-        r.borrow().as_ref().filter(|(n, g, _)| *n == node && *g == generation).map(|(_, _, c)| c.clone())
-    }) {
+    if let Some(ctx) = REMOTE_HAVE
+        .with(|r| r.borrow().as_ref().filter(|(n, g, _)| *n == node && *g == generation).map(|(_, _, c)| c.clone()))
+    {
         return Ok(ctx);
     }
     let mut ctx = BTreeMap::new();
@@ -195,9 +191,9 @@ fn datum<T: IntoDatum>(v: T) -> pg_sys::Datum {
 /// Runs just before commit, and from `sync_flush()` so that a transaction can see its own
 /// changes in `sync_events`; later changes then go into another row of the same transaction.
 pub fn flush() {
-    let Some((schema, origin, seq)) = XACT.with(|x| {
-        x.borrow().as_ref().filter(|x| !x.pending.is_empty()).map(|x| (x.schema.clone(), x.origin, x.seq))
-    }) else {
+    let Some((schema, origin, seq)) = XACT
+        .with(|x| x.borrow().as_ref().filter(|x| !x.pending.is_empty()).map(|x| (x.schema.clone(), x.origin, x.seq)))
+    else {
         return;
     };
     // At commit time the statement's portal and snapshot are gone; SPI needs one.

@@ -81,10 +81,7 @@ mod tests {
     #[test]
     fn keys_sort_by_length_then_bytes() {
         let v = json!({"bb": 1, "a": 2, "ab": [true, null], "c": {"z": 1, "yy": "x"}});
-        assert_eq!(
-            jsonb_text(&v),
-            r#"{"a": 2, "c": {"z": 1, "yy": "x"}, "ab": [true, null], "bb": 1}"#
-        );
+        assert_eq!(jsonb_text(&v), r#"{"a": 2, "c": {"z": 1, "yy": "x"}, "ab": [true, null], "bb": 1}"#);
     }
 
     #[test]

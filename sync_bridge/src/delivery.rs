@@ -149,8 +149,9 @@ mod tests {
                 } else {
                     let from = (n + 1 + i % 2) % 3;
                     // Copying a node's whole holdings keeps every node causally closed.
-                    for o in 0..3 {
-                        held[n][o] = held[n][o].max(held[from][o]);
+                    let source = held[from];
+                    for (mine, theirs) in held[n].iter_mut().zip(source) {
+                        *mine = (*mine).max(theirs);
                     }
                 }
             }

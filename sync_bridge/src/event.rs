@@ -2,11 +2,11 @@
 //! `PROTOCOL.md` specifies the format; this module is its reference implementation.
 
 use crate::canonical::{write_string, write_value};
-use std::fmt::Write;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::fmt::Write;
 use uuid::Uuid;
 
 /// The batch format this code writes and reads.

@@ -10,5 +10,5 @@ pub mod event;
 pub mod hlc;
 pub mod resolve;
 
-pub use event::{Batch, BatchError, Event, Op, FORMAT_VERSION};
+pub use event::{Batch, BatchError, Event, FORMAT_VERSION, Op};
 pub use hlc::Hlc;

@@ -228,7 +228,14 @@ mod tests {
         Uuid::from_u128(n)
     }
 
-    fn version(origin: u128, seq: i64, hlc: u64, context: &[(u128, i64)], row: Option<Value>, written: &[&str]) -> Version {
+    fn version(
+        origin: u128,
+        seq: i64,
+        hlc: u64,
+        context: &[(u128, i64)],
+        row: Option<Value>,
+        written: &[&str],
+    ) -> Version {
         Version {
             origin: node(origin),
             seq,

@@ -85,11 +85,8 @@ fn apply_all(db: &mut postgres::Client, batches: &[String]) -> (f64, i64) {
 /// The baselines: the same rows upserted in batches of the same size, given either the same
 /// batch documents `sync_apply` gets (the rows extracted in SQL) or just the rows.
 fn upsert_all(db: &mut postgres::Client, table: &str, inputs: &[String], whole_batch: bool) -> f64 {
-    let source = if whole_batch {
-        "jsonb_path_query_array($1::text::jsonb, '$.events[*].data')"
-    } else {
-        "$1::text::jsonb"
-    };
+    let source =
+        if whole_batch { "jsonb_path_query_array($1::text::jsonb, '$.events[*].data')" } else { "$1::text::jsonb" };
     let sql = format!(
         "INSERT INTO {table} SELECT * FROM jsonb_to_recordset({source}) \
            AS x(id int, name text, qty int, price numeric, note text) \
@@ -191,7 +188,10 @@ fn main() {
     }
     let seconds: u32 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     println!("Starting a throwaway cluster (shared_buffers 256MB, fsync on, autovacuum off)...");
-    let c = Cluster::start("bench", &["shared_buffers = '256MB'", "max_wal_size = '4GB'", "checkpoint_timeout = '30min'", "autovacuum = off"]);
+    let c = Cluster::start(
+        "bench",
+        &["shared_buffers = '256MB'", "max_wal_size = '4GB'", "checkpoint_timeout = '30min'", "autovacuum = off"],
+    );
     let mut admin = c.connect();
     admin.batch_execute("CREATE DATABASE plain").unwrap();
     admin.batch_execute("CREATE DATABASE tracked").unwrap();
@@ -230,14 +230,18 @@ fn main() {
     for pair in 0..BULK_PAIRS {
         let mut times = [[0.0; 2]; 2];
         for (k, db) in [&mut plain, &mut tracked].into_iter().enumerate() {
-            db.batch_execute(&format!("CREATE TABLE bulk_{pair} (id int PRIMARY KEY, a int, b text, c numeric)")).unwrap();
+            db.batch_execute(&format!("CREATE TABLE bulk_{pair} (id int PRIMARY KEY, a int, b text, c numeric)"))
+                .unwrap();
             if k == 1 {
                 db.batch_execute(&format!("SELECT sync_track_table('bulk_{pair}')")).unwrap();
             }
             db.batch_execute("CHECKPOINT").unwrap();
-            times[k][0] = timed(db, &format!(
-                "INSERT INTO bulk_{pair} SELECT g, g, md5(g::text), g * 1.5 FROM generate_series(1, 100000) g"
-            ));
+            times[k][0] = timed(
+                db,
+                &format!(
+                    "INSERT INTO bulk_{pair} SELECT g, g, md5(g::text), g * 1.5 FROM generate_series(1, 100000) g"
+                ),
+            );
             times[k][1] = timed(db, &format!("UPDATE bulk_{pair} SET a = a + 1"));
             db.batch_execute(&format!("DROP TABLE bulk_{pair}")).unwrap();
         }

@@ -6,7 +6,8 @@ use pg_peersync_tests::Cluster;
 fn show(db: &mut postgres::Client, title: &str, sql: &str) {
     println!("\n== {title}\n   {sql}");
     for row in db.query(sql, &[]).unwrap() {
-        let cols: Vec<String> = (0..row.len()).map(|i| row.get::<_, Option<String>>(i).unwrap_or_else(|| "NULL".into())).collect();
+        let cols: Vec<String> =
+            (0..row.len()).map(|i| row.get::<_, Option<String>>(i).unwrap_or_else(|| "NULL".into())).collect();
         println!("   {}", cols.join(" | "));
     }
 }
@@ -46,6 +47,11 @@ fn main() {
     show(&mut db, "sync_status()", "SELECT jsonb_pretty(sync_status())");
     let truncate = db.batch_execute("TRUNCATE orders").unwrap_err();
     let e = truncate.as_db_error().unwrap();
-    println!("\n== TRUNCATE orders is refused: {} (SQLSTATE {})\n   HINT: {}", e.message(), e.code().code(), e.hint().unwrap_or(""));
+    println!(
+        "\n== TRUNCATE orders is refused: {} (SQLSTATE {})\n   HINT: {}",
+        e.message(),
+        e.code().code(),
+        e.hint().unwrap_or("")
+    );
     println!("\nDemo finished; the cluster is removed.");
 }
