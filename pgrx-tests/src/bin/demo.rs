@@ -1,7 +1,9 @@
-//! `make demo`: one throwaway node with a small shop schema, showing what capture records.
-//! (Networking between nodes is not built yet; later versions turn this into a multi-node demo.)
+//! `make demo`: a throwaway cluster with a small shop schema in three databases acting as three
+//! nodes. Shows what capture records on one, then moves batches between them with
+//! `sync_changes()` / `sync_apply()` (the worker that will do this by itself is not built
+//! yet): relay through the middle node, a conflict, and convergence.
 
-use pg_peersync_tests::Cluster;
+use pg_peersync_tests::{Cluster, digest, exchange_all, pull, two};
 
 fn show(db: &mut postgres::Client, title: &str, sql: &str) {
     println!("\n== {title}\n   {sql}");
@@ -16,6 +18,20 @@ fn main() {
     println!("Starting a throwaway PostgreSQL 15 cluster with pg_peersync preloaded...");
     let c = Cluster::start("demo-shop", &[]);
     println!("cluster socket: {}", c.socket_dir().display());
+    let schema = "
+        CREATE EXTENSION pg_peersync;
+        CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text, local_note text);
+        CREATE TABLE products (sku text PRIMARY KEY, title text NOT NULL, price numeric(10,2) NOT NULL);
+        CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers, sku text REFERENCES products,
+                             qty int NOT NULL, placed_at timestamptz NOT NULL DEFAULT now());
+        SELECT sync_track_table('products', 'field_merge');
+        SELECT sync_track_table('customers', exclude_columns => '{local_note}', row_filter => 'name NOT LIKE ''demo%''');
+        SELECT sync_track_table('orders');";
+    let mut admin = c.connect();
+    for name in ["shop_b", "shop_c"] {
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        c.connect_db(name).batch_execute(schema).unwrap();
+    }
     let mut db = c.connect();
     let setup = "
         CREATE EXTENSION pg_peersync;
@@ -24,7 +40,7 @@ fn main() {
         CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers, sku text REFERENCES products,
                              qty int NOT NULL, placed_at timestamptz NOT NULL DEFAULT now());
         INSERT INTO products VALUES ('TEA-1', 'Green tea', 4.50), ('CAKE-2', 'Carrot cake', 3.20);
-        SELECT sync_track_table('products');
+        SELECT sync_track_table('products', 'field_merge');
         SELECT sync_track_table('customers', exclude_columns => '{local_note}', row_filter => 'name NOT LIKE ''demo%''');
         SELECT sync_track_table('orders');
         INSERT INTO customers VALUES (1, 'Ada', 'ada@example.org', 'pays cash'), (2, 'demo user', NULL, NULL);
@@ -52,6 +68,38 @@ fn main() {
         e.message(),
         e.code().code(),
         e.hint().unwrap_or("")
+    );
+
+    println!("\n== Three nodes: this database (A), shop_b (B), shop_c (C)");
+    let mut n = vec![db, c.connect_db("shop_b"), c.connect_db("shop_c")];
+    {
+        let (a, b) = two(&mut n, 0, 1);
+        println!("B pulls from A: {:?}", pull(a, b));
+    }
+    {
+        let (b, cc) = two(&mut n, 1, 2);
+        println!("C pulls from B (A's changes, relayed by B): {:?}", pull(b, cc));
+    }
+    println!("A and C change the price of TEA-1 concurrently; B changes its title (products use field_merge).");
+    n[0].batch_execute("UPDATE products SET price = 5.00 WHERE sku = 'TEA-1'").unwrap();
+    n[2].batch_execute("UPDATE products SET price = 5.25 WHERE sku = 'TEA-1'").unwrap();
+    n[1].batch_execute("UPDATE products SET title = 'Green tea (loose)' WHERE sku = 'TEA-1'").unwrap();
+    exchange_all(&mut n);
+    for (i, db) in n.iter_mut().enumerate() {
+        let name = ["A", "B", "C"][i];
+        show(db, &format!("node {name}: products"), "SELECT sku, title, price::text FROM products ORDER BY sku");
+        println!("   digest(products) = {}", digest(db, "products"));
+    }
+    show(
+        &mut n[0],
+        "node A: sync_conflicts",
+        "SELECT table_name, pk::text, strategy, winner, local->'row'->>'price', remote->'row'->>'price', review
+           FROM sync_conflicts",
+    );
+    show(
+        &mut n[0],
+        "node A: sync_status() -> have, apply",
+        "SELECT (sync_status() -> 'have')::text, (sync_status() -> 'apply')::text",
     );
     println!("\nDemo finished; the cluster is removed.");
 }
