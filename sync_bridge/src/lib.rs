@@ -1,9 +1,12 @@
 //! pg_peersync's pgrx-free core.
 //!
 //! Everything here is plain Rust, tested with `cargo test -p sync_bridge`, and never calls into
-//! PostgreSQL: the wire types of events and batches, their canonical checksum, and the hybrid
-//! logical clock arithmetic. The extension loads state through SPI and calls these functions.
+//! PostgreSQL: the wire types of events and batches and their canonical checksum (`event`,
+//! `canonical`), the hybrid logical clock (`hlc`), causal delivery order (`delivery`), who wins
+//! a conflict (`resolve`), and the membership crypto derived from the registration key
+//! (`auth`). The extension loads state through SPI and calls these functions.
 
+pub mod auth;
 pub mod canonical;
 pub mod delivery;
 pub mod event;
