@@ -252,13 +252,16 @@ fn main() {
         ins.push(times[1][0] / times[0][0]);
         upd.push(times[1][1] / times[0][1]);
     }
-    let (vs_upsert, vs_rows, vs_clean) = apply_bench(&c);
+    // BENCH_ONLY=capture skips the apply part (for comparing capture between builds).
+    let apply = (std::env::var("BENCH_ONLY").as_deref() != Ok("capture")).then(|| apply_bench(&c));
     println!("\n| {:<44} | median | range        | target   |", "ratio (tracked / plain)");
     println!("|{}|--------|--------------|----------|", "-".repeat(46));
     summary(&format!("pgbench tpcb-like TPS, s=10, 4 clients, {seconds}s"), &tps, ">= 0.85");
     summary("100k-row single-statement INSERT time", &ins, "<= 2.0");
     summary("100k-row single-statement UPDATE time", &upd, "<= 2.0");
-    apply_summary(&vs_upsert, &vs_rows, &vs_clean);
+    if let Some((vs_upsert, vs_rows, vs_clean)) = apply {
+        apply_summary(&vs_upsert, &vs_rows, &vs_clean);
+    }
 }
 
 fn apply_summary(vs_upsert: &[f64], vs_rows: &[f64], vs_clean: &[f64]) {
