@@ -90,9 +90,9 @@ pub fn apply(
     }
     for (table, idx) in &by_table {
         let t = &tables[*table];
-        let wanted: Vec<String> = idx.iter().map(|&i| keys[i].clone()).collect();
-        for (pk, stored) in load_registers(schema, t.relid, wanted)? {
-            let key = idx.iter().map(|&i| keys[i].as_str()).find(|k| *k == pk).expect("asked for it");
+        let wanted: BTreeSet<&str> = idx.iter().map(|&i| keys[i].as_str()).collect();
+        for (pk, stored) in load_registers(schema, t.relid, wanted.iter().map(|k| k.to_string()).collect())? {
+            let key = *wanted.get(pk.as_str()).expect("asked for it");
             states.insert((*table, key), RowState { stored, current: None, dirty: false });
         }
         // Rows whose first incoming version is concurrent with a held one that keeps no image:
