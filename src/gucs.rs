@@ -1,5 +1,6 @@
 //! Every `peersync.*` setting, in one place. Each has a private static, one line of doc, and a
-//! tiny accessor. Settings for features that are not built yet are not declared.
+//! tiny accessor. Settings for features that are not built yet are not declared (the
+//! networking ones arrive with the transport).
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
@@ -11,7 +12,41 @@ static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Human-readable node name reported to peers and in `sync_status()`; empty means the host name.
 static NODE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// Database the background worker connects to (the one where the extension is created).
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+
+/// Shared secret of the nodes that may sync with each other; readable only by superusers.
+static REGISTRATION_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// A file holding the registration key (first line); takes precedence over the inline key.
+/// PostgreSQL logs a changed setting's new value on reload, a file's content it does not.
+static REGISTRATION_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 pub fn init() {
+    GucRegistry::define_string_guc(
+        c"peersync.database",
+        c"Database the pg_peersync worker connects to.",
+        c"Create the extension in this database. Changing it needs a restart.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"peersync.registration_key",
+        c"Shared secret of the nodes allowed to sync with each other.",
+        c"At least 16 characters, the same on every node; empty means no networking. Never sent over the network.",
+        &REGISTRATION_KEY,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_string_guc(
+        c"peersync.registration_key_file",
+        c"File holding the registration key (its first line); preferred to peersync.registration_key.",
+        c"Readable by the postgres user only. PostgreSQL logs an inline key when a reload changes it; a file's content it never logs.",
+        &REGISTRATION_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
     GucRegistry::define_bool_guc(
         c"peersync.enabled",
         c"Run pg_peersync's background synchronisation.",
@@ -33,6 +68,25 @@ pub fn init() {
 
 pub fn enabled() -> bool {
     ENABLED.get()
+}
+
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .map(|d| d.to_string_lossy().into_owned())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| "postgres".into())
+}
+
+/// The registration key, for deriving keys only: never log or return it. From
+/// `peersync.registration_key_file` when set, else `peersync.registration_key`.
+pub fn registration_key() -> Result<String, String> {
+    match REGISTRATION_KEY_FILE.get().map(|p| p.to_string_lossy().into_owned()).filter(|p| !p.is_empty()) {
+        Some(path) => std::fs::read_to_string(&path)
+            .map(|text| text.lines().next().unwrap_or_default().trim().to_string())
+            .map_err(|e| format!("peersync.registration_key_file \"{path}\" cannot be read: {e}")),
+        None => Ok(REGISTRATION_KEY.get().map(|k| k.to_string_lossy().into_owned()).unwrap_or_default()),
+    }
 }
 
 /// The configured node name, or the host name when unset.

@@ -8,7 +8,8 @@
 //! - `capture`: table tracking and the capture trigger;
 //! - `apply`: `sync_apply()`, conflict resolution and review;
 //! - `changes`: `sync_have()` and `sync_changes()`, the batches peers pull;
-//! - `status`: `sync_status()`.
+//! - `status`: `sync_status()`;
+//! - `worker`: the background worker (its loop and state; networking comes next).
 
 use pgrx::prelude::*;
 
@@ -20,6 +21,7 @@ mod error;
 mod gucs;
 mod sequencer;
 mod status;
+mod worker;
 
 pgrx::pg_module_magic!(name, version);
 
@@ -37,6 +39,8 @@ pub extern "C-unwind" fn _PG_init() {
     sequencer::init_shmem();
     capture::init_backend_hooks();
     apply::init_callbacks();
+    worker::init_shmem();
+    worker::register();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -52,6 +52,6 @@ fn sync_status() -> SyncResult<JsonB> {
         "events": stored["events"],
         "have": have,
         "apply": stored["apply"],
-        "worker": "not built yet: no networking in this version",
+        "worker": crate::worker::status(),
     })))
 }

@@ -1,0 +1,82 @@
+//! The background worker's life cycle: it waits for the extension, runs, reloads settings,
+//! never shows the registration key, and comes back after being killed.
+
+use pg_peersync_tests::Cluster;
+use serde_json::Value;
+use std::time::Duration;
+
+/// Poll `f` every 100 ms until it returns `Some`, for at most `secs` seconds.
+fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..secs * 10 {
+        if let Some(v) = f() {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}
+
+fn worker_pid(c: &Cluster) -> Option<i32> {
+    let mut db = postgres::Client::connect(&c.conn_string("postgres"), postgres::NoTls).ok()?;
+    db.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_peersync worker'", &[])
+        .ok()?
+        .map(|r| r.get(0))
+}
+
+fn worker_status(c: &Cluster) -> Option<Value> {
+    let mut db = postgres::Client::connect(&c.conn_string("postgres"), postgres::NoTls).ok()?;
+    let text: String = db.query_one("SELECT (sync_status() -> 'worker')::text", &[]).ok()?.get(0);
+    serde_json::from_str(&text).ok()
+}
+
+#[test]
+fn worker_waits_for_the_extension_runs_reloads_and_restarts() {
+    let c = Cluster::start("worker", &["fsync = off"]);
+    let first = wait_for(30, "the worker process", || worker_pid(&c));
+    wait_for(30, "the worker's log line about the missing extension", || {
+        c.log().contains("the extension is not created in database \"postgres\"").then_some(())
+    });
+    let mut db = c.connect();
+    db.batch_execute("CREATE EXTENSION pg_peersync").unwrap();
+    let status = wait_for(30, "state running", || worker_status(&c).filter(|s| s["state"] == "running"));
+    assert_eq!(status["pid"], first);
+    assert_eq!(status["networking"], "networking is off: peersync.registration_key is not set");
+
+    // A short key is refused by name; a good one, from a file, is taken on reload and never shown.
+    db.batch_execute("ALTER SYSTEM SET peersync.registration_key = 'too-short'").unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_for(30, "the short key's reason", || {
+        worker_status(&c).filter(|s| s["networking"].as_str().unwrap_or("").contains("shorter than 16"))
+    });
+    let key = "a-long-enough-registration-key-4711";
+    let file = c.socket_dir().join("peersync.key");
+    std::fs::write(&file, format!("{key}\n")).unwrap();
+    std::process::Command::new("chown").args(["postgres:", file.to_str().unwrap()]).status().unwrap();
+    db.batch_execute(&format!("ALTER SYSTEM SET peersync.registration_key_file = '{}'", file.display())).unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let status = wait_for(30, "the key from the file", || {
+        worker_status(&c).filter(|s| s["networking"] == "networking is not built in this version")
+    });
+    assert_eq!(status["state"], "running");
+    let all: String = db.query_one("SELECT sync_status()::text", &[]).unwrap().get(0);
+    assert!(!all.contains(key), "the key leaked into sync_status()");
+    let leaks: Vec<String> = c.log().lines().filter(|l| l.contains(key)).map(str::to_owned).collect();
+    assert!(leaks.is_empty(), "the key leaked into the log: {leaks:?}");
+    // Only superusers read it.
+    db.batch_execute("CREATE ROLE app LOGIN").unwrap();
+    let mut app =
+        postgres::Client::connect(&format!("{} user=app", c.conn_string("postgres")), postgres::NoTls).unwrap();
+    for guc in ["peersync.registration_key", "peersync.registration_key_file"] {
+        let e = app.query_one(&format!("SHOW {guc}"), &[]).unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "42501", "{guc}");
+    }
+    drop(app);
+    drop(db);
+
+    // Killed, it comes back (the postmaster resets the cluster, then starts it again).
+    let status = std::process::Command::new("kill").args(["-9", &first.to_string()]).status().unwrap();
+    assert!(status.success());
+    let second = wait_for(60, "a new worker", || worker_pid(&c).filter(|p| *p != first));
+    let status = wait_for(30, "state running again", || worker_status(&c).filter(|s| s["state"] == "running"));
+    assert_eq!(status["pid"], second);
+}
