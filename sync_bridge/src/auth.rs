@@ -238,7 +238,11 @@ fn request_mac(keys: &Keys, method: &str, path: &str, ts_ms: u64, nonce: &[u8], 
 impl Signature {
     /// Sign a message (`method` is `"RESPONSE"` for responses, `path` the request's).
     pub fn sign(keys: &Keys, method: &str, path: &str, body: &[u8], ts_ms: u64) -> Signature {
-        let nonce = new_nonce();
+        Signature::sign_with(keys, method, path, body, ts_ms, new_nonce())
+    }
+
+    /// Sign with a given (fresh, random) nonce.
+    pub fn sign_with(keys: &Keys, method: &str, path: &str, body: &[u8], ts_ms: u64, nonce: [u8; 16]) -> Signature {
         let tag = request_mac(keys, method, path, ts_ms, &nonce, body).finalize().into_bytes().to_vec();
         Signature { ts_ms, nonce, tag }
     }

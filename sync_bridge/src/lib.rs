@@ -3,8 +3,8 @@
 //! Everything here is plain Rust, tested with `cargo test -p sync_bridge`, and never calls into
 //! PostgreSQL: the wire types of events and batches and their canonical checksum (`event`,
 //! `canonical`), the hybrid logical clock (`hlc`), causal delivery order (`delivery`), who wins
-//! a conflict (`resolve`), and the membership crypto derived from the registration key
-//! (`auth`). The extension loads state through SPI and calls these functions.
+//! a conflict (`resolve`), the membership crypto derived from the registration key (`auth`),
+//! and the HTTP server and client between nodes (`transport`). The extension loads state through SPI and calls these functions.
 
 pub mod auth;
 pub mod canonical;
@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod event;
 pub mod hlc;
 pub mod resolve;
+pub mod transport;
 
 pub use event::{Batch, BatchError, Event, FORMAT_VERSION, Op};
 pub use hlc::Hlc;
