@@ -22,7 +22,68 @@ static REGISTRATION_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CStri
 /// PostgreSQL logs a changed setting's new value on reload, a file's content it does not.
 static REGISTRATION_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// Address the worker's HTTP server listens on.
+static LISTEN_ADDRESS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"0.0.0.0"));
+
+/// TCP port of the worker's HTTP server.
+static PORT: GucSetting<i32> = GucSetting::<i32>::new(8765);
+
+/// Peers to sync with, as `host:port` separated by commas (for networks without multicast).
+static PEERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Seconds between anti-entropy pulls from each peer.
+static SYNC_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(30);
+
+/// Events per batch exchanged with peers.
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
 pub fn init() {
+    GucRegistry::define_string_guc(
+        c"peersync.listen_address",
+        c"Address the pg_peersync worker's HTTP server listens on.",
+        c"0.0.0.0 for every IPv4 interface.",
+        &LISTEN_ADDRESS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"peersync.port",
+        c"TCP port of the pg_peersync worker's HTTP server.",
+        c"Every node can use the same port.",
+        &PORT,
+        1,
+        65535,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"peersync.peers",
+        c"Peers to sync with, as host:port separated by commas.",
+        c"For networks where multicast discovery does not reach.",
+        &PEERS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"peersync.sync_interval",
+        c"Seconds between anti-entropy pulls from each peer.",
+        c"A node that was offline catches up within one interval of coming back.",
+        &SYNC_INTERVAL,
+        1,
+        86400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"peersync.batch_size",
+        c"Events per batch exchanged with peers.",
+        c"A transaction is never split, so a batch may hold more.",
+        &BATCH_SIZE,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"peersync.database",
         c"Database the pg_peersync worker connects to.",
@@ -106,4 +167,29 @@ fn host_name() -> String {
     }
     let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> String {
+    setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+pub fn listen_address() -> String {
+    string(&LISTEN_ADDRESS)
+}
+
+pub fn port() -> u16 {
+    PORT.get() as u16
+}
+
+/// The static peers, as written (`host:port`).
+pub fn peers() -> Vec<String> {
+    string(&PEERS).split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect()
+}
+
+pub fn sync_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(SYNC_INTERVAL.get().max(1) as u64)
+}
+
+pub fn batch_size() -> i32 {
+    BATCH_SIZE.get()
 }

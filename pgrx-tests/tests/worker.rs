@@ -31,7 +31,11 @@ fn worker_status(c: &Cluster) -> Option<Value> {
 
 #[test]
 fn worker_waits_for_the_extension_runs_reloads_and_restarts() {
-    let c = Cluster::start("worker", &["fsync = off"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let c = Cluster::start(
+        "worker",
+        &["fsync = off", "peersync.listen_address = '127.0.0.1'", &format!("peersync.port = {port}")],
+    );
     let first = wait_for(30, "the worker process", || worker_pid(&c));
     wait_for(30, "the worker's log line about the missing extension", || {
         c.log().contains("the extension is not created in database \"postgres\"").then_some(())
@@ -55,9 +59,10 @@ fn worker_waits_for_the_extension_runs_reloads_and_restarts() {
     db.batch_execute(&format!("ALTER SYSTEM SET peersync.registration_key_file = '{}'", file.display())).unwrap();
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
     let status = wait_for(30, "the key from the file", || {
-        worker_status(&c).filter(|s| s["networking"] == "networking is not built in this version")
+        worker_status(&c).filter(|s| s["listening"] == format!("127.0.0.1:{port}"))
     });
     assert_eq!(status["state"], "running");
+    assert_eq!(status["networking"], "networking is on (static peers; multicast discovery is not built yet)");
     let all: String = db.query_one("SELECT sync_status()::text", &[]).unwrap().get(0);
     assert!(!all.contains(key), "the key leaked into sync_status()");
     let leaks: Vec<String> = c.log().lines().filter(|l| l.contains(key)).map(str::to_owned).collect();

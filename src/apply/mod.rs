@@ -17,7 +17,7 @@ pub mod conflicts;
 mod local;
 mod rows;
 mod store;
-mod subxact;
+pub(crate) mod subxact;
 
 use crate::changes::have_vector;
 use crate::clock;

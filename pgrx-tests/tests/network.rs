@@ -1,0 +1,84 @@
+//! Two and three nodes over loopback with static peers: the workers pull from each other and
+//! converge; a node with another registration key is never served.
+
+use pg_peersync_tests::{Cluster, digest};
+use serde_json::Value;
+use std::time::Duration;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..secs * 10 {
+        if let Some(v) = f() {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}
+
+fn node(name: &str, key: &str, port: u16, peers: &[u16]) -> Cluster {
+    let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let c = Cluster::start(
+        name,
+        &[
+            "fsync = off",
+            &format!("peersync.registration_key = '{key}'"),
+            "peersync.listen_address = '127.0.0.1'",
+            &format!("peersync.port = {port}"),
+            &format!("peersync.peers = '{}'", peers.join(",")),
+            "peersync.sync_interval = 1",
+        ],
+    );
+    c.connect()
+        .batch_execute(
+            "CREATE EXTENSION pg_peersync;
+             CREATE TABLE items (id int PRIMARY KEY, name text, qty int);
+             SELECT sync_track_table('items');",
+        )
+        .unwrap();
+    c
+}
+
+fn status(c: &Cluster) -> Value {
+    let text: String = c.connect().query_one("SELECT (sync_status() -> 'worker')::text", &[]).unwrap().get(0);
+    serde_json::from_str(&text).unwrap()
+}
+
+fn count(c: &Cluster) -> i64 {
+    c.connect().query_one("SELECT count(*) FROM items", &[]).unwrap().get(0)
+}
+
+#[test]
+fn static_peers_on_loopback_converge_and_strangers_are_refused() {
+    const KEY: &str = "loopback-lab-registration-key";
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let a = node("net-a", KEY, pa, &[pb]);
+    let b = node("net-b", KEY, pb, &[pa]);
+    a.connect().batch_execute("INSERT INTO items SELECT g, 'from a', g FROM generate_series(1, 500) g").unwrap();
+    b.connect().batch_execute("INSERT INTO items SELECT g, 'from b', g FROM generate_series(1001, 1100) g").unwrap();
+    wait_for(60, "both nodes to hold all 600 rows", || (count(&a) == 600 && count(&b) == 600).then_some(()));
+    a.connect().batch_execute("UPDATE items SET qty = qty + 1 WHERE id % 2 = 0").unwrap();
+    b.connect().batch_execute("DELETE FROM items WHERE id > 1050").unwrap();
+    wait_for(60, "equal digests", || {
+        let (mut ca, mut cb) = (a.connect(), b.connect());
+        (count(&b) == 550 && digest(&mut ca, "items") == digest(&mut cb, "items")).then_some(())
+    });
+    let s = status(&a);
+    assert_eq!(s["listening"], format!("127.0.0.1:{pa}"), "{s}");
+    assert_eq!(s["peers"][0]["state"], "up", "{s}");
+
+    // A node with another key pulls from A and is refused every time; it gets nothing.
+    let c = node("net-c", "a-different-registration-key", pc, &[pa]);
+    wait_for(60, "A to count the stranger's requests", || {
+        (status(&a)["rejected"]["wrong_key"].as_u64().unwrap_or(0) >= 2).then_some(())
+    });
+    let sc = status(&c);
+    assert_eq!(sc["peers"][0]["state"], "down", "{sc}");
+    assert!(sc["peers"][0]["last_error"].as_str().unwrap_or("").contains("refused"), "{sc}");
+    assert_eq!(count(&c), 0);
+    let log = a.log() + &b.log() + &c.log();
+    assert!(!log.contains(KEY), "the registration key is in a server log");
+}
