@@ -63,9 +63,17 @@ static SEQ: PgLwLock<SeqState> = unsafe { PgLwLock::new(c"pg_peersync_seq") };
 /// can cache it instead of reading it in every transaction.
 static REMOTE_HAVE_GENERATION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_peersync_have_gen") };
 
+/// Moves whenever a transaction that captured changes commits: the worker tells its peers.
+static LOCAL_COMMITS: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_peersync_local_commits") };
+
 pub fn init_shmem() {
     pg_shmem_init!(SEQ);
     pg_shmem_init!(REMOTE_HAVE_GENERATION);
+    pg_shmem_init!(LOCAL_COMMITS);
+}
+
+pub fn local_commits() -> u64 {
+    LOCAL_COMMITS.get().load(Ordering::Acquire)
 }
 
 pub fn remote_have_generation() -> u64 {
@@ -134,7 +142,10 @@ pub fn begin_local_xact(schema: &str, node: Uuid) -> Result<i64, SyncError> {
 
 /// Release this backend's slot. Runs in the commit/abort callback, after the transaction's
 /// commit became visible, so it must not fail.
-pub fn end_local_xact() {
+pub fn end_local_xact(committed: bool) {
+    if committed {
+        LOCAL_COMMITS.get().fetch_add(1, Ordering::AcqRel);
+    }
     if let Ok(slot) = my_slot() {
         SEQ.exclusive().slots[slot] = Slot::default();
     }

@@ -29,7 +29,8 @@ fn node(name: &str, key: &str, port: u16, peers: &[u16]) -> Cluster {
             "peersync.listen_address = '127.0.0.1'",
             &format!("peersync.port = {port}"),
             &format!("peersync.peers = '{}'", peers.join(",")),
-            "peersync.sync_interval = 1",
+            // Long: what arrives quickly was pushed by a poke after the commit, not polled.
+            "peersync.sync_interval = 3600",
         ],
     );
     c.connect()
@@ -57,6 +58,10 @@ fn static_peers_on_loopback_converge_and_strangers_are_refused() {
     let (pa, pb, pc) = (free_port(), free_port(), free_port());
     let a = node("net-a", KEY, pa, &[pb]);
     let b = node("net-b", KEY, pb, &[pa]);
+    // Each worker pulls once when its network starts: both up means both are listening.
+    wait_for(60, "both peers up", || {
+        (status(&a)["peers"][0]["state"] == "up" && status(&b)["peers"][0]["state"] == "up").then_some(())
+    });
     a.connect().batch_execute("INSERT INTO items SELECT g, 'from a', g FROM generate_series(1, 500) g").unwrap();
     b.connect().batch_execute("INSERT INTO items SELECT g, 'from b', g FROM generate_series(1001, 1100) g").unwrap();
     wait_for(60, "both nodes to hold all 600 rows", || (count(&a) == 600 && count(&b) == 600).then_some(()));
@@ -69,6 +74,25 @@ fn static_peers_on_loopback_converge_and_strangers_are_refused() {
     let s = status(&a);
     assert_eq!(s["listening"], format!("127.0.0.1:{pa}"), "{s}");
     assert_eq!(s["peers"][0]["state"], "up", "{s}");
+
+    // One committed row, from commit to visible on the other node.
+    let mut lags = Vec::new();
+    let mut reader = b.connect();
+    for i in 0..5 {
+        let start = std::time::Instant::now();
+        a.connect().execute("INSERT INTO items VALUES ($1, 'lag probe', 0)", &[&(5000 + i)]).unwrap();
+        // Polled every 2 ms (bounded to 10 s), so the figure is the lag, not the polling.
+        let mut seen = false;
+        while !seen && start.elapsed() < Duration::from_secs(10) {
+            seen =
+                reader.query_one("SELECT count(*) FROM items WHERE id = $1", &[&(5000 + i)]).unwrap().get::<_, i64>(0)
+                    == 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(seen, "probe {i} did not arrive within 10 s");
+        lags.push(start.elapsed());
+    }
+    eprintln!("commit-to-visible lags over loopback: {lags:?}");
 
     // A node with another key pulls from A and is refused every time; it gets nothing.
     let c = node("net-c", "a-different-registration-key", pc, &[pa]);

@@ -63,7 +63,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         XACT_EVENT_PRE_PREPARE if XACT.with(|x| x.borrow().is_some()) => SyncError::TwoPhase.report(),
         // After the outcome is visible: forget the buffer and release the number.
         XACT_EVENT_COMMIT | XACT_EVENT_ABORT if XACT.with(|x| x.borrow_mut().take()).is_some() => {
-            sequencer::end_local_xact();
+            sequencer::end_local_xact(event == XACT_EVENT_COMMIT);
         }
         _ => {}
     }

@@ -5,8 +5,9 @@
 //! or postmaster death, and check whether the extension exists in its database (it does
 //! nothing there until it does, and says so once in the log). Once it does, and a usable
 //! registration key is set, `net` starts the HTTP server and pulls from the static peers on a
-//! tokio runtime; this thread answers their questions with SPI on every tick. Multicast
-//! discovery and push-on-commit are not built yet.
+//! tokio runtime; this thread answers their questions with SPI on every tick, and when this
+//! node's changes move (a local commit, or received events to relay) it pokes the peers,
+//! which pull at once. Multicast discovery is not built yet.
 
 mod net;
 
@@ -138,6 +139,9 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
     let mut last_check: Option<std::time::Instant> = None;
     let mut network: Option<net::Net> = None;
     let mut network_tried = false;
+    // What this node held at the last tick: when it moves (a local commit, or events received
+    // that peers may relay), the peers are told at once.
+    let mut seen = (0, 0);
     // wait_latch returns false on SIGTERM or postmaster death.
     while BackgroundWorker::wait_latch(Some(TICK)) {
         if BackgroundWorker::sighup_received() {
@@ -152,6 +156,11 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
         if let Some(n) = &network {
             for ask in n.asks() {
                 answer(ask);
+            }
+            let now = (crate::sequencer::local_commits(), crate::sequencer::remote_have_generation());
+            if now != seen {
+                seen = now;
+                n.poke_peers();
             }
             publish(n);
         }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 use sync_bridge::auth::Keys;
 use sync_bridge::transport::{self, CallError, Client, Counters, Node, NodeFuture};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 /// A question for the main thread.
 pub enum Ask {
@@ -31,6 +31,8 @@ pub struct PeerState {
 
 struct Bridge {
     tx: Mutex<mpsc::Sender<Ask>>,
+    /// Per static peer: its addresses, and how to wake its puller.
+    wake: Vec<(Vec<SocketAddr>, Arc<Notify>)>,
 }
 
 async fn ask(
@@ -52,10 +54,22 @@ impl Node for Bridge {
         let tx = Mutex::new(self.tx.lock().expect("channel lock").clone());
         Box::pin(async move { ask(&tx, |r| Ask::Apply(batch, r)).await })
     }
+
+    fn poke(&self, from: SocketAddr) {
+        for (addrs, notify) in &self.wake {
+            if addrs.contains(&from) {
+                notify.notify_one();
+            }
+        }
+    }
 }
 
 pub struct Net {
     runtime: tokio::runtime::Runtime,
+    client: Arc<Client>,
+    /// The static peers' addresses, to poke after a commit.
+    targets: Vec<SocketAddr>,
+    port: u16,
     asks: mpsc::Receiver<Ask>,
     shutdown: watch::Sender<bool>,
     pub listen: SocketAddr,
@@ -89,7 +103,12 @@ impl Net {
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let (tx, asks) = mpsc::channel();
         let (shutdown, stop) = watch::channel(false);
-        let node = Arc::new(Bridge { tx: Mutex::new(tx.clone()) });
+        // Resolved once: a peer that cannot be resolved now is reported by its puller.
+        let resolved: Vec<Vec<SocketAddr>> =
+            peers.iter().map(|p| p.to_socket_addrs().map(|a| a.collect()).unwrap_or_default()).collect();
+        let notifies: Vec<Arc<Notify>> = peers.iter().map(|_| Arc::new(Notify::new())).collect();
+        let wake = resolved.iter().cloned().zip(notifies.iter().cloned()).collect();
+        let node = Arc::new(Bridge { tx: Mutex::new(tx.clone()), wake });
         let (counters, serve) = transport::serve(listener, keys.clone(), node, stop.clone());
         runtime.spawn(serve);
         let client = Arc::new(Client::new(keys, Duration::from_secs(30)));
@@ -104,10 +123,23 @@ impl Net {
                 tx: Mutex::new(tx.clone()),
                 states: states.clone(),
                 interval,
+                wake: notifies[i].clone(),
             };
             runtime.spawn(job.run(stop.clone()));
         }
-        Ok(Net { runtime, asks, shutdown, listen, counters, peers: states })
+        let targets = resolved.into_iter().filter_map(|a| a.into_iter().next()).collect();
+        Ok(Net { runtime, client, targets, port, asks, shutdown, listen, counters, peers: states })
+    }
+
+    /// Tell every static peer that this node has new changes (they pull at once).
+    pub fn poke_peers(&self) {
+        for peer in &self.targets {
+            let (client, peer, port) = (self.client.clone(), *peer, self.port);
+            // Best effort: a peer that misses it pulls at its next interval anyway.
+            self.runtime.spawn(async move {
+                let _ = client.poke(peer, port).await;
+            });
+        }
     }
 
     /// The questions asked since the last tick.
@@ -128,12 +160,24 @@ struct Puller {
     tx: Mutex<mpsc::Sender<Ask>>,
     states: Arc<Mutex<Vec<PeerState>>>,
     interval: Duration,
+    /// Notified when the peer says it has new changes.
+    wake: Arc<Notify>,
 }
 
 impl Puller {
     async fn run(self, mut stop: watch::Receiver<bool>) {
+        // After a failure, try again soon, backing off up to a minute (or the interval).
+        let mut backoff = Duration::from_secs(1);
         loop {
             let outcome = self.exchange().await;
+            let wait = if outcome.is_ok() {
+                backoff = Duration::from_secs(1);
+                self.interval
+            } else {
+                let w = backoff.min(self.interval);
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+                w
+            };
             {
                 let mut states = self.states.lock().expect("peer states");
                 let s = &mut states[self.index];
@@ -152,7 +196,8 @@ impl Puller {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.wake.notified() => {}
                 _ = stop.changed() => return,
             }
         }

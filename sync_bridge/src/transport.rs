@@ -4,7 +4,9 @@
 //! Routes (protocol 1, see PROTOCOL.md):
 //! - `GET /health`: unauthenticated JSON: status, protocol, uptime; no secrets, no data;
 //! - `POST /v1/changes`: body a have-vector, answer a batch of what the caller lacks;
-//! - `POST /v1/push`: body a batch, answer the receiver's apply counts.
+//! - `POST /v1/push`: body a batch, answer the receiver's apply counts;
+//! - `POST /v1/poke`: body `{"port": n}`: "I have new changes, pull from me (at my address,
+//!   port n)"; answer `{}`. This is how a commit reaches peers within milliseconds.
 //!
 //! The server knows nothing of PostgreSQL: it hands requests to a `Node` (the worker answers
 //! them on PostgreSQL's main thread) and counts what it rejected, by reason.
@@ -36,6 +38,8 @@ pub trait Node: Send + Sync + 'static {
     fn changes(&self, have: Value) -> NodeFuture;
     /// Apply a batch a peer pushed; the answer is the apply counts.
     fn push(&self, batch: Value) -> NodeFuture;
+    /// The node at `from` has new changes.
+    fn poke(&self, from: SocketAddr);
 }
 
 pub fn now_ms() -> u64 {
@@ -96,14 +100,14 @@ fn respond(status: StatusCode, body: Vec<u8>, signature: Option<String>) -> Resp
 }
 
 impl<N: Node> Server<N> {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, remote: SocketAddr) -> Response<Full<Bytes>> {
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
         if method == Method::GET && path == "/health" {
             let body = json!({"status": "ok", "protocol": auth::PROTOCOL_VERSION,
                               "uptime_s": self.started.elapsed().as_secs()});
             return respond(StatusCode::OK, body.to_string().into_bytes(), None);
         }
-        if method != Method::POST || !["/v1/changes", "/v1/push"].contains(&path.as_str()) {
+        if method != Method::POST || !["/v1/changes", "/v1/push", "/v1/poke"].contains(&path.as_str()) {
             return respond(StatusCode::NOT_FOUND, Vec::new(), None);
         }
         self.counters.lock().expect("counters").requests += 1;
@@ -121,6 +125,13 @@ impl<N: Node> Server<N> {
         };
         let answer = match path.as_str() {
             "/v1/changes" => self.node.changes(input).await,
+            "/v1/poke" => match input["port"].as_u64().and_then(|p| u16::try_from(p).ok()) {
+                Some(port) => {
+                    self.node.poke(SocketAddr::new(remote.ip(), port));
+                    Ok(json!({}))
+                }
+                None => return self.reject(Rejection::Malformed),
+            },
             _ => self.node.push(input).await,
         };
         let (status, out) = match answer {
@@ -158,12 +169,12 @@ pub fn serve<N: Node>(
             tokio::select! {
                 _ = shutdown.changed() => break,
                 accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let Ok((stream, remote)) = accepted else { continue };
                     let server = server.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
                             let server = server.clone();
-                            async move { Ok::<_, std::convert::Infallible>(server.handle(req).await) }
+                            async move { Ok::<_, std::convert::Infallible>(server.handle(req, remote).await) }
                         });
                         let io = hyper_util::rt::TokioIo::new(stream);
                         let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
@@ -236,6 +247,11 @@ impl Client {
     pub async fn push(&self, peer: SocketAddr, batch: &Value) -> Result<Value, CallError> {
         self.call(peer, "/v1/push", batch).await
     }
+
+    /// Tell `peer` this node (serving on `port`) has new changes.
+    pub async fn poke(&self, peer: SocketAddr, port: u16) -> Result<(), CallError> {
+        self.call(peer, "/v1/poke", &json!({ "port": port })).await.map(|_| ())
+    }
 }
 
 #[cfg(test)]
@@ -247,6 +263,7 @@ mod tests {
     /// A node holding one secret row, which records what was pushed to it.
     struct Fake {
         pushed: Mutex<Vec<Value>>,
+        poked: Mutex<Vec<SocketAddr>>,
     }
 
     impl Node for Fake {
@@ -261,12 +278,15 @@ mod tests {
             self.pushed.lock().unwrap().push(batch);
             Box::pin(async { Ok(json!({"applied": 1})) })
         }
+        fn poke(&self, from: SocketAddr) {
+            self.poked.lock().unwrap().push(from);
+        }
     }
 
     async fn start() -> (SocketAddr, Arc<Fake>, Arc<Mutex<Counters>>, watch::Sender<bool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let node = Arc::new(Fake { pushed: Mutex::new(Vec::new()) });
+        let node = Arc::new(Fake { pushed: Mutex::new(Vec::new()), poked: Mutex::new(Vec::new()) });
         let (tx, rx) = watch::channel(false);
         let (counters, run) = serve(listener, Keys::derive(KEY).unwrap(), node.clone(), rx);
         tokio::spawn(run);
@@ -283,6 +303,8 @@ mod tests {
         let out = client.push(addr, &json!({"events": []})).await.unwrap();
         assert_eq!(out["applied"], 1);
         assert_eq!(node.pushed.lock().unwrap().len(), 1);
+        client.poke(addr, 9999).await.unwrap();
+        assert_eq!(*node.poked.lock().unwrap(), vec!["127.0.0.1:9999".parse::<SocketAddr>().unwrap()]);
         assert_eq!(counters.lock().unwrap().rejected, BTreeMap::new());
         // /health needs no key and tells nothing secret.
         let health: Value = reqwest::get(format!("http://{addr}/health")).await.unwrap().json().await.unwrap();
