@@ -81,7 +81,6 @@ pub fn remote_have_generation() -> u64 {
 }
 
 /// Call after a transaction that changed `sync_origins` has committed.
-#[allow(dead_code)] // used by sync_apply, the next step
 pub fn remote_have_changed() {
     REMOTE_HAVE_GENERATION.get().fetch_add(1, Ordering::AcqRel);
 }
