@@ -19,8 +19,10 @@ use serde_json::{Value, json};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the loop sleeps between ticks (signals wake it at once; the network threads
-/// cannot, so this bounds how long their questions wait).
-const TICK: Duration = Duration::from_millis(20);
+/// cannot, so this bounds how long their questions wait, once per hop of an exchange).
+const TICK: Duration = Duration::from_millis(5);
+/// Ticks between copies of the network state into shared memory (for `sync_status()`).
+const PUBLISH_EVERY: u32 = 20;
 const MAX_PEERS: usize = 16;
 const TEXT: usize = 160;
 /// How often it checks for the extension while waiting for it.
@@ -142,6 +144,7 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
     // What this node held at the last tick: when it moves (a local commit, or events received
     // that peers may relay), the peers are told at once.
     let mut seen = (0, 0);
+    let mut ticks = 0u32;
     // wait_latch returns false on SIGTERM or postmaster death.
     while BackgroundWorker::wait_latch(Some(TICK)) {
         if BackgroundWorker::sighup_received() {
@@ -162,7 +165,10 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
                 seen = now;
                 n.poke_peers();
             }
-            publish(n);
+            ticks = ticks.wrapping_add(1);
+            if ticks.is_multiple_of(PUBLISH_EVERY) {
+                publish(n);
+            }
         }
         if state == State::Running {
             if network.is_none() && !network_tried {
