@@ -41,7 +41,19 @@ async fn ask(
 ) -> Result<Value, String> {
     let (reply, answer) = oneshot::channel();
     tx.lock().expect("channel lock").send(make(reply)).map_err(|_| "the worker is stopping".to_string())?;
+    wake_main_thread();
     answer.await.map_err(|_| "the worker is stopping".to_string())?
+}
+
+/// Wake the worker's latch now rather than at its next tick. No PostgreSQL function may be
+/// called from these threads, but a signal may be sent: SIGUSR1 is blocked here, so the
+/// kernel delivers it to the main thread, whose handler (procsignal_sigusr1_handler) sets
+/// the latch.
+fn wake_main_thread() {
+    // SAFETY: kill(2) on our own process; no memory is shared with the handler.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGUSR1);
+    }
 }
 
 impl Node for Bridge {
