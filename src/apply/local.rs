@@ -85,8 +85,7 @@ pub fn index(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<
         for (key, v) in versions {
             let local = v.to_version(me, None);
             let seen = held.get(key).is_some_and(|regs| {
-                regs.iter()
-                    .any(|w| w.to_version(me, None).dot() == local.dot() || w.to_version(me, None).has_seen(&local))
+                regs.iter().map(|w| w.to_version(me, None)).any(|w| w.dot() == local.dot() || w.has_seen(&local))
             });
             if !seen {
                 changed.push((key, vec![v.clone()]));

@@ -297,9 +297,7 @@ impl Run {
 
     fn apply_one(&mut self, t: &Txn) -> Result<(), SyncError> {
         let stats = rows::apply(&self.schema, self.me, &mut self.tables, &t.events)?;
-        let keys: Vec<(String, String)> =
-            t.events.iter().map(|e| (e.table.clone(), sync_bridge::canonical::jsonb_text(&e.pk))).collect();
-        if local::raced(&self.schema, self.me, &self.folded, &keys)? {
+        if local::raced(&self.schema, self.me, &self.folded, &stats.keys)? {
             return Err(SyncError::ConcurrentLocalWrite);
         }
         store::log(&self.schema, &t.events)?;

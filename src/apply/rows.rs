@@ -22,6 +22,8 @@ pub struct Stats {
     pub applied: i64,
     pub skipped: i64,
     pub conflicts: i64,
+    /// (table, canonical key text) of each event, in order.
+    pub keys: Vec<(String, String)>,
 }
 
 /// One row's state while a transaction is applied.
@@ -83,6 +85,8 @@ pub fn apply(
 ) -> Result<Stats, SyncError> {
     let mut stats = Stats::default();
     let keys: Vec<String> = events.iter().map(|e| jsonb_text(&e.pk)).collect();
+    // Each event's version, built once (it copies the row image).
+    let versions: Vec<Version> = events.iter().map(version_of).collect();
     let mut states: HashMap<(&str, &str), RowState> = HashMap::new();
     let mut by_table: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, e) in events.iter().enumerate() {
@@ -105,7 +109,7 @@ pub fn apply(
             .iter()
             .filter(|(k, i)| {
                 states.get(&(*table, **k)).is_some_and(|s| {
-                    let v = version_of(&events[**i]);
+                    let v = &versions[**i];
                     s.stored.iter().any(|w| w.needs_row() && !v.has_seen(&w.to_version(me, None)))
                 })
             })
@@ -137,14 +141,13 @@ pub fn apply(
             (!seen_keys.insert((e.table.as_str(), k.as_str()))).then_some((e.table.as_str(), k.as_str()))
         })
         .collect();
-    for (i, e) in events.iter().enumerate() {
+    for (i, (e, v)) in events.iter().zip(versions).enumerate() {
         let t = &tables[&e.table];
         let state = states.entry((e.table.as_str(), keys[i].as_str())).or_insert_with(|| RowState {
             stored: Vec::new(),
             current: None,
             dirty: false,
         });
-        let v = version_of(e);
         let held: Vec<Version> = state.stored.iter().map(|s| s.to_version(me, None)).collect();
         if held.iter().any(|w| w.dot() == v.dot() || w.has_seen(&v)) {
             stats.skipped += 1;
@@ -221,6 +224,7 @@ pub fn apply(
         store_registers(schema, tables[table].relid, &regs)?;
     }
     record_conflicts(schema, &conflicts)?;
+    stats.keys = events.iter().zip(keys).map(|(e, k)| (e.table.clone(), k)).collect();
     Ok(stats)
 }
 

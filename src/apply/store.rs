@@ -103,7 +103,8 @@ pub fn inbox(schema: &str, failed_too: bool) -> Result<Vec<Txn>, SyncError> {
             let events: Vec<Event> = serde_json::from_str(&text)
                 .map_err(|e| SyncError::BadBatch(format!("a sync_inbox entry is unreadable: {e}")))?;
             let head = events.first().ok_or_else(|| SyncError::BadBatch("an empty sync_inbox entry".into()))?;
-            out.push(Txn { origin: head.origin, seq: head.seq, prev, events: events.clone(), in_inbox: true });
+            let (origin, seq) = (head.origin, head.seq);
+            out.push(Txn { origin, seq, prev, events, in_inbox: true });
         }
         Ok(out)
     })

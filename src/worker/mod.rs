@@ -16,7 +16,8 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTi
 use pgrx::prelude::*;
 use pgrx::{PGRXSharedMemory, PgLwLock, pg_shmem_init};
 use serde_json::{Value, json};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use sync_bridge::transport::now_ms;
 
 /// How long the loop sleeps between ticks (signals wake it at once; the network threads
 /// cannot, so this bounds how long their questions wait, once per hop of an exchange).
@@ -113,10 +114,6 @@ pub fn register() {
         // A crash restarts it; everything it needs is durable in the database.
         .set_restart_time(Some(Duration::from_secs(5)))
         .load();
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn set_state(state: State) {
