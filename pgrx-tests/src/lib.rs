@@ -246,3 +246,14 @@ pub fn exchange_all(n: &mut [postgres::Client]) {
         }
     }
 }
+
+/// Poll `f` every 100 ms until it returns `Some`, for at most `secs` seconds (then panic).
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..secs * 10 {
+        if let Some(v) = f() {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}

@@ -1,22 +1,12 @@
 //! Two and three nodes over loopback with static peers: the workers pull from each other and
 //! converge; a node with another registration key is never served.
 
-use pg_peersync_tests::{Cluster, digest};
+use pg_peersync_tests::{Cluster, digest, wait_for};
 use serde_json::Value;
 use std::time::Duration;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    for _ in 0..secs * 10 {
-        if let Some(v) = f() {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out after {secs} s waiting for {what}");
 }
 
 fn node(name: &str, key: &str, port: u16, peers: &[u16]) -> Cluster {

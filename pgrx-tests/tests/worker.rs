@@ -1,20 +1,8 @@
 //! The background worker's life cycle: it waits for the extension, runs, reloads settings,
 //! never shows the registration key, and comes back after being killed.
 
-use pg_peersync_tests::Cluster;
+use pg_peersync_tests::{Cluster, wait_for};
 use serde_json::Value;
-use std::time::Duration;
-
-/// Poll `f` every 100 ms until it returns `Some`, for at most `secs` seconds.
-fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    for _ in 0..secs * 10 {
-        if let Some(v) = f() {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out after {secs} s waiting for {what}");
-}
 
 fn worker_pid(c: &Cluster) -> Option<i32> {
     let mut db = postgres::Client::connect(&c.conn_string("postgres"), postgres::NoTls).ok()?;

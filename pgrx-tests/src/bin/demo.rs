@@ -18,36 +18,33 @@ fn main() {
     println!("Starting a throwaway PostgreSQL 15 cluster with pg_peersync preloaded...");
     let c = Cluster::start("demo-shop", &[]);
     println!("cluster socket: {}", c.socket_dir().display());
-    let schema = "
+    // Every node has the same tables, tracked the same way; node A also has two products from
+    // before tracking (captured as its inserts) and the writes below.
+    let tables = "
         CREATE EXTENSION pg_peersync;
         CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text, local_note text);
         CREATE TABLE products (sku text PRIMARY KEY, title text NOT NULL, price numeric(10,2) NOT NULL);
         CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers, sku text REFERENCES products,
-                             qty int NOT NULL, placed_at timestamptz NOT NULL DEFAULT now());
+                             qty int NOT NULL, placed_at timestamptz NOT NULL DEFAULT now());";
+    let track = "
         SELECT sync_track_table('products', 'field_merge');
         SELECT sync_track_table('customers', exclude_columns => '{local_note}', row_filter => 'name NOT LIKE ''demo%''');
         SELECT sync_track_table('orders');";
     let mut admin = c.connect();
     for name in ["shop_b", "shop_c"] {
         admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-        c.connect_db(name).batch_execute(schema).unwrap();
+        c.connect_db(name).batch_execute(&format!("{tables}{track}")).unwrap();
     }
     let mut db = c.connect();
-    let setup = "
-        CREATE EXTENSION pg_peersync;
-        CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text, local_note text);
-        CREATE TABLE products (sku text PRIMARY KEY, title text NOT NULL, price numeric(10,2) NOT NULL);
-        CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers, sku text REFERENCES products,
-                             qty int NOT NULL, placed_at timestamptz NOT NULL DEFAULT now());
-        INSERT INTO products VALUES ('TEA-1', 'Green tea', 4.50), ('CAKE-2', 'Carrot cake', 3.20);
-        SELECT sync_track_table('products', 'field_merge');
-        SELECT sync_track_table('customers', exclude_columns => '{local_note}', row_filter => 'name NOT LIKE ''demo%''');
-        SELECT sync_track_table('orders');
+    let setup = format!(
+        "{tables}
+        INSERT INTO products VALUES ('TEA-1', 'Green tea', 4.50), ('CAKE-2', 'Carrot cake', 3.20);{track}
         INSERT INTO customers VALUES (1, 'Ada', 'ada@example.org', 'pays cash'), (2, 'demo user', NULL, NULL);
         INSERT INTO orders (id, customer_id, sku, qty) VALUES (1, 1, 'TEA-1', 2), (2, 1, 'CAKE-2', 1);
         UPDATE products SET price = price * 1.10;          -- a bulk update: one event per row
         UPDATE customers SET local_note = 'VIP';           -- excluded column only: no event
-        DELETE FROM orders WHERE id = 2;";
+        DELETE FROM orders WHERE id = 2;"
+    );
     for stmt in setup.split(";\n").filter(|s| !s.trim().is_empty()) {
         println!("sql> {}", stmt.trim());
         db.batch_execute(stmt).unwrap();
