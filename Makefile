@@ -5,7 +5,7 @@ PGV        ?= 15
 PG_CONFIG  ?= /usr/lib/postgresql/$(PGV)/bin/pg_config
 PGRX_VER   := $(shell sed -n 's/^pgrx = "=\(.*\)"/\1/p' Cargo.toml)
 TEST_PGDATA ?= /tmp/pg_peersync-pgrx-pgdata
-APT_PKGS   := postgresql-$(PGV) postgresql-server-dev-$(PGV) postgresql-contrib libclang-dev clang pkg-config sudo iproute2 procps
+APT_PKGS   := postgresql-$(PGV) postgresql-server-dev-$(PGV) postgresql-contrib libclang-dev clang pkg-config sudo iproute2 procps tcpdump
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 

@@ -165,3 +165,20 @@ SELECT pg_catalog.pg_extension_config_dump('sync_rows', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_node_priorities', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_inbox', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_conflicts', '');
+
+-- One row per exchange the worker started with a peer (direction 'pull': it asked the peer
+-- for what it lacked). The worker keeps the newest 10,000.
+CREATE TABLE sync_sessions (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    peer        text NOT NULL,
+    peer_id     uuid,
+    address     text,
+    direction   text NOT NULL CHECK (direction IN ('pull', 'push')),
+    started_at  timestamptz NOT NULL,
+    duration_ms bigint NOT NULL,
+    events_in   bigint NOT NULL DEFAULT 0,
+    events_out  bigint NOT NULL DEFAULT 0,
+    bytes_in    bigint NOT NULL DEFAULT 0,
+    bytes_out   bigint NOT NULL DEFAULT 0,
+    error       text
+);

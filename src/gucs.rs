@@ -1,6 +1,5 @@
 //! Every `peersync.*` setting, in one place. Each has a private static, one line of doc, and a
-//! tiny accessor. Settings for features that are not built yet are not declared (the
-//! networking ones arrive with the transport).
+//! tiny accessor.
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
@@ -22,8 +21,24 @@ static REGISTRATION_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CStri
 /// PostgreSQL logs a changed setting's new value on reload, a file's content it does not.
 static REGISTRATION_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
-/// Address the worker's HTTP server listens on.
-static LISTEN_ADDRESS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"0.0.0.0"));
+/// Addresses the worker's HTTP server listens on, separated by commas; they also choose the
+/// interfaces announcements go out on.
+static LISTEN_ADDRESSES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"0.0.0.0"));
+
+/// Address announced to peers instead of the interface's own (behind NAT, say).
+static ADVERTISE_ADDRESS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// IPv4 multicast group of announcements; empty turns discovery off.
+static MULTICAST_GROUP: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"239.255.80.83"));
+
+/// UDP port of announcements.
+static MULTICAST_PORT: GucSetting<i32> = GucSetting::<i32>::new(8766);
+
+/// Seconds between announcements.
+static ANNOUNCE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(5);
+
+/// Seconds of silence after which a peer is shown as down.
+static PEER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(120);
 
 /// TCP port of the worker's HTTP server.
 static PORT: GucSetting<i32> = GucSetting::<i32>::new(8765);
@@ -39,12 +54,58 @@ static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 pub fn init() {
     GucRegistry::define_string_guc(
-        c"peersync.listen_address",
-        c"Address the pg_peersync worker's HTTP server listens on.",
-        c"0.0.0.0 for every IPv4 interface.",
-        &LISTEN_ADDRESS,
+        c"peersync.listen_addresses",
+        c"Addresses the pg_peersync worker's HTTP server listens on, separated by commas.",
+        c"0.0.0.0 for every IPv4 interface. Announcements go out on the interfaces these cover.",
+        &LISTEN_ADDRESSES,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"peersync.advertise_address",
+        c"Address announced to peers instead of the interface's own.",
+        c"Empty: each interface's own address, the one peers on that network reach.",
+        &ADVERTISE_ADDRESS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"peersync.multicast_group",
+        c"IPv4 multicast group pg_peersync nodes announce themselves on.",
+        c"Empty turns multicast discovery off (use peersync.peers).",
+        &MULTICAST_GROUP,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"peersync.multicast_port",
+        c"UDP port of pg_peersync's multicast announcements.",
+        c"The same on every node.",
+        &MULTICAST_PORT,
+        1,
+        65535,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"peersync.announce_interval",
+        c"Seconds between multicast announcements.",
+        c"A new node is found within one interval.",
+        &ANNOUNCE_INTERVAL,
+        1,
+        3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"peersync.peer_timeout",
+        c"Seconds of silence after which sync_status() shows a peer as down.",
+        c"Silence: no announcement and no successful exchange.",
+        &PEER_TIMEOUT,
+        1,
+        86400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"peersync.port",
@@ -173,8 +234,29 @@ fn string(setting: &GucSetting<Option<CString>>) -> String {
     setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-pub fn listen_address() -> String {
-    string(&LISTEN_ADDRESS)
+/// The listen addresses, as written.
+pub fn listen_addresses() -> Vec<String> {
+    list(&LISTEN_ADDRESSES)
+}
+
+pub fn advertise_address() -> String {
+    string(&ADVERTISE_ADDRESS).trim().to_string()
+}
+
+pub fn multicast_group() -> String {
+    string(&MULTICAST_GROUP).trim().to_string()
+}
+
+pub fn multicast_port() -> u16 {
+    MULTICAST_PORT.get() as u16
+}
+
+pub fn announce_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(ANNOUNCE_INTERVAL.get().max(1) as u64)
+}
+
+pub fn peer_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(PEER_TIMEOUT.get().max(1) as u64)
 }
 
 pub fn port() -> u16 {
@@ -183,7 +265,11 @@ pub fn port() -> u16 {
 
 /// The static peers, as written (`host:port`).
 pub fn peers() -> Vec<String> {
-    string(&PEERS).split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect()
+    list(&PEERS)
+}
+
+fn list(setting: &GucSetting<Option<CString>>) -> Vec<String> {
+    string(setting).split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect()
 }
 
 pub fn sync_interval() -> std::time::Duration {

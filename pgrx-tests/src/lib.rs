@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod lab;
+
 pub use postgres;
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -15,6 +17,8 @@ pub struct Cluster {
     pub name: String,
     dir: tempfile::TempDir,
     stopped: bool,
+    /// The network namespace its server runs in (see `lab`); None: the test's own.
+    netns: Option<String>,
 }
 
 fn is_root() -> bool {
@@ -24,8 +28,17 @@ fn is_root() -> bool {
 
 /// Run a PostgreSQL program as user postgres.
 fn as_postgres(program: &str, args: &[&str]) -> Output {
+    as_postgres_in(None, program, args)
+}
+
+/// Run a PostgreSQL program as user postgres, in network namespace `netns` if given.
+fn as_postgres_in(netns: Option<&str>, program: &str, args: &[&str]) -> Output {
     let path = format!("{PG_BIN}/{program}");
-    let mut cmd = if is_root() {
+    let mut cmd = if let Some(ns) = netns {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, "runuser", "-u", "postgres", "--", &path]);
+        c
+    } else if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--", &path]);
         c
@@ -55,11 +68,17 @@ impl Cluster {
 
     /// A running cluster with exactly these postgresql.conf lines (plus socket settings).
     pub fn start_with(name: &str, conf: &[String]) -> Cluster {
+        Self::start_in(None, name, conf)
+    }
+
+    /// Like `start_with`, the server running in network namespace `netns` (the tests still
+    /// reach it through its Unix socket, which namespaces do not separate).
+    pub fn start_in(netns: Option<&str>, name: &str, conf: &[String]) -> Cluster {
         let dir = tempfile::Builder::new().prefix(&format!("peersync-{name}-")).tempdir_in("/tmp").unwrap();
         if is_root() {
             check("chown", Command::new("chown").args(["postgres:", dir.path().to_str().unwrap()]).output().unwrap());
         }
-        let cluster = Cluster { name: name.into(), dir, stopped: true };
+        let cluster = Cluster { name: name.into(), dir, stopped: true, netns: netns.map(str::to_owned) };
         let data = cluster.data_dir();
         check(
             "initdb",
@@ -99,7 +118,8 @@ impl Cluster {
 
     pub fn start_server(&mut self) {
         let log = self.dir.path().join("server.log");
-        let out = as_postgres(
+        let out = as_postgres_in(
+            self.netns.as_deref(),
             "pg_ctl",
             &["-D", self.data_dir().to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"],
         );
@@ -114,7 +134,11 @@ impl Cluster {
         let mode = if immediate { "immediate" } else { "fast" };
         check(
             "pg_ctl stop",
-            as_postgres("pg_ctl", &["-D", self.data_dir().to_str().unwrap(), "-m", mode, "-w", "stop"]),
+            as_postgres_in(
+                self.netns.as_deref(),
+                "pg_ctl",
+                &["-D", self.data_dir().to_str().unwrap(), "-m", mode, "-w", "stop"],
+            ),
         );
         self.stopped = true;
     }
@@ -149,7 +173,11 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if !self.stopped {
-            let _ = as_postgres("pg_ctl", &["-D", self.data_dir().to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
+            let _ = as_postgres_in(
+                self.netns.as_deref(),
+                "pg_ctl",
+                &["-D", self.data_dir().to_str().unwrap(), "-m", "immediate", "-w", "stop"],
+            );
         }
     }
 }

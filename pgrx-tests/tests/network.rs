@@ -16,7 +16,7 @@ fn node(name: &str, key: &str, port: u16, peers: &[u16]) -> Cluster {
         &[
             "fsync = off",
             &format!("peersync.registration_key = '{key}'"),
-            "peersync.listen_address = '127.0.0.1'",
+            "peersync.listen_addresses = '127.0.0.1'",
             &format!("peersync.port = {port}"),
             &format!("peersync.peers = '{}'", peers.join(",")),
             // Long: what arrives quickly was pushed by a poke after the commit, not polled.
@@ -62,7 +62,7 @@ fn static_peers_on_loopback_converge_and_strangers_are_refused() {
         (count(&b) == 550 && digest(&mut ca, "items") == digest(&mut cb, "items")).then_some(())
     });
     let s = status(&a);
-    assert_eq!(s["listening"], format!("127.0.0.1:{pa}"), "{s}");
+    assert_eq!(s["listening"], serde_json::json!([format!("127.0.0.1:{pa}")]), "{s}");
     assert_eq!(s["peers"][0]["state"], "up", "{s}");
 
     // One committed row, from commit to visible on the other node.

@@ -22,7 +22,7 @@ fn worker_waits_for_the_extension_runs_reloads_and_restarts() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let c = Cluster::start(
         "worker",
-        &["fsync = off", "peersync.listen_address = '127.0.0.1'", &format!("peersync.port = {port}")],
+        &["fsync = off", "peersync.listen_addresses = '127.0.0.1'", &format!("peersync.port = {port}")],
     );
     let first = wait_for(30, "the worker process", || worker_pid(&c));
     wait_for(30, "the worker's log line about the missing extension", || {
@@ -47,10 +47,12 @@ fn worker_waits_for_the_extension_runs_reloads_and_restarts() {
     db.batch_execute(&format!("ALTER SYSTEM SET peersync.registration_key_file = '{}'", file.display())).unwrap();
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
     let status = wait_for(30, "the key from the file", || {
-        worker_status(&c).filter(|s| s["listening"] == format!("127.0.0.1:{port}"))
+        worker_status(&c).filter(|s| s["listening"][0] == format!("127.0.0.1:{port}"))
     });
     assert_eq!(status["state"], "running");
-    assert_eq!(status["networking"], "networking is on (static peers; multicast discovery is not built yet)");
+    assert_eq!(status["networking"], "networking is on");
+    // Listening on loopback only, it announces on no interface (see README, Discovery).
+    assert_eq!(status["discovery"]["interfaces"], serde_json::json!([]), "{status}");
     let all: String = db.query_one("SELECT sync_status()::text", &[]).unwrap().get(0);
     assert!(!all.contains(key), "the key leaked into sync_status()");
     let leaks: Vec<String> = c.log().lines().filter(|l| l.contains(key)).map(str::to_owned).collect();

@@ -4,10 +4,10 @@
 //! The loop: wait on the latch with a short timeout, reload settings on SIGHUP, stop on SIGTERM
 //! or postmaster death, and check whether the extension exists in its database (it does
 //! nothing there until it does, and says so once in the log). Once it does, and a usable
-//! registration key is set, `net` starts the HTTP server and pulls from the static peers on a
-//! tokio runtime; this thread answers their questions with SPI on every tick, and when this
-//! node's changes move (a local commit, or received events to relay) it pokes the peers,
-//! which pull at once. Multicast discovery is not built yet.
+//! registration key is set, `net` starts the HTTP server, multicast discovery and a puller per
+//! peer on a tokio runtime; this thread answers their questions with SPI on every tick, records
+//! their exchanges in `sync_sessions`, and when this node's changes move (a local commit, or
+//! received events to relay) it pokes the peers, which pull at once.
 
 mod net;
 
@@ -20,12 +20,17 @@ use std::time::Duration;
 use sync_bridge::transport::now_ms;
 
 /// How long the loop sleeps between ticks (signals wake it at once; the network threads
-/// cannot, so this bounds how long their questions wait, once per hop of an exchange).
+/// wake it too, with SIGUSR1, when they have a question).
 const TICK: Duration = Duration::from_millis(5);
 /// Ticks between copies of the network state into shared memory (for `sync_status()`).
 const PUBLISH_EVERY: u32 = 20;
-const MAX_PEERS: usize = 16;
+/// Ticks between housekeeping: the schema fingerprint refreshed, `sync_sessions` pruned.
+const HOUSEKEEPING_EVERY: u32 = 2000;
+/// Exchanges kept in `sync_sessions`.
+const SESSIONS_KEPT: i64 = 10_000;
 const TEXT: usize = 160;
+/// Room for the network status (JSON) in shared memory.
+const STATUS_BYTES: usize = 32 * 1024;
 /// How often it checks for the extension while waiting for it.
 const EXTENSION_CHECK: Duration = Duration::from_secs(2);
 
@@ -66,19 +71,7 @@ impl Text {
     }
 }
 
-#[derive(Copy, Clone, Default)]
-#[repr(C)]
-struct PeerShm {
-    address: Text,
-    /// 0 unknown, 1 up, 2 down.
-    state: u8,
-    last_ok_ms: u64,
-    last_error: Text,
-    pulls: u64,
-    events_received: u64,
-}
-
-#[derive(Copy, Clone, Default)]
+#[derive(Copy, Clone)]
 #[repr(C)]
 struct WorkerShm {
     pid: i32,
@@ -86,13 +79,24 @@ struct WorkerShm {
     started_at_ms: u64,
     /// Times the worker started since the postmaster did (more than 1: it was restarted).
     starts: u32,
-    listening: Text,
     network_error: Text,
-    requests: u64,
-    /// Rejected requests: wrong key, stale, replay, malformed, version.
-    rejected: [u64; 5],
-    npeers: u32,
-    peers: [PeerShm; MAX_PEERS],
+    /// `Net::status()` as JSON text, `status_len` bytes (0: no network running).
+    status_len: u32,
+    status: [u8; STATUS_BYTES],
+}
+
+impl Default for WorkerShm {
+    fn default() -> Self {
+        WorkerShm {
+            pid: 0,
+            state: 0,
+            started_at_ms: 0,
+            starts: 0,
+            network_error: Text::default(),
+            status_len: 0,
+            status: [0; STATUS_BYTES],
+        }
+    }
 }
 
 unsafe impl PGRXSharedMemory for WorkerShm {}
@@ -142,6 +146,7 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
     // that peers may relay), the peers are told at once.
     let mut seen = (0, 0);
     let mut ticks = 0u32;
+    let schema = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     // wait_latch returns false on SIGTERM or postmaster death.
     while BackgroundWorker::wait_latch(Some(TICK)) {
         if BackgroundWorker::sighup_received() {
@@ -152,10 +157,15 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
                 n.stop();
             }
             network_tried = false;
+            unpublish();
         }
         if let Some(n) = &network {
             for ask in n.asks() {
                 answer(ask);
+            }
+            let sessions = n.sessions();
+            if !sessions.is_empty() {
+                record(&sessions);
             }
             let now = (crate::sequencer::local_commits(), crate::sequencer::remote_have_generation());
             if now != seen {
@@ -163,14 +173,18 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
                 n.poke_peers();
             }
             ticks = ticks.wrapping_add(1);
+            if ticks.is_multiple_of(HOUSEKEEPING_EVERY) {
+                housekeeping(&schema);
+            }
             if ticks.is_multiple_of(PUBLISH_EVERY) {
-                publish(n);
+                publish(n, &schema.lock().expect("schema"));
             }
         }
         if state == State::Running {
             if network.is_none() && !network_tried {
                 network_tried = true;
-                network = start_network();
+                housekeeping(&schema);
+                network = start_network(&schema);
             }
             continue;
         }
@@ -200,31 +214,70 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
     if let Some(n) = network.take() {
         n.stop();
     }
+    unpublish();
     set_state(State::NotStarted);
     WORKER.exclusive().pid = 0;
     log!("pg_peersync worker stopped");
 }
 
-/// Start the server and the pullers when the settings allow; the reason goes to the log and
-/// to `sync_status()` when they do not.
-fn start_network() -> Option<net::Net> {
+/// Start the server, discovery and the pullers when the settings allow; the reason goes to the
+/// log and to `sync_status()` when they do not.
+fn start_network(schema: &std::sync::Arc<std::sync::Mutex<String>>) -> Option<net::Net> {
     let keys = match gucs::registration_key() {
         Ok(key) if gucs::enabled() => sync_bridge::auth::Keys::derive(&key).ok(),
         _ => None,
     }?;
-    match net::Net::start(keys, &gucs::listen_address(), gucs::port(), &gucs::peers(), gucs::sync_interval()) {
+    let fail = |e: String| {
+        warning!("pg_peersync worker: {e}");
+        WORKER.exclusive().network_error.set(&e);
+        None
+    };
+    let advertise = match gucs::advertise_address() {
+        a if a.is_empty() => None,
+        a => match a.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => return fail(format!("peersync.advertise_address \"{a}\" is not an IP address")),
+        },
+    };
+    let multicast = match gucs::multicast_group() {
+        g if g.is_empty() => None,
+        g => match g.parse::<std::net::Ipv4Addr>() {
+            Ok(ip) if ip.is_multicast() => Some((ip, gucs::multicast_port(), gucs::announce_interval())),
+            _ => return fail(format!("peersync.multicast_group \"{g}\" is not an IPv4 multicast address")),
+        },
+    };
+    let node_id = BackgroundWorker::transaction(|| crate::clock::ext().node_id);
+    let settings = net::Settings {
+        keys,
+        listen: gucs::listen_addresses(),
+        port: gucs::port(),
+        peers: gucs::peers(),
+        interval: gucs::sync_interval(),
+        multicast,
+        identity: sync_bridge::discovery::Identity {
+            node_id,
+            name: gucs::node_name(),
+            http_port: gucs::port(),
+            schema: schema.clone(),
+            advertise,
+        },
+    };
+    match net::Net::start(settings) {
         Ok(n) => {
-            log!("pg_peersync worker listening on {}, {} static peer(s)", n.listen, gucs::peers().len());
-            let mut w = WORKER.exclusive();
-            w.listening.set(&n.listen.to_string());
-            w.network_error.set("");
+            let listening: Vec<String> = n.listen.iter().map(|a| a.to_string()).collect();
+            log!(
+                "pg_peersync worker listening on {}; {} static peer(s); multicast discovery {}",
+                listening.join(", "),
+                gucs::peers().len(),
+                match multicast {
+                    Some((g, p, _)) => format!("on {g}:{p}"),
+                    None => "off".into(),
+                }
+            );
+            WORKER.exclusive().network_error.set("");
             Some(n)
         }
-        Err(e) => {
-            warning!("pg_peersync worker: {e}");
-            WORKER.exclusive().network_error.set(&e);
-            None
-        }
+        Err(e) => fail(e),
     }
 }
 
@@ -233,9 +286,16 @@ fn answer(ask: net::Ask) {
     let batch = gucs::batch_size();
     let (reply, result) = match ask {
         net::Ask::Have(reply) => (reply, query("SELECT sync_have()::text", None, None)),
-        net::Ask::Changes(have, reply) => {
-            (reply, query("SELECT sync_changes($1::jsonb, $2)::text", Some(have.to_string()), Some(batch)))
-        }
+        // The answer also carries this node's whole have-vector, so the puller can tell what
+        // each side lacks.
+        net::Ask::Changes(have, reply) => (
+            reply,
+            query(
+                "SELECT (sync_changes($1::jsonb, $2) || jsonb_build_object('node_have', sync_have()))::text",
+                Some(have.to_string()),
+                Some(batch),
+            ),
+        ),
         net::Ask::Apply(b, reply) => (reply, query("SELECT sync_apply($1::jsonb)::text", Some(b.to_string()), None)),
     };
     let _ = reply.send(result);
@@ -263,37 +323,82 @@ fn query(sql: &str, text: Option<String>, int: Option<i32>) -> Result<Value, Str
     })
 }
 
-/// Copy the network threads' state into shared memory for `sync_status()`.
-fn publish(n: &net::Net) {
-    let counters = n.counters.lock().expect("counters").clone();
-    let peers = n.peers.lock().expect("peer states").clone();
-    let mut w = WORKER.exclusive();
-    w.requests = counters.requests;
-    for (i, reason) in REASONS.iter().enumerate() {
-        w.rejected[i] = counters.rejected.get(reason).copied().unwrap_or(0);
-    }
-    w.npeers = peers.len().min(MAX_PEERS) as u32;
-    for (slot, p) in w.peers.iter_mut().zip(&peers) {
-        slot.address.set(&p.address);
-        slot.state = match p.state {
-            "up" => 1,
-            "down" => 2,
-            _ => 0,
-        };
-        slot.last_ok_ms = p.last_ok_ms.unwrap_or(0);
-        slot.last_error.set(p.last_error.as_deref().unwrap_or(""));
-        slot.pulls = p.pulls;
-        slot.events_received = p.events_received;
+/// Write finished exchanges into `sync_sessions`.
+fn record(sessions: &[net::Session]) {
+    let rows = serde_json::to_string(sessions).expect("sessions serialise");
+    BackgroundWorker::transaction(move || {
+        let s = crate::clock::ext().schema;
+        let sql = format!(
+            "INSERT INTO {s}.sync_sessions (peer, peer_id, address, direction, started_at, duration_ms,
+                                            events_in, events_out, bytes_in, bytes_out, error)
+             SELECT peer, peer_id::uuid, address, direction, to_timestamp(started_ms / 1000.0), duration_ms,
+                    events_in, events_out, bytes_in, bytes_out, error
+               FROM jsonb_to_recordset($1::jsonb) AS s(peer text, peer_id text, address text, direction text,
+                    started_ms bigint, duration_ms bigint, events_in bigint, events_out bigint,
+                    bytes_in bigint, bytes_out bigint, error text)"
+        );
+        if let Err(e) = crate::apply::subxact::run(|| Spi::run_with_args(&sql, &[rows.clone().into()])) {
+            warning!("pg_peersync worker: cannot record sessions: {}", e.message);
+        }
+    })
+}
+
+/// Now and then: refresh the schema fingerprint announced to peers, prune `sync_sessions`.
+fn housekeeping(schema: &std::sync::Mutex<String>) {
+    let fingerprint = BackgroundWorker::transaction(|| {
+        let s = crate::clock::ext().schema;
+        let _ = crate::apply::subxact::run(|| {
+            Spi::run(&format!(
+                "DELETE FROM {s}.sync_sessions WHERE id <= (SELECT max(id) - {SESSIONS_KEPT} FROM {s}.sync_sessions)"
+            ))
+        });
+        // The tracked tables' names and captured columns with their types.
+        crate::apply::subxact::run(|| {
+            Spi::get_one::<String>(&format!(
+                "SELECT coalesce(left(md5(string_agg(t.table_name || '(' || coalesce((
+                        SELECT string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod), ','
+                                          ORDER BY a.attname)
+                          FROM pg_attribute a
+                         WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
+                           AND a.attname <> ALL (t.exclude_columns)), '') || ')', ';' ORDER BY t.table_name)), 16),
+                        'none')
+                   FROM {s}.sync_tables t"
+            ))
+        })
+        .ok()
+        .and_then(|r| r.ok().flatten())
+    });
+    if let Some(f) = fingerprint {
+        *schema.lock().expect("schema") = f;
     }
 }
 
-const REASONS: [&str; 5] = ["wrong_key", "stale", "replay", "malformed", "version"];
+/// Copy the network threads' state into shared memory for `sync_status()`.
+fn publish(n: &net::Net, schema: &str) {
+    let mut status = n.status(schema, gucs::peer_timeout());
+    status["schema"] = json!(schema);
+    let mut text = status.to_string();
+    if text.len() > STATUS_BYTES {
+        // Too many peers to show: keep the rest of the status and say so.
+        status["peers"] =
+            json!(format!("{} peers; too many to show here", status["peers"].as_array().map_or(0, Vec::len)));
+        text = status.to_string();
+    }
+    let mut w = WORKER.exclusive();
+    let len = text.len().min(STATUS_BYTES);
+    w.status[..len].copy_from_slice(&text.as_bytes()[..len]);
+    w.status_len = len as u32;
+}
+
+fn unpublish() {
+    WORKER.exclusive().status_len = 0;
+}
 
 /// Why there is or is not networking, in one line (never showing the key).
 fn networking_summary() -> String {
     match networking_off_reason() {
         Some(why) => format!("networking is off: {why}"),
-        None => "networking is on (static peers; multicast discovery is not built yet)".into(),
+        None => "networking is on".into(),
     }
 }
 
@@ -309,42 +414,30 @@ fn networking_off_reason() -> Option<String> {
 
 /// The worker's part of `sync_status()`.
 pub fn status() -> Value {
-    let w = *WORKER.share();
+    let w = WORKER.share();
     let state = match w.state {
         1 => "waiting for the extension in peersync.database",
         2 => "running",
         _ if w.pid == 0 => "not running",
         _ => "starting",
     };
-    let peers: Vec<Value> = w.peers[..w.npeers as usize]
-        .iter()
-        .map(|p| {
-            let peer_state = ["unknown", "up", "down"][p.state.min(2) as usize];
-            json!({
-                "address": p.address.get(),
-                "found_by": "peersync.peers",
-                "state": peer_state,
-                "last_sync_ms": (p.last_ok_ms != 0).then_some(p.last_ok_ms),
-                "lag_s": (p.last_ok_ms != 0).then(|| now_ms().saturating_sub(p.last_ok_ms) / 1000),
-                "last_error": Some(p.last_error.get()).filter(|e| !e.is_empty()),
-                "pulls": p.pulls,
-                "events_received": p.events_received,
-            })
-        })
-        .collect();
-    let rejected: serde_json::Map<String, Value> =
-        REASONS.iter().zip(w.rejected).map(|(r, n)| (r.to_string(), json!(n))).collect();
-    json!({
+    let network: Value = serde_json::from_slice(&w.status[..w.status_len as usize]).unwrap_or(Value::Null);
+    let mut out = json!({
         "state": state,
         "pid": (w.pid != 0).then_some(w.pid),
         "database": gucs::database(),
         "started_at_ms": (w.started_at_ms != 0).then_some(w.started_at_ms),
         "starts": w.starts,
         "networking": networking_summary(),
-        "listening": Some(w.listening.get()).filter(|l| !l.is_empty()),
         "network_error": Some(w.network_error.get()).filter(|e| !e.is_empty()),
-        "requests": w.requests,
-        "rejected": rejected,
-        "peers": peers,
-    })
+    });
+    if let Value::Object(net) = network {
+        // Transactions this node holds that reachable peers still lack.
+        let queue: i64 = net["peers"].as_array().map_or(0, |ps| ps.iter().filter_map(|p| p["it_lacks"].as_i64()).sum());
+        out["queue_depth"] = json!(queue);
+        for (k, v) in net {
+            out[k] = v;
+        }
+    }
+    out
 }

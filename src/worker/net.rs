@@ -1,14 +1,17 @@
-//! The worker's networking: a tokio runtime on its own threads runs the HTTP server and one
-//! anti-entropy puller per static peer (`sync_bridge::transport`). They never touch
-//! PostgreSQL: what needs the database they ask through a channel, and the worker's main
-//! thread answers on each tick with SPI (`answer`).
+//! The worker's networking: a tokio runtime on its own threads runs the HTTP server, multicast
+//! discovery (`sync_bridge::discovery`) and one puller per known peer, static or announced.
+//! They never touch PostgreSQL: what needs the database they ask through a channel, and the
+//! worker's main thread answers on each tick with SPI.
 
+use serde::Serialize;
 use serde_json::{Value, json};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
-use sync_bridge::auth::Keys;
-use sync_bridge::transport::{self, CallError, Client, Counters, Node, NodeFuture};
+use std::time::{Duration, Instant};
+use sync_bridge::auth::{Announcement, Keys};
+use sync_bridge::discovery::{self, DiscoveryStatus, Exchanged, Identity, Observed, Roster};
+use sync_bridge::transport::{self, Client, Counters, Node, NodeFuture, now_ms};
 use tokio::sync::{Notify, oneshot, watch};
 
 /// A question for the main thread.
@@ -18,21 +21,33 @@ pub enum Ask {
     Apply(Value, oneshot::Sender<Result<Value, String>>),
 }
 
-/// What the main thread knows of one peer, for `sync_status()`.
-#[derive(Clone, Debug, Default)]
-pub struct PeerState {
-    pub address: String,
-    pub state: &'static str,
-    pub last_ok_ms: Option<u64>,
-    pub last_error: Option<String>,
-    pub pulls: u64,
-    pub events_received: u64,
+/// One exchange with a peer, for `sync_sessions`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Session {
+    pub peer: String,
+    pub peer_id: Option<String>,
+    pub address: Option<String>,
+    pub direction: &'static str,
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    pub events_in: u64,
+    pub events_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub error: Option<String>,
 }
 
-struct Bridge {
+/// What the network threads and the main thread share.
+struct Shared {
     tx: Mutex<mpsc::Sender<Ask>>,
-    /// Per static peer: its addresses, and how to wake its puller.
-    wake: Vec<(Vec<SocketAddr>, Arc<Notify>)>,
+    client: Client,
+    roster: Mutex<Roster>,
+    /// Per peer key: how to wake its puller (a poke, or a fresh announcement).
+    wakes: Mutex<BTreeMap<String, Arc<Notify>>>,
+    sessions: Mutex<Vec<Session>>,
+    discovery: Arc<Mutex<DiscoveryStatus>>,
+    interval: Duration,
+    stop: watch::Receiver<bool>,
 }
 
 async fn ask(
@@ -56,37 +71,49 @@ fn wake_main_thread() {
     }
 }
 
+/// The server's view of this node.
+struct Bridge(Arc<Shared>);
+
 impl Node for Bridge {
     fn changes(&self, have: Value) -> NodeFuture {
-        let tx = Mutex::new(self.tx.lock().expect("channel lock").clone());
-        Box::pin(async move { ask(&tx, |r| Ask::Changes(have, r)).await })
+        let shared = self.0.clone();
+        Box::pin(async move { ask(&shared.tx, |r| Ask::Changes(have, r)).await })
     }
 
     fn push(&self, batch: Value) -> NodeFuture {
-        let tx = Mutex::new(self.tx.lock().expect("channel lock").clone());
-        Box::pin(async move { ask(&tx, |r| Ask::Apply(batch, r)).await })
+        let shared = self.0.clone();
+        Box::pin(async move { ask(&shared.tx, |r| Ask::Apply(batch, r)).await })
     }
 
     fn poke(&self, from: SocketAddr) {
-        for (addrs, notify) in &self.wake {
-            if addrs.contains(&from) {
-                notify.notify_one();
-            }
+        let key = self.0.roster.lock().expect("roster").by_address(from).map(|p| p.key.clone());
+        if let Some(notify) = key.and_then(|k| self.0.wakes.lock().expect("wakes").get(&k).cloned()) {
+            notify.notify_one();
         }
     }
 }
 
+/// What `Net::start` needs, read from the settings by the main thread.
+pub struct Settings {
+    pub keys: Keys,
+    pub listen: Vec<String>,
+    pub port: u16,
+    pub peers: Vec<String>,
+    pub interval: Duration,
+    /// None when `peersync.multicast_group` is empty.
+    pub multicast: Option<(std::net::Ipv4Addr, u16, Duration)>,
+    pub identity: Identity,
+}
+
 pub struct Net {
     runtime: tokio::runtime::Runtime,
-    client: Arc<Client>,
-    /// The static peers' addresses, to poke after a commit.
-    targets: Vec<SocketAddr>,
+    shared: Arc<Shared>,
     port: u16,
     asks: mpsc::Receiver<Ask>,
     shutdown: watch::Sender<bool>,
-    pub listen: SocketAddr,
-    pub counters: Arc<Mutex<Counters>>,
-    pub peers: Arc<Mutex<Vec<PeerState>>>,
+    pub listen: Vec<SocketAddr>,
+    counters: Vec<Arc<Mutex<Counters>>>,
+    multicast: bool,
 }
 
 /// Build the runtime with every signal blocked in its threads: PostgreSQL's handlers must run
@@ -104,52 +131,78 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
+/// Parse `peersync.listen_addresses` (`*` means every IPv4 address).
+fn listen_ips(listen: &[String]) -> Result<Vec<IpAddr>, String> {
+    listen
+        .iter()
+        .map(|a| match a.as_str() {
+            "*" => Ok(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            a => a.parse().map_err(|_| format!("peersync.listen_addresses: \"{a}\" is not an IP address")),
+        })
+        .collect()
+}
+
 impl Net {
-    pub fn start(keys: Keys, listen: &str, port: u16, peers: &[String], interval: Duration) -> Result<Net, String> {
+    pub fn start(s: Settings) -> Result<Net, String> {
         let runtime = runtime().map_err(|e| format!("cannot start the network runtime: {e}"))?;
-        let listen: SocketAddr = format!("{listen}:{port}")
-            .parse()
-            .map_err(|_| format!("peersync.listen_address \"{listen}\" is not an IP address"))?;
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(listen))
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let ips = listen_ips(&s.listen)?;
+        if ips.is_empty() {
+            return Err("peersync.listen_addresses is empty".into());
+        }
+        let mut listeners = Vec::new();
+        for ip in &ips {
+            let addr = SocketAddr::new(*ip, s.port);
+            let l = runtime
+                .block_on(tokio::net::TcpListener::bind(addr))
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            listeners.push((addr, l));
+        }
         let (tx, asks) = mpsc::channel();
         let (shutdown, stop) = watch::channel(false);
-        // Resolved once: a peer that cannot be resolved now is reported by its puller.
-        let resolved: Vec<Vec<SocketAddr>> =
-            peers.iter().map(|p| p.to_socket_addrs().map(|a| a.collect()).unwrap_or_default()).collect();
-        let notifies: Vec<Arc<Notify>> = peers.iter().map(|_| Arc::new(Notify::new())).collect();
-        let wake = resolved.iter().cloned().zip(notifies.iter().cloned()).collect();
-        let node = Arc::new(Bridge { tx: Mutex::new(tx.clone()), wake });
-        let (counters, serve) = transport::serve(listener, keys.clone(), node, stop.clone());
-        runtime.spawn(serve);
-        let client = Arc::new(Client::new(keys, Duration::from_secs(30)));
-        let states: Vec<PeerState> =
-            peers.iter().map(|p| PeerState { address: p.clone(), state: "unknown", ..Default::default() }).collect();
-        let states = Arc::new(Mutex::new(states));
-        for (i, peer) in peers.iter().enumerate() {
-            let job = Puller {
-                index: i,
-                peer: peer.clone(),
-                client: client.clone(),
-                tx: Mutex::new(tx.clone()),
-                states: states.clone(),
-                interval,
-                wake: notifies[i].clone(),
-            };
-            runtime.spawn(job.run(stop.clone()));
+        let mut roster = Roster::new(s.identity.node_id);
+        for p in &s.peers {
+            // Resolved again before each exchange; this is only for matching pokes early.
+            roster.add_static(p, p.to_socket_addrs().ok().and_then(|mut a| a.next()));
         }
-        let targets = resolved.into_iter().filter_map(|a| a.into_iter().next()).collect();
-        Ok(Net { runtime, client, targets, port, asks, shutdown, listen, counters, peers: states })
+        let shared = Arc::new(Shared {
+            tx: Mutex::new(tx),
+            client: Client::new(s.keys.clone(), Duration::from_secs(30)),
+            roster: Mutex::new(roster),
+            wakes: Mutex::new(BTreeMap::new()),
+            sessions: Mutex::new(Vec::new()),
+            discovery: Arc::new(Mutex::new(DiscoveryStatus::default())),
+            interval: s.interval,
+            stop: stop.clone(),
+        });
+        let mut counters = Vec::new();
+        let mut listen = Vec::new();
+        for (addr, l) in listeners {
+            let (c, serve) = transport::serve(l, s.keys.clone(), Arc::new(Bridge(shared.clone())), stop.clone());
+            runtime.spawn(serve);
+            counters.push(c);
+            listen.push(addr);
+        }
+        for p in &s.peers {
+            spawn_puller(&runtime.handle().clone(), &shared, p.clone());
+        }
+        if let Some((group, port, every)) = s.multicast {
+            let cfg = discovery::Config { group, port, interval: every, listen: ips };
+            let (found_tx, found) = tokio::sync::mpsc::unbounded_channel();
+            runtime.spawn(discovery::run(cfg, s.identity, s.keys, shared.discovery.clone(), found_tx, stop.clone()));
+            runtime.spawn(admit(shared.clone(), found, runtime.handle().clone()));
+        }
+        Ok(Net { runtime, shared, port: s.port, asks, shutdown, listen, counters, multicast: s.multicast.is_some() })
     }
 
-    /// Tell every static peer that this node has new changes (they pull at once).
+    /// Tell every peer with a known address that this node has new changes (they pull at once).
     pub fn poke_peers(&self) {
-        for peer in &self.targets {
-            let (client, peer, port) = (self.client.clone(), *peer, self.port);
+        let addrs: Vec<SocketAddr> =
+            self.shared.roster.lock().expect("roster").peers().filter_map(|p| p.address).collect();
+        for peer in addrs {
+            let (shared, port) = (self.shared.clone(), self.port);
             // Best effort: a peer that misses it pulls at its next interval anyway.
             self.runtime.spawn(async move {
-                let _ = client.poke(peer, port).await;
+                let _ = shared.client.poke(peer, port).await;
             });
         }
     }
@@ -159,54 +212,119 @@ impl Net {
         self.asks.try_iter().collect()
     }
 
+    /// The exchanges finished since the last call.
+    pub fn sessions(&self) -> Vec<Session> {
+        std::mem::take(&mut *self.shared.sessions.lock().expect("sessions"))
+    }
+
+    /// The networking part of `sync_status()`.
+    pub fn status(&self, own_schema: &str, peer_timeout: Duration) -> Value {
+        let now = now_ms();
+        let mut requests = 0;
+        let mut rejected: BTreeMap<&str, u64> = BTreeMap::new();
+        for c in &self.counters {
+            let c = c.lock().expect("counters");
+            requests += c.requests;
+            for (r, n) in &c.rejected {
+                *rejected.entry(r).or_default() += n;
+            }
+        }
+        let peers: Vec<Value> = self
+            .shared
+            .roster
+            .lock()
+            .expect("roster")
+            .peers()
+            .map(|p| {
+                json!({
+                    "id": p.node_id.map(|u| u.to_string()),
+                    "name": p.name,
+                    "address": p.address.map(|a| a.to_string()).unwrap_or_else(|| p.key.clone()),
+                    "found_by": p.found_by,
+                    "state": p.state(now, peer_timeout),
+                    "last_seen_s_ago": p.last_heard_ms.map(|t| now.saturating_sub(t) / 1000),
+                    "last_sync_s_ago": p.last_ok_ms.map(|t| now.saturating_sub(t) / 1000),
+                    "it_lacks": p.it_lacks,
+                    "we_lack": p.we_lack,
+                    "lag_s": p.lag_s(now),
+                    "last_error": p.last_error,
+                    "schema_matches": p.schema.as_ref().map(|s| s == own_schema),
+                    "pulls": p.pulls,
+                    "events_received": p.events_received,
+                })
+            })
+            .collect();
+        let discovery = if self.multicast {
+            serde_json::to_value(&*self.shared.discovery.lock().expect("discovery")).unwrap_or(Value::Null)
+        } else {
+            json!("off: peersync.multicast_group is empty")
+        };
+        json!({
+            "listening": self.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "requests": requests,
+            "rejected": rejected,
+            "discovery": discovery,
+            "peers": peers,
+        })
+    }
+
     pub fn stop(self) {
         let _ = self.shutdown.send(true);
         self.runtime.shutdown_timeout(Duration::from_secs(5));
     }
 }
 
+/// Add announced peers to the roster; a new one gets a puller, a known one a nudge when it
+/// was not up (it may have come back).
+async fn admit(
+    shared: Arc<Shared>,
+    mut found: tokio::sync::mpsc::UnboundedReceiver<(Announcement, IpAddr)>,
+    handle: tokio::runtime::Handle,
+) {
+    while let Some((a, from)) = found.recv().await {
+        let observed = shared.roster.lock().expect("roster").observe(&a, from, now_ms());
+        match observed {
+            Observed::New(key) => spawn_puller(&handle, &shared, key),
+            Observed::Known(key) => {
+                let failing = shared.roster.lock().expect("roster").get(&key).is_some_and(|p| p.last_error.is_some());
+                if failing && let Some(n) = shared.wakes.lock().expect("wakes").get(&key) {
+                    n.notify_one();
+                }
+            }
+            Observed::Own => {}
+        }
+    }
+}
+
+fn spawn_puller(handle: &tokio::runtime::Handle, shared: &Arc<Shared>, key: String) {
+    let wake = Arc::new(Notify::new());
+    shared.wakes.lock().expect("wakes").insert(key.clone(), wake.clone());
+    handle.spawn(Puller { key, shared: shared.clone(), wake }.run());
+}
+
 struct Puller {
-    index: usize,
-    peer: String,
-    client: Arc<Client>,
-    tx: Mutex<mpsc::Sender<Ask>>,
-    states: Arc<Mutex<Vec<PeerState>>>,
-    interval: Duration,
+    key: String,
+    shared: Arc<Shared>,
     /// Notified when the peer says it has new changes.
     wake: Arc<Notify>,
 }
 
 impl Puller {
-    async fn run(self, mut stop: watch::Receiver<bool>) {
+    async fn run(self) {
+        let mut stop = self.shared.stop.clone();
         // After a failure, try again soon, backing off up to a minute (or the interval).
         let mut backoff = Duration::from_secs(1);
         loop {
             let outcome = self.exchange().await;
             let wait = if outcome.is_ok() {
                 backoff = Duration::from_secs(1);
-                self.interval
+                self.shared.interval
             } else {
-                let w = backoff.min(self.interval);
+                let w = backoff.min(self.shared.interval);
                 backoff = (backoff * 2).min(Duration::from_secs(60));
                 w
             };
-            {
-                let mut states = self.states.lock().expect("peer states");
-                let s = &mut states[self.index];
-                s.pulls += 1;
-                match outcome {
-                    Ok(events) => {
-                        s.state = "up";
-                        s.last_ok_ms = Some(transport::now_ms());
-                        s.last_error = None;
-                        s.events_received += events;
-                    }
-                    Err(e) => {
-                        s.state = "down";
-                        s.last_error = Some(e);
-                    }
-                }
-            }
+            self.shared.roster.lock().expect("roster").exchanged(&self.key, outcome, now_ms());
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.wake.notified() => {}
@@ -215,30 +333,89 @@ impl Puller {
         }
     }
 
-    /// Pull until the peer has nothing more for us (bounded); returns the events received.
-    async fn exchange(&self) -> Result<u64, String> {
+    /// Where the peer is now: a configured peer is resolved again (its DNS may change), an
+    /// announced one is where it last announced.
+    fn address(&self) -> Result<(SocketAddr, Option<String>), String> {
+        let mut roster = self.shared.roster.lock().expect("roster");
+        let p = roster.get(&self.key).ok_or("peer forgotten")?;
+        let id = p.node_id.map(|u| u.to_string());
+        if p.found_by == discovery::FoundBy::Multicast {
+            return p.address.map(|a| (a, id)).ok_or_else(|| "no address".into());
+        }
+        drop(roster);
         let addr = self
-            .peer
+            .key
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {}: {e}", self.peer))?
+            .map_err(|e| format!("cannot resolve {}: {e}", self.key))?
             .next()
-            .ok_or_else(|| format!("{} resolves to no address", self.peer))?;
-        let mut received = 0;
+            .ok_or_else(|| format!("{} resolves to no address", self.key))?;
+        roster = self.shared.roster.lock().expect("roster");
+        roster.add_resolved(&self.key, addr);
+        Ok((addr, id))
+    }
+
+    /// Pull until the peer has nothing more for us (bounded); recorded in `sync_sessions`.
+    async fn exchange(&self) -> Result<Exchanged, String> {
+        let started = (now_ms(), Instant::now());
+        let target = self.address();
+        let mut session = Session {
+            peer: self.key.clone(),
+            peer_id: target.as_ref().ok().and_then(|t| t.1.clone()),
+            address: target.as_ref().ok().map(|t| t.0.to_string()),
+            direction: "pull",
+            started_ms: started.0,
+            duration_ms: 0,
+            events_in: 0,
+            events_out: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            error: None,
+        };
+        let result = match target {
+            Ok((addr, _)) => self.pull_all(addr, &mut session).await,
+            Err(e) => Err(e),
+        };
+        session.duration_ms = started.1.elapsed().as_millis() as u64;
+        session.error = result.as_ref().err().cloned();
+        self.shared.sessions.lock().expect("sessions").push(session);
+        result
+    }
+
+    async fn pull_all(&self, addr: SocketAddr, session: &mut Session) -> Result<Exchanged, String> {
+        let mut x = Exchanged::default();
         for _ in 0..1000 {
-            let have = ask(&self.tx, Ask::Have).await?;
-            let batch = self.client.pull(addr, &have).await.map_err(|e: CallError| e.to_string())?;
+            let have = ask(&self.shared.tx, Ask::Have).await?;
+            let (batch, traffic) = self.shared.client.pull(addr, &have).await.map_err(|e| e.to_string())?;
+            session.bytes_out += traffic.sent;
+            session.bytes_in += traffic.received;
             let n = batch["events"].as_array().map(Vec::len).unwrap_or(0) as u64;
             let mut progress = false;
+            let mut complete = true;
             if n > 0 {
-                let counts = ask(&self.tx, |r| Ask::Apply(batch.clone(), r)).await?;
+                let counts = ask(&self.shared.tx, |r| Ask::Apply(batch.clone(), r)).await?;
                 progress = counts["transactions"].as_i64().unwrap_or(0) > 0;
-                received += n;
+                complete = counts["errors"].as_i64() == Some(0) && counts["waiting"].as_i64() == Some(0);
+                x.events += n;
+            }
+            // What each side holds now: the peer's have-vector, and ours raised by the batch.
+            x.theirs = vector(&batch["node_have"]);
+            x.ours = vector(&have);
+            if complete {
+                for (o, n) in vector(&batch["have"]) {
+                    let e = x.ours.entry(o).or_default();
+                    *e = (*e).max(n);
+                }
             }
             // Stop when the peer has no more, or nothing more could be applied yet.
             if !progress || batch["more"] != json!(true) {
                 break;
             }
         }
-        Ok(received)
+        session.events_in = x.events;
+        Ok(x)
     }
+}
+
+fn vector(v: &Value) -> BTreeMap<String, i64> {
+    v.as_object().map(|m| m.iter().filter_map(|(k, n)| Some((k.clone(), n.as_i64()?))).collect()).unwrap_or_default()
 }

@@ -4,11 +4,13 @@
 //! PostgreSQL: the wire types of events and batches and their canonical checksum (`event`,
 //! `canonical`), the hybrid logical clock (`hlc`), causal delivery order (`delivery`), who wins
 //! a conflict (`resolve`), the membership crypto derived from the registration key (`auth`),
-//! and the HTTP server and client between nodes (`transport`). The extension loads state through SPI and calls these functions.
+//! finding peers by multicast (`discovery`) and the HTTP server and client between nodes
+//! (`transport`). The extension loads state through SPI and calls these functions.
 
 pub mod auth;
 pub mod canonical;
 pub mod delivery;
+pub mod discovery;
 pub mod event;
 pub mod hlc;
 pub mod resolve;

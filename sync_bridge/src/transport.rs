@@ -199,6 +199,13 @@ pub enum CallError {
     Failed(String),
 }
 
+/// Bytes of one exchange on the wire (sealed bodies), each way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub sent: u64,
+    pub received: u64,
+}
+
 /// A client for other nodes' servers.
 pub struct Client {
     http: reqwest::Client,
@@ -208,12 +215,18 @@ pub struct Client {
 
 impl Client {
     pub fn new(keys: Keys, timeout: Duration) -> Client {
-        let http = reqwest::Client::builder().timeout(timeout).no_proxy().build().expect("an HTTP client");
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .no_proxy()
+            .build()
+            .expect("an HTTP client");
         Client { http, keys, guard: Mutex::new(ReplayGuard::new(REPLAY_WINDOW_MS)) }
     }
 
-    async fn call(&self, peer: SocketAddr, path: &str, input: &Value) -> Result<Value, CallError> {
+    async fn call(&self, peer: SocketAddr, path: &str, input: &Value) -> Result<(Value, Traffic), CallError> {
         let (sig, sealed) = wrap(&self.keys, "POST", path, input.to_string().as_bytes());
+        let sent = sealed.len() as u64;
         let resp = self
             .http
             .post(format!("http://{peer}{path}"))
@@ -232,20 +245,20 @@ impl Client {
             .map_err(CallError::BadAnswer)?;
         let answer: Value = serde_json::from_slice(&plain).map_err(|_| CallError::BadAnswer(Rejection::Malformed))?;
         if status.is_success() {
-            Ok(answer)
+            Ok((answer, Traffic { sent, received: body.len() as u64 }))
         } else {
             Err(CallError::Failed(answer["error"].as_str().unwrap_or("unknown").to_string()))
         }
     }
 
-    /// What `peer` holds that a node with have-vector `have` lacks.
-    pub async fn pull(&self, peer: SocketAddr, have: &Value) -> Result<Value, CallError> {
+    /// What `peer` holds that a node with have-vector `have` lacks, and the bytes it took.
+    pub async fn pull(&self, peer: SocketAddr, have: &Value) -> Result<(Value, Traffic), CallError> {
         self.call(peer, "/v1/changes", have).await
     }
 
     /// Give `peer` a batch; returns its apply counts.
     pub async fn push(&self, peer: SocketAddr, batch: &Value) -> Result<Value, CallError> {
-        self.call(peer, "/v1/push", batch).await
+        self.call(peer, "/v1/push", batch).await.map(|(v, _)| v)
     }
 
     /// Tell `peer` this node (serving on `port`) has new changes.
@@ -297,7 +310,8 @@ mod tests {
     async fn pull_and_push_with_the_right_key() {
         let (addr, node, counters, _stop) = start().await;
         let client = Client::new(Keys::derive(KEY).unwrap(), Duration::from_secs(5));
-        let batch = client.pull(addr, &json!({"a": 1})).await.unwrap();
+        let (batch, traffic) = client.pull(addr, &json!({"a": 1})).await.unwrap();
+        assert!(traffic.sent > 0 && traffic.received > traffic.sent, "{traffic:?}");
         assert_eq!(batch["for"], json!({"a": 1}));
         assert_eq!(batch["events"][0]["data"]["name"], "Ada Lovelace");
         let out = client.push(addr, &json!({"events": []})).await.unwrap();
