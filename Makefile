@@ -50,8 +50,12 @@ test-pg:
 test-e2e: install
 	cargo test -p pg_peersync_tests --release -- --test-threads=1
 
+# The network part compares with pglogical 2 (Debian's package, installed here when missing).
 bench: install
+	@dpkg -s postgresql-$(PGV)-pglogical >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-$(PGV)-pglogical)
 	cargo run -p pg_peersync_tests --release --bin bench
+	cargo run -p pg_peersync_tests --release --bin netbench
 
 demo: install
 	cargo run -p pg_peersync_tests --release --bin demo

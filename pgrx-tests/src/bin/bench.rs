@@ -179,6 +179,10 @@ fn summary(name: &str, ratios: &[f64], target: &str) {
 }
 
 fn main() {
+    // BENCH_ONLY=network: only the network part (the netbench binary).
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("network") {
+        return;
+    }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("apply") {
         let c = Cluster::start("bench", &["shared_buffers = '256MB'", "max_wal_size = '4GB'", "autovacuum = off"]);
         c.connect().batch_execute("CREATE DATABASE plain").unwrap();
