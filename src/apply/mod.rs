@@ -177,6 +177,8 @@ fn transactions(events: Vec<Event>, from: &BTreeMap<Uuid, i64>, me: Uuid) -> Vec
 
 /// The SQLSTATE of `SyncError::ConcurrentLocalWrite` (serialization_failure).
 const RACED: &str = "40001";
+/// Events applied together at most, when consecutive origin transactions go in one chunk.
+const CHUNK_EVENTS: usize = 2000;
 
 #[derive(Default)]
 struct Counts {
@@ -241,10 +243,40 @@ impl Run {
         txns.sort_by_key(|t| (t.origin, t.seq, !t.in_inbox));
         txns.dedup_by_key(|t| (t.origin, t.seq));
         let pending: Vec<Pending> = txns.iter().map(Txn::pending).collect();
-        let mut failures: HashMap<usize, subxact::Failure> = HashMap::new();
         let mut max_hlc = 0i64;
+        // Fast path: many small transactions (a node catching up) cost mostly per-statement
+        // overhead, so consecutive ones in delivery order are applied together, one
+        // subtransaction per chunk. A chunk that fails is rolled back whole and the rest goes
+        // through the careful path below, one origin transaction at a time.
+        let mut chunked: BTreeSet<usize> = BTreeSet::new();
+        let order = delivery::plan(&mut self.have.clone(), self.me, &pending, |_| true);
+        let mut k = 0;
+        while k < order.len() {
+            let mut end = k + 1;
+            let mut n = txns[order[k]].events.len();
+            while end < order.len() && n + txns[order[end]].events.len() <= CHUNK_EVENTS {
+                n += txns[order[end]].events.len();
+                end += 1;
+            }
+            let chunk = &order[k..end];
+            if chunk.len() < 2
+                || subxact::run(|| self.apply_chunk(&txns, chunk).unwrap_or_else(|e| e.report())).is_err()
+            {
+                break;
+            }
+            for &i in chunk {
+                self.have.insert(txns[i].origin, txns[i].seq);
+                max_hlc = max_hlc.max(txns[i].events.iter().map(|e| e.hlc).max().unwrap_or(0));
+                chunked.insert(i);
+            }
+            k = end;
+        }
+        let rest: Vec<usize> = (0..txns.len()).filter(|i| !chunked.contains(i)).collect();
+        let rest_pending: Vec<Pending> = rest.iter().map(|&i| pending[i].clone()).collect();
+        let mut failures: HashMap<usize, subxact::Failure> = HashMap::new();
         let mut have = self.have.clone();
-        let delivered = delivery::plan(&mut have, self.me, &pending, |i| {
+        let delivered = delivery::plan(&mut have, self.me, &rest_pending, |j| {
+            let i = rest[j];
             let t = &txns[i];
             // Any error, ours or the data's, rolls back this origin transaction alone.
             for attempt in 1.. {
@@ -272,7 +304,7 @@ impl Run {
         if max_hlc > 0 {
             clock::observe(Hlc::from_i64(max_hlc));
         }
-        let delivered: BTreeSet<usize> = delivered.into_iter().collect();
+        let delivered: BTreeSet<usize> = delivered.into_iter().map(|j| rest[j]).chain(chunked).collect();
         for (i, t) in txns.iter().enumerate() {
             if delivered.contains(&i) {
                 if t.in_inbox {
@@ -296,12 +328,21 @@ impl Run {
     }
 
     fn apply_one(&mut self, t: &Txn) -> Result<(), SyncError> {
-        let stats = rows::apply(&self.schema, self.me, &mut self.tables, &t.events)?;
+        self.apply_chunk(std::slice::from_ref(t), &[0])
+    }
+
+    /// Apply `txns[i]` for each `i` of `chunk`, in that order, as one: their row writes in
+    /// origin order, the registers read and written once.
+    fn apply_chunk(&mut self, txns: &[Txn], chunk: &[usize]) -> Result<(), SyncError> {
+        let events: Vec<&Event> = chunk.iter().flat_map(|&i| &txns[i].events).collect();
+        let stats = rows::apply(&self.schema, self.me, &mut self.tables, &events)?;
         if local::raced(&self.schema, self.me, &self.folded, &stats.keys)? {
             return Err(SyncError::ConcurrentLocalWrite);
         }
-        store::log(&self.schema, &t.events)?;
-        self.counts.transactions += 1;
+        for &i in chunk {
+            store::log(&self.schema, &txns[i].events)?;
+        }
+        self.counts.transactions += chunk.len() as i64;
         self.counts.applied += stats.applied;
         self.counts.skipped += stats.skipped;
         self.counts.conflicts += stats.conflicts;

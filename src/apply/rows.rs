@@ -81,12 +81,12 @@ pub fn apply(
     schema: &str,
     me: Uuid,
     tables: &mut HashMap<String, Table>,
-    events: &[Event],
+    events: &[&Event],
 ) -> Result<Stats, SyncError> {
     let mut stats = Stats::default();
     let keys: Vec<String> = events.iter().map(|e| jsonb_text(&e.pk)).collect();
     // Each event's version, built once (it copies the row image).
-    let versions: Vec<Version> = events.iter().map(version_of).collect();
+    let versions: Vec<Version> = events.iter().map(|e| version_of(e)).collect();
     let mut states: HashMap<(&str, &str), RowState> = HashMap::new();
     let mut by_table: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, e) in events.iter().enumerate() {

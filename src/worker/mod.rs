@@ -285,24 +285,33 @@ fn start_network(schema: &std::sync::Arc<std::sync::Mutex<String>>) -> Option<ne
 fn answer(ask: net::Ask) {
     let batch = gucs::batch_size();
     let (reply, result) = match ask {
-        net::Ask::Have(reply) => (reply, query("SELECT sync_have()::text", None, None)),
+        net::Ask::Have(reply) => (reply, query("SELECT @.sync_have()::text", None, None)),
         // The answer also carries this node's whole have-vector, so the puller can tell what
         // each side lacks.
         net::Ask::Changes(have, reply) => (
             reply,
             query(
-                "SELECT (sync_changes($1::jsonb, $2) || jsonb_build_object('node_have', sync_have()))::text",
+                "SELECT (@.sync_changes($1::jsonb, $2) || jsonb_build_object('node_have', @.sync_have()))::text",
                 Some(have.to_string()),
                 Some(batch),
             ),
         ),
-        net::Ask::Apply(b, reply) => (reply, query("SELECT sync_apply($1::jsonb)::text", Some(b.to_string()), None)),
+        // The batch text goes to apply as it came (sync_apply(jsonb) would parse and print it).
+        net::Ask::Apply(b, reply) => (reply, query("SELECT @._sync_apply_text($1)::text", Some(b), None)),
     };
     let _ = reply.send(result);
+    // A large batch leaves freed memory with the allocator: give it back to the system.
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(1 << 20);
+    }
 }
 
-fn query(sql: &str, text: Option<String>, int: Option<i32>) -> Result<Value, String> {
+/// Run one statement (`@.` in `sql` stands for the extension's schema) and return its text
+/// result.
+fn query(sql: &str, text: Option<String>, int: Option<i32>) -> Result<String, String> {
     BackgroundWorker::transaction(move || {
+        let sql = sql.replace("@.", &format!("{}.", crate::clock::ext().schema));
         // An error rolls back this question alone and goes back to the asker.
         let out = crate::apply::subxact::run(|| {
             let mut args = Vec::new();
@@ -312,10 +321,10 @@ fn query(sql: &str, text: Option<String>, int: Option<i32>) -> Result<Value, Str
             if let Some(i) = int {
                 args.push(i.into());
             }
-            Spi::get_one_with_args::<String>(sql, &args)
+            Spi::get_one_with_args::<String>(&sql, &args)
         });
         match out {
-            Ok(Ok(Some(text))) => serde_json::from_str(&text).map_err(|e| e.to_string()),
+            Ok(Ok(Some(text))) => Ok(text),
             Ok(Ok(None)) => Err("no answer".into()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(f) => Err(format!("{} ({})", f.message, f.sqlstate)),

@@ -14,11 +14,27 @@ use sync_bridge::discovery::{self, DiscoveryStatus, Exchanged, Identity, Observe
 use sync_bridge::transport::{self, Client, Counters, Node, NodeFuture, now_ms};
 use tokio::sync::{Notify, oneshot, watch};
 
-/// A question for the main thread.
+/// The main thread's answer: JSON text.
+pub type Reply = oneshot::Sender<Result<String, String>>;
+
+/// A question for the main thread. Batches stay JSON text all the way from one node's
+/// `sync_changes` to the other's apply: never parsed whole in between.
 pub enum Ask {
-    Have(oneshot::Sender<Result<Value, String>>),
-    Changes(Value, oneshot::Sender<Result<Value, String>>),
-    Apply(Value, oneshot::Sender<Result<Value, String>>),
+    Have(Reply),
+    Changes(Value, Reply),
+    Apply(String, Reply),
+}
+
+/// What a puller reads of a batch: everything but the events, which it only counts.
+#[derive(serde::Deserialize)]
+struct Head {
+    #[serde(default)]
+    more: bool,
+    #[serde(default)]
+    have: BTreeMap<String, i64>,
+    #[serde(default)]
+    node_have: BTreeMap<String, i64>,
+    events: Vec<serde::de::IgnoredAny>,
 }
 
 /// One exchange with a peer, for `sync_sessions`.
@@ -50,10 +66,7 @@ struct Shared {
     stop: watch::Receiver<bool>,
 }
 
-async fn ask(
-    tx: &Mutex<mpsc::Sender<Ask>>,
-    make: impl FnOnce(oneshot::Sender<Result<Value, String>>) -> Ask,
-) -> Result<Value, String> {
+async fn ask(tx: &Mutex<mpsc::Sender<Ask>>, make: impl FnOnce(Reply) -> Ask) -> Result<String, String> {
     let (reply, answer) = oneshot::channel();
     tx.lock().expect("channel lock").send(make(reply)).map_err(|_| "the worker is stopping".to_string())?;
     wake_main_thread();
@@ -80,7 +93,7 @@ impl Node for Bridge {
         Box::pin(async move { ask(&shared.tx, |r| Ask::Changes(have, r)).await })
     }
 
-    fn push(&self, batch: Value) -> NodeFuture {
+    fn push(&self, batch: String) -> NodeFuture {
         let shared = self.0.clone();
         Box::pin(async move { ask(&shared.tx, |r| Ask::Apply(batch, r)).await })
     }
@@ -385,29 +398,32 @@ impl Puller {
         let mut x = Exchanged::default();
         for _ in 0..1000 {
             let have = ask(&self.shared.tx, Ask::Have).await?;
+            let have: Value = serde_json::from_str(&have).map_err(|e| e.to_string())?;
             let (batch, traffic) = self.shared.client.pull(addr, &have).await.map_err(|e| e.to_string())?;
             session.bytes_out += traffic.sent;
             session.bytes_in += traffic.received;
-            let n = batch["events"].as_array().map(Vec::len).unwrap_or(0) as u64;
+            let head: Head = serde_json::from_str(&batch).map_err(|e| format!("malformed batch: {e}"))?;
+            let n = head.events.len() as u64;
             let mut progress = false;
             let mut complete = true;
             if n > 0 {
-                let counts = ask(&self.shared.tx, |r| Ask::Apply(batch.clone(), r)).await?;
+                let counts = ask(&self.shared.tx, |r| Ask::Apply(batch, r)).await?;
+                let counts: Value = serde_json::from_str(&counts).map_err(|e| e.to_string())?;
                 progress = counts["transactions"].as_i64().unwrap_or(0) > 0;
                 complete = counts["errors"].as_i64() == Some(0) && counts["waiting"].as_i64() == Some(0);
                 x.events += n;
             }
             // What each side holds now: the peer's have-vector, and ours raised by the batch.
-            x.theirs = vector(&batch["node_have"]);
+            x.theirs = head.node_have;
             x.ours = vector(&have);
             if complete {
-                for (o, n) in vector(&batch["have"]) {
+                for (o, n) in head.have {
                     let e = x.ours.entry(o).or_default();
                     *e = (*e).max(n);
                 }
             }
             // Stop when the peer has no more, or nothing more could be applied yet.
-            if !progress || batch["more"] != json!(true) {
+            if !progress || !head.more {
                 break;
             }
         }

@@ -30,14 +30,16 @@ pub const SIGNATURE_HEADER: &str = "x-peersync-signature";
 /// Messages older or newer than this are stale.
 pub const REPLAY_WINDOW_MS: u64 = 60_000;
 
-pub type NodeFuture = Pin<Box<dyn Future<Output = Result<Value, String>> + Send>>;
+/// A node's answer: JSON text, passed through as it is (a batch can be large: it is neither
+/// parsed nor printed again on its way).
+pub type NodeFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
 
 /// What the server asks of the node it serves.
 pub trait Node: Send + Sync + 'static {
     /// A batch of what a peer with have-vector `have` lacks.
     fn changes(&self, have: Value) -> NodeFuture;
     /// Apply a batch a peer pushed; the answer is the apply counts.
-    fn push(&self, batch: Value) -> NodeFuture;
+    fn push(&self, batch: String) -> NodeFuture;
     /// The node at `from` has new changes.
     fn poke(&self, from: SocketAddr);
 }
@@ -120,7 +122,14 @@ impl<N: Node> Server<N> {
             Ok(p) => p,
             Err(r) => return self.reject(r),
         };
-        let Ok(input) = serde_json::from_slice::<Value>(&plain) else {
+        let Ok(text) = String::from_utf8(plain) else {
+            return self.reject(Rejection::Malformed);
+        };
+        if path == "/v1/push" {
+            let answer = self.node.push(text).await;
+            return self.answer(&path, answer);
+        }
+        let Ok(input) = serde_json::from_str::<Value>(&text) else {
             return self.reject(Rejection::Malformed);
         };
         let answer = match path.as_str() {
@@ -128,17 +137,21 @@ impl<N: Node> Server<N> {
             "/v1/poke" => match input["port"].as_u64().and_then(|p| u16::try_from(p).ok()) {
                 Some(port) => {
                     self.node.poke(SocketAddr::new(remote.ip(), port));
-                    Ok(json!({}))
+                    Ok("{}".to_string())
                 }
                 None => return self.reject(Rejection::Malformed),
             },
-            _ => self.node.push(input).await,
+            _ => return respond(StatusCode::NOT_FOUND, Vec::new(), None),
         };
+        self.answer(&path, answer)
+    }
+
+    fn answer(&self, path: &str, answer: Result<String, String>) -> Response<Full<Bytes>> {
         let (status, out) = match answer {
-            Ok(v) => (StatusCode::OK, v),
-            Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, json!({"error": e})),
+            Ok(text) => (StatusCode::OK, text),
+            Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, json!({"error": e}).to_string()),
         };
-        let (sig, sealed) = wrap(&self.keys, "RESPONSE", &path, out.to_string().as_bytes());
+        let (sig, sealed) = wrap(&self.keys, "RESPONSE", path, out.as_bytes());
         respond(status, sealed, Some(sig))
     }
 
@@ -224,8 +237,9 @@ impl Client {
         Client { http, keys, guard: Mutex::new(ReplayGuard::new(REPLAY_WINDOW_MS)) }
     }
 
-    async fn call(&self, peer: SocketAddr, path: &str, input: &Value) -> Result<(Value, Traffic), CallError> {
-        let (sig, sealed) = wrap(&self.keys, "POST", path, input.to_string().as_bytes());
+    /// Send `input` (JSON text); the answer's JSON text and the bytes on the wire.
+    async fn call(&self, peer: SocketAddr, path: &str, input: &str) -> Result<(String, Traffic), CallError> {
+        let (sig, sealed) = wrap(&self.keys, "POST", path, input.as_bytes());
         let sent = sealed.len() as u64;
         let resp = self
             .http
@@ -243,27 +257,30 @@ impl Client {
         let body = resp.bytes().await.map_err(|e| CallError::Unreachable(e.to_string()))?;
         let plain = unwrap(&self.keys, "RESPONSE", path, header.as_deref(), &body, &self.guard)
             .map_err(CallError::BadAnswer)?;
-        let answer: Value = serde_json::from_slice(&plain).map_err(|_| CallError::BadAnswer(Rejection::Malformed))?;
+        let answer = String::from_utf8(plain).map_err(|_| CallError::BadAnswer(Rejection::Malformed))?;
         if status.is_success() {
             Ok((answer, Traffic { sent, received: body.len() as u64 }))
         } else {
-            Err(CallError::Failed(answer["error"].as_str().unwrap_or("unknown").to_string()))
+            let error: Value = serde_json::from_str(&answer).unwrap_or_default();
+            Err(CallError::Failed(error["error"].as_str().unwrap_or("unknown").to_string()))
         }
     }
 
-    /// What `peer` holds that a node with have-vector `have` lacks, and the bytes it took.
-    pub async fn pull(&self, peer: SocketAddr, have: &Value) -> Result<(Value, Traffic), CallError> {
-        self.call(peer, "/v1/changes", have).await
+    /// What `peer` holds that a node with have-vector `have` lacks (a batch, as JSON text),
+    /// and the bytes it took.
+    pub async fn pull(&self, peer: SocketAddr, have: &Value) -> Result<(String, Traffic), CallError> {
+        self.call(peer, "/v1/changes", &have.to_string()).await
     }
 
     /// Give `peer` a batch; returns its apply counts.
-    pub async fn push(&self, peer: SocketAddr, batch: &Value) -> Result<Value, CallError> {
-        self.call(peer, "/v1/push", batch).await.map(|(v, _)| v)
+    pub async fn push(&self, peer: SocketAddr, batch: &str) -> Result<Value, CallError> {
+        let (answer, _) = self.call(peer, "/v1/push", batch).await?;
+        serde_json::from_str(&answer).map_err(|_| CallError::BadAnswer(Rejection::Malformed))
     }
 
     /// Tell `peer` this node (serving on `port`) has new changes.
     pub async fn poke(&self, peer: SocketAddr, port: u16) -> Result<(), CallError> {
-        self.call(peer, "/v1/poke", &json!({ "port": port })).await.map(|_| ())
+        self.call(peer, "/v1/poke", &json!({ "port": port }).to_string()).await.map(|_| ())
     }
 }
 
@@ -275,21 +292,20 @@ mod tests {
 
     /// A node holding one secret row, which records what was pushed to it.
     struct Fake {
-        pushed: Mutex<Vec<Value>>,
+        pushed: Mutex<Vec<String>>,
         poked: Mutex<Vec<SocketAddr>>,
     }
 
     impl Node for Fake {
         fn changes(&self, have: Value) -> NodeFuture {
             Box::pin(async move {
-                Ok(
-                    json!({"format": 1, "for": have, "events": [{"data": {"name": "Ada Lovelace", "card": "4111-1111"}}]}),
-                )
+                Ok(json!({"format": 1, "for": have, "events": [{"data": {"name": "Ada Lovelace", "card": "4111-1111"}}]})
+                    .to_string())
             })
         }
-        fn push(&self, batch: Value) -> NodeFuture {
+        fn push(&self, batch: String) -> NodeFuture {
             self.pushed.lock().unwrap().push(batch);
-            Box::pin(async { Ok(json!({"applied": 1})) })
+            Box::pin(async { Ok(json!({"applied": 1}).to_string()) })
         }
         fn poke(&self, from: SocketAddr) {
             self.poked.lock().unwrap().push(from);
@@ -311,10 +327,11 @@ mod tests {
         let (addr, node, counters, _stop) = start().await;
         let client = Client::new(Keys::derive(KEY).unwrap(), Duration::from_secs(5));
         let (batch, traffic) = client.pull(addr, &json!({"a": 1})).await.unwrap();
+        let batch: Value = serde_json::from_str(&batch).unwrap();
         assert!(traffic.sent > 0 && traffic.received > traffic.sent, "{traffic:?}");
         assert_eq!(batch["for"], json!({"a": 1}));
         assert_eq!(batch["events"][0]["data"]["name"], "Ada Lovelace");
-        let out = client.push(addr, &json!({"events": []})).await.unwrap();
+        let out = client.push(addr, r#"{"events": []}"#).await.unwrap();
         assert_eq!(out["applied"], 1);
         assert_eq!(node.pushed.lock().unwrap().len(), 1);
         client.poke(addr, 9999).await.unwrap();
@@ -331,7 +348,7 @@ mod tests {
         let (addr, node, counters, _stop) = start().await;
         let intruder = Client::new(Keys::derive("not the registration key").unwrap(), Duration::from_secs(5));
         assert!(matches!(intruder.pull(addr, &json!({})).await, Err(CallError::Refused(401))));
-        assert!(matches!(intruder.push(addr, &json!({"events": []})).await, Err(CallError::Refused(401))));
+        assert!(matches!(intruder.push(addr, r#"{"events": []}"#).await, Err(CallError::Refused(401))));
         assert!(node.pushed.lock().unwrap().is_empty(), "nothing reached the node");
 
         // A recorded request, sent again byte for byte.
