@@ -166,7 +166,8 @@ SELECT pg_catalog.pg_extension_config_dump('sync_node_priorities', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_inbox', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_conflicts', '');
 
--- One row per exchange the worker started with a peer (direction 'pull': it asked the peer
+-- One row per exchange the worker started with a peer (by its announced name, else as listed
+-- in peersync.peers; direction 'pull': it asked the peer
 -- for what it lacked). The worker keeps the newest 10,000.
 CREATE TABLE sync_sessions (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

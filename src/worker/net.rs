@@ -371,8 +371,10 @@ impl Puller {
     async fn exchange(&self) -> Result<Exchanged, String> {
         let started = (now_ms(), Instant::now());
         let target = self.address();
+        // Shown by name when the peer announced one, else as configured.
+        let name = self.shared.roster.lock().expect("roster").get(&self.key).and_then(|p| p.name.clone());
         let mut session = Session {
-            peer: self.key.clone(),
+            peer: name.unwrap_or_else(|| self.key.clone()),
             peer_id: target.as_ref().ok().and_then(|t| t.1.clone()),
             address: target.as_ref().ok().map(|t| t.0.to_string()),
             direction: "pull",

@@ -1,9 +1,23 @@
-//! `make demo`: a throwaway cluster with a small shop schema in three databases acting as three
-//! nodes. Shows what capture records on one, then moves batches between them with
-//! `sync_changes()` / `sync_apply()` (the worker that will do this by itself is not built
-//! yet): relay through the middle node, a conflict, and convergence.
+//! `make demo`: three throwaway clusters with a small shop schema, synced by their workers.
+//! Where network namespaces can be made, each node runs in its own and they find each other by
+//! multicast; elsewhere they run on loopback with static peers. Shows what capture records,
+//! then writes on all three nodes, including a concurrent edit of one row, waits until they
+//! converge, and shows what `sync_status()` reports.
 
-use pg_peersync_tests::{Cluster, digest, exchange_all, pull, two};
+use pg_peersync_tests::lab::Lab;
+use pg_peersync_tests::{Cluster, digest, wait_for};
+
+const KEY: &str = "demo-registration-key-0123456789";
+
+const TABLES: &str = "
+    CREATE EXTENSION pg_peersync;
+    CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text, local_note text);
+    CREATE TABLE products (sku text PRIMARY KEY, title text NOT NULL, price numeric(10,2) NOT NULL);
+    CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers, sku text REFERENCES products,
+                         qty int NOT NULL, placed_at timestamptz NOT NULL DEFAULT now());
+    SELECT sync_track_table('products', 'field_merge');
+    SELECT sync_track_table('customers', exclude_columns => '{local_note}', row_filter => 'name NOT LIKE ''demo%''');
+    SELECT sync_track_table('orders');";
 
 fn show(db: &mut postgres::Client, title: &str, sql: &str) {
     println!("\n== {title}\n   {sql}");
@@ -14,51 +28,94 @@ fn show(db: &mut postgres::Client, title: &str, sql: &str) {
     }
 }
 
-fn main() {
-    println!("Starting a throwaway PostgreSQL 15 cluster with pg_peersync preloaded...");
-    let c = Cluster::start("demo-shop", &[]);
-    println!("cluster socket: {}", c.socket_dir().display());
-    // Every node has the same tables, tracked the same way; node A also has two products from
-    // before tracking (captured as its inserts) and the writes below.
-    let tables = "
-        CREATE EXTENSION pg_peersync;
-        CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text, local_note text);
-        CREATE TABLE products (sku text PRIMARY KEY, title text NOT NULL, price numeric(10,2) NOT NULL);
-        CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers, sku text REFERENCES products,
-                             qty int NOT NULL, placed_at timestamptz NOT NULL DEFAULT now());";
-    let track = "
-        SELECT sync_track_table('products', 'field_merge');
-        SELECT sync_track_table('customers', exclude_columns => '{local_note}', row_filter => 'name NOT LIKE ''demo%''');
-        SELECT sync_track_table('orders');";
-    let mut admin = c.connect();
-    for name in ["shop_b", "shop_c"] {
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-        c.connect_db(name).batch_execute(&format!("{tables}{track}")).unwrap();
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Three nodes: in namespaces with multicast discovery, or on loopback with static peers.
+fn start_nodes(lab: Option<&mut Lab>) -> Vec<Cluster> {
+    let names = ["shop-a", "shop-b", "shop-c"];
+    let base = |name: &str| {
+        vec![
+            "shared_preload_libraries = 'pg_peersync'".to_string(),
+            format!("peersync.node_name = '{name}'"),
+            format!("peersync.registration_key = '{KEY}'"),
+        ]
+    };
+    match lab {
+        Some(lab) => names
+            .iter()
+            .map(|name| {
+                let (ns, addrs) = lab.node(&[0]);
+                println!("{name}: network namespace {ns}, address {}", addrs[0]);
+                let mut conf = base(name);
+                conf.extend(["peersync.listen_addresses = '0.0.0.0'".into(), "peersync.announce_interval = 1".into()]);
+                Cluster::start_in(Some(&ns), name, &conf)
+            })
+            .collect(),
+        None => {
+            let ports = [free_port(), free_port(), free_port()];
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    let peers: Vec<String> =
+                        (0..3).filter(|j| *j != i).map(|j| format!("127.0.0.1:{}", ports[j])).collect();
+                    println!("{name}: loopback port {}, static peers {}", ports[i], peers.join(", "));
+                    let mut conf = base(name);
+                    conf.extend([
+                        "peersync.listen_addresses = '127.0.0.1'".into(),
+                        format!("peersync.port = {}", ports[i]),
+                        format!("peersync.peers = '{}'", peers.join(",")),
+                    ]);
+                    Cluster::start_with(name, &conf)
+                })
+                .collect()
+        }
     }
-    let mut db = c.connect();
-    let setup = format!(
-        "{tables}
-        INSERT INTO products VALUES ('TEA-1', 'Green tea', 4.50), ('CAKE-2', 'Carrot cake', 3.20);{track}
+}
+
+fn peers_up(c: &Cluster) -> usize {
+    let s: Option<String> =
+        c.connect().query_one("SELECT (sync_status() -> 'worker' -> 'peers')::text", &[]).unwrap().get(0);
+    let peers: serde_json::Value = s.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    peers.as_array().map_or(0, |ps| ps.iter().filter(|p| p["state"] == "up").count())
+}
+
+fn main() {
+    println!("Starting three throwaway PostgreSQL 15 clusters with pg_peersync preloaded...");
+    let mut lab = match Lab::new(1) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            println!("(network namespaces unavailable: {e}; using loopback with static peers)");
+            None
+        }
+    };
+    let nodes = start_nodes(lab.as_mut());
+    for c in &nodes {
+        c.connect().batch_execute(TABLES).unwrap();
+    }
+    wait_for(60, "every node to see its two peers up", || nodes.iter().all(|c| peers_up(c) == 2).then_some(()));
+    println!("\nEvery node sees its two peers up.");
+
+    let mut a = nodes[0].connect();
+    let setup = "INSERT INTO products VALUES ('TEA-1', 'Green tea', 4.50), ('CAKE-2', 'Carrot cake', 3.20);
         INSERT INTO customers VALUES (1, 'Ada', 'ada@example.org', 'pays cash'), (2, 'demo user', NULL, NULL);
         INSERT INTO orders (id, customer_id, sku, qty) VALUES (1, 1, 'TEA-1', 2), (2, 1, 'CAKE-2', 1);
         UPDATE products SET price = price * 1.10;          -- a bulk update: one event per row
         UPDATE customers SET local_note = 'VIP';           -- excluded column only: no event
-        DELETE FROM orders WHERE id = 2;"
-    );
+        DELETE FROM orders WHERE id = 2";
     for stmt in setup.split(";\n").filter(|s| !s.trim().is_empty()) {
-        println!("sql> {}", stmt.trim());
-        db.batch_execute(stmt).unwrap();
+        println!("shop-a sql> {}", stmt.trim());
+        a.batch_execute(stmt).unwrap();
     }
     show(
-        &mut db,
-        "captured events",
+        &mut a,
+        "shop-a: captured events",
         "SELECT origin_seq::text, origin_idx::text, op, table_name, pk::text, coalesce(data::text, ''), coalesce(old::text, '')
            FROM sync_events ORDER BY origin_seq, origin_idx",
     );
-    show(&mut db, "sync_have()", "SELECT sync_have()::text");
-    show(&mut db, "sync_changes('{}', 3) (what a peer would pull)", "SELECT jsonb_pretty(sync_changes('{}', 3))");
-    show(&mut db, "sync_status()", "SELECT jsonb_pretty(sync_status())");
-    let truncate = db.batch_execute("TRUNCATE orders").unwrap_err();
+    let truncate = a.batch_execute("TRUNCATE orders").unwrap_err();
     let e = truncate.as_db_error().unwrap();
     println!(
         "\n== TRUNCATE orders is refused: {} (SQLSTATE {})\n   HINT: {}",
@@ -67,36 +124,54 @@ fn main() {
         e.hint().unwrap_or("")
     );
 
-    println!("\n== Three nodes: this database (A), shop_b (B), shop_c (C)");
-    let mut n = vec![db, c.connect_db("shop_b"), c.connect_db("shop_c")];
-    {
-        let (a, b) = two(&mut n, 0, 1);
-        println!("B pulls from A: {:?}", pull(a, b));
-    }
-    {
-        let (b, cc) = two(&mut n, 1, 2);
-        println!("C pulls from B (A's changes, relayed by B): {:?}", pull(b, cc));
-    }
-    println!("A and C change the price of TEA-1 concurrently; B changes its title (products use field_merge).");
-    n[0].batch_execute("UPDATE products SET price = 5.00 WHERE sku = 'TEA-1'").unwrap();
-    n[2].batch_execute("UPDATE products SET price = 5.25 WHERE sku = 'TEA-1'").unwrap();
-    n[1].batch_execute("UPDATE products SET title = 'Green tea (loose)' WHERE sku = 'TEA-1'").unwrap();
-    exchange_all(&mut n);
-    for (i, db) in n.iter_mut().enumerate() {
-        let name = ["A", "B", "C"][i];
-        show(db, &format!("node {name}: products"), "SELECT sku, title, price::text FROM products ORDER BY sku");
-        println!("   digest(products) = {}", digest(db, "products"));
+    println!("\nshop-b and shop-c write too; all three edit TEA-1 at once (products use field_merge):");
+    let writes = [
+        "UPDATE products SET price = 5.00 WHERE sku = 'TEA-1'",
+        "INSERT INTO customers VALUES (3, 'Grace', 'grace@example.org', NULL);
+         UPDATE products SET title = 'Green tea (loose)' WHERE sku = 'TEA-1'",
+        "INSERT INTO products VALUES ('SCONE-3', 'Scone', 2.10);
+         UPDATE products SET price = 5.25 WHERE sku = 'TEA-1'",
+    ];
+    wait_for(30, "shop-a's rows on shop-b and shop-c", || {
+        nodes[1..].iter().all(|c| digest(&mut c.connect(), "products") == digest(&mut a, "products")).then_some(())
+    });
+    std::thread::scope(|s| {
+        for (c, sql) in nodes.iter().zip(writes) {
+            s.spawn(move || {
+                println!("{} sql> {}", c.name, sql.split_whitespace().collect::<Vec<_>>().join(" "));
+                c.connect().batch_execute(sql).unwrap();
+            });
+        }
+    });
+    let started = std::time::Instant::now();
+    wait_for(60, "the three nodes to converge", || {
+        let d: Vec<(String, String)> = nodes
+            .iter()
+            .map(|c| {
+                let mut db = c.connect();
+                (digest(&mut db, "products"), digest(&mut db, "customers"))
+            })
+            .collect();
+        (d[0] == d[1] && d[1] == d[2]).then_some(())
+    });
+    println!("\nConverged {} ms after the last write.", started.elapsed().as_millis());
+    for c in &nodes {
+        let mut db = c.connect();
+        show(&mut db, &format!("{}: products", c.name), "SELECT sku, title, price::text FROM products ORDER BY sku");
+        println!("   digest(products) = {}", digest(&mut db, "products"));
     }
     show(
-        &mut n[0],
-        "node A: sync_conflicts",
-        "SELECT table_name, pk::text, strategy, winner, local->'row'->>'price', remote->'row'->>'price', review
-           FROM sync_conflicts",
+        &mut a,
+        "shop-a: sync_conflicts",
+        "SELECT table_name, pk::text, strategy, winner, result::text, review FROM sync_conflicts",
     );
+    show(&mut a, "shop-a: sync_status() -> 'worker'", "SELECT jsonb_pretty(sync_status() -> 'worker')");
     show(
-        &mut n[0],
-        "node A: sync_status() -> have, apply",
-        "SELECT (sync_status() -> 'have')::text, (sync_status() -> 'apply')::text",
+        &mut a,
+        "shop-a: sync_sessions (the last five exchanges)",
+        "SELECT peer, direction, events_in::text, bytes_out::text, bytes_in::text, duration_ms::text, coalesce(error, '')
+           FROM sync_sessions ORDER BY id DESC LIMIT 5",
     );
-    println!("\nDemo finished; the cluster is removed.");
+    drop(nodes);
+    println!("\nDemo finished; the clusters (and namespaces) are removed.");
 }
