@@ -5,8 +5,9 @@ use crate::error::{SyncError, SyncResult};
 use crate::sequencer;
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgBuiltInOids, PgOid};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use sync_bridge::{Batch, Event};
 use uuid::Uuid;
 
 /// This node's have-vector: for each origin, the highest number up to which it holds every
@@ -51,14 +52,22 @@ fn sync_have() -> SyncResult<JsonB> {
     Ok(JsonB(to_json(&have_vector()?)))
 }
 
+/// One event of the `sync_events` view as JSON, in the batch's event shape (for tests that
+/// compare the view with what `sync_changes` builds).
+#[cfg(any(test, feature = "pg_test"))]
 pub(crate) const EVENT_JSON: &str = "jsonb_build_object('origin', origin, 'seq', origin_seq, 'idx', origin_idx, \
      'xact', origin_xact, 'hlc', hlc, 'table', table_name, 'pk', pk, 'op', op, 'data', data, \
      'old', old, 'vclock', vclock, 'checksum', encode(checksum, 'hex'))";
 
-/// The events the caller lacks, given its have-vector `since`: per origin, oldest first, whole
-/// transactions only, about `max_events` in all (a transaction larger than that comes whole).
+/// The events the caller lacks, given its have-vector `since`, as the batch's JSON text: per
+/// origin, oldest first, whole transactions only, about `max_events` in all (a transaction
+/// larger than that comes whole). With `node_have`, the batch also carries this node's whole
+/// have-vector (the worker's answer to a pull). `sync_changes(jsonb, int)` wraps it.
+///
+/// The events are rebuilt from the `sync_log` rows in Rust (`sync_bridge::log`), not read from
+/// the `sync_events` view, which gives the same events but is several times slower.
 #[pg_extern]
-fn sync_changes(since: default!(JsonB, "'{}'"), max_events: default!(i32, 1000)) -> SyncResult<JsonB> {
+fn _sync_changes_text(since: &str, max_events: i32, node_have: bool) -> SyncResult<String> {
     sequencer::require_read_committed("sync_changes()")?;
     if max_events < 1 {
         return Err(pgrx::pg_sys::panic::ErrorReport::new(
@@ -68,35 +77,104 @@ fn sync_changes(since: default!(JsonB, "'{}'"), max_events: default!(i32, 1000))
         )
         .set_hint("Pass a positive batch size, for example 1000."));
     }
-    let since = parse_have(&since.0)?;
+    let since: Value = serde_json::from_str(since).map_err(|e| SyncError::BadHaveVector(format!("not JSON: {e}")))?;
+    let since = parse_have(&since)?;
     // The have-vector is computed first; the reads below take later snapshots.
     let have = have_vector()?;
+    let batch = batch(&since, &have, max_events as i64)?;
+    let mut text = serde_json::to_string(&batch).expect("a batch serialises");
+    if node_have {
+        text.pop();
+        text.push_str(",\"node_have\":");
+        text.push_str(&to_json(&have).to_string());
+        text.push('}');
+    }
+    Ok(text)
+}
+
+/// Append the events of one `sync_log` row (read with the columns `batch` selects); returns
+/// how many.
+fn push_events(
+    events: &mut Vec<Event>,
+    origin: Uuid,
+    seq: i64,
+    row: &pgrx::spi::SpiHeapTupleData,
+) -> Result<i64, SyncError> {
+    let text = |i: usize| -> Result<Vec<String>, SyncError> { Ok(row.get::<Vec<String>>(i)?.unwrap_or_default()) };
+    let (tables, ops, pks, rows) = (text(6)?, text(7)?, text(8)?, text(10)?);
+    let hlcs: Vec<i64> = row.get(5)?.unwrap_or_default();
+    let firsts: Vec<i32> = row.get(9)?.unwrap_or_default();
+    let vclock: String = row.get(4)?.expect("vclock");
+    let unreadable = |what: String| SyncError::BadBatch(format!("sync_log row {origin}/{seq} is unreadable: {what}"));
+    let mut parts = Vec::with_capacity(tables.len());
+    for k in 0..tables.len() {
+        parts.push(sync_bridge::log::Part {
+            hlc: hlcs[k],
+            table: tables[k].clone(),
+            op: serde_json::from_value(json!(ops[k])).map_err(|e| unreadable(e.to_string()))?,
+            pk_columns: pks[k].clone(),
+            first: firsts[k],
+            rows: rows[k].clone(),
+        });
+    }
+    let log = sync_bridge::log::LogRow {
+        origin,
+        seq,
+        xact: row.get(3)?.expect("origin_xact"),
+        vclock: serde_json::from_str(&vclock).map_err(|e| unreadable(e.to_string()))?,
+        parts,
+    };
+    let before = events.len();
+    events.extend(log.events().map_err(unreadable)?);
+    Ok((events.len() - before) as i64)
+}
+
+extension_sql!(
+    r#"
+CREATE FUNCTION sync_changes(since jsonb DEFAULT '{}', max_events integer DEFAULT 1000) RETURNS jsonb
+LANGUAGE sql VOLATILE
+AS $$ SELECT @extschema@._sync_changes_text(since::text, max_events, false)::jsonb $$;
+COMMENT ON FUNCTION sync_changes(jsonb, integer) IS
+    'The events a node with have-vector since lacks: whole transactions, about max_events of them.';
+"#,
+    name = "sync_changes",
+    requires = [_sync_changes_text],
+);
+
+/// The batch of events in `(since, have]` per origin, about `max_events` of them.
+pub(crate) fn batch(
+    since: &BTreeMap<Uuid, i64>,
+    have: &BTreeMap<Uuid, i64>,
+    max_events: i64,
+) -> Result<Batch, SyncError> {
     let ext = clock::ext();
-    let mut budget = max_events as i64;
+    let mut budget = max_events;
     let (mut from, mut upto) = (BTreeMap::new(), BTreeMap::new());
-    let mut events: Vec<Value> = Vec::new();
+    let mut events: Vec<Event> = Vec::new();
     let mut more = false;
+    let cols = "origin_seq, first_idx, origin_xact, vclock::text, part_hlc, part_table, part_op, part_pk, \
+                part_first, part_rows";
     Spi::connect(|client| {
         let uuid = PgOid::BuiltIn(PgBuiltInOids::UUIDOID);
         let int8 = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
-        let range = client.prepare_mut(
+        // Every log row holds at least one event, so `budget` rows are enough.
+        let range = client.prepare(
             &format!(
-                "SELECT origin_seq, {EVENT_JSON} FROM {}.sync_events \
-                 WHERE origin = $1 AND origin_seq > $2 AND origin_seq <= $3 \
-                 ORDER BY origin_seq, origin_idx LIMIT $4",
+                "SELECT {cols} FROM {}.sync_log WHERE origin = $1 AND origin_seq > $2 AND origin_seq <= $3 \
+                 ORDER BY origin_seq, first_idx LIMIT $4",
                 ext.schema
             ),
             &[uuid, int8, int8, int8],
         )?;
-        let rest = client.prepare_mut(
+        let rest = client.prepare(
             &format!(
-                "SELECT origin_seq, {EVENT_JSON} FROM {}.sync_events \
-                 WHERE origin = $1 AND origin_seq = $2 AND origin_idx > $3 ORDER BY origin_idx",
+                "SELECT {cols} FROM {}.sync_log WHERE origin = $1 AND origin_seq = $2 AND first_idx > $3 \
+                 ORDER BY first_idx",
                 ext.schema
             ),
-            &[uuid, int8, PgOid::BuiltIn(PgBuiltInOids::INT4OID)],
+            &[uuid, int8, int8],
         )?;
-        for (origin, &top) in &have {
+        for (origin, &top) in have {
             let start = since.get(origin).copied().unwrap_or(0);
             if top <= start {
                 continue;
@@ -106,28 +184,41 @@ fn sync_changes(since: default!(JsonB, "'{}'"), max_events: default!(i32, 1000))
                 break;
             }
             let o = pgrx::Uuid::from_bytes(*origin.as_bytes());
-            let rows = client.select(&range, None, &[o.into(), start.into(), top.into(), budget.into()])?;
-            let mut last: Option<(i64, i32)> = None;
-            let mut n = 0i64;
+            let limit = budget;
+            let rows = client.select(&range, None, &[o.into(), start.into(), top.into(), limit.into()])?;
+            let read = rows.len() as i64;
+            let (mut current, mut last_first) = (None::<i64>, 0i64);
+            let mut complete = start;
+            let mut cut = false;
             for row in rows {
-                let seq: i64 = row.get(1)?.expect("origin_seq is not null");
-                let JsonB(ev) = row.get::<JsonB>(2)?.expect("event json");
-                let idx = ev["idx"].as_i64().unwrap_or(0) as i32;
-                last = Some((seq, idx));
-                events.push(ev);
-                n += 1;
+                let seq: i64 = row.get(1)?.expect("origin_seq");
+                if current != Some(seq) {
+                    // A new transaction: the one before it is complete.
+                    if let Some(done) = current {
+                        complete = done;
+                    }
+                    if budget <= 0 {
+                        cut = true;
+                        break;
+                    }
+                    current = Some(seq);
+                }
+                last_first = row.get(2)?.expect("first_idx");
+                budget -= push_events(&mut events, *origin, seq, &row)?;
             }
-            budget -= n;
-            let reached = if n > 0 && budget <= 0 {
-                // The limit may have cut the last transaction: complete it.
-                let (seq, idx) = last.expect("rows were read");
-                for row in client.select(&rest, None, &[o.into(), seq.into(), idx.into()])? {
-                    let JsonB(ev) = row.get::<JsonB>(2)?.expect("event json");
-                    events.push(ev);
+            let reached = if cut {
+                complete
+            } else if read < limit {
+                // Every row of (start, top] was read (the numbers of rolled-back transactions
+                // have none).
+                top
+            } else {
+                // The limit may have cut the last transaction's rows: complete it.
+                let seq = current.expect("the limit is at least 1");
+                for row in client.select(&rest, None, &[o.into(), seq.into(), last_first.into()])? {
+                    budget -= push_events(&mut events, *origin, seq, &row)?;
                 }
                 seq
-            } else {
-                top
             };
             if reached < top {
                 more = true;
@@ -137,12 +228,5 @@ fn sync_changes(since: default!(JsonB, "'{}'"), max_events: default!(i32, 1000))
         }
         Ok::<_, SyncError>(())
     })?;
-    let mut batch = Map::new();
-    batch.insert("format".into(), json!(sync_bridge::FORMAT_VERSION));
-    batch.insert("source".into(), json!(ext.node_id.to_string()));
-    batch.insert("from".into(), to_json(&from));
-    batch.insert("have".into(), to_json(&upto));
-    batch.insert("events".into(), Value::Array(events));
-    batch.insert("more".into(), json!(more));
-    Ok(JsonB(Value::Object(batch)))
+    Ok(Batch { format: sync_bridge::FORMAT_VERSION, source: ext.node_id, from, have: upto, events, more })
 }

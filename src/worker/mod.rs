@@ -288,14 +288,9 @@ fn answer(ask: net::Ask) {
         net::Ask::Have(reply) => (reply, query("SELECT @.sync_have()::text", None, None)),
         // The answer also carries this node's whole have-vector, so the puller can tell what
         // each side lacks.
-        net::Ask::Changes(have, reply) => (
-            reply,
-            query(
-                "SELECT (@.sync_changes($1::jsonb, $2) || jsonb_build_object('node_have', @.sync_have()))::text",
-                Some(have.to_string()),
-                Some(batch),
-            ),
-        ),
+        net::Ask::Changes(have, reply) => {
+            (reply, query("SELECT @._sync_changes_text($1, $2, true)", Some(have.to_string()), Some(batch)))
+        }
         // The batch text goes to apply as it came (sync_apply(jsonb) would parse and print it).
         net::Ask::Apply(b, reply) => (reply, query("SELECT @._sync_apply_text($1)::text", Some(b), None)),
     };

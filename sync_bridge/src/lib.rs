@@ -13,6 +13,7 @@ pub mod delivery;
 pub mod discovery;
 pub mod event;
 pub mod hlc;
+pub mod log;
 pub mod resolve;
 pub mod transport;
 

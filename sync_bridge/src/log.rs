@@ -1,0 +1,218 @@
+//! Turning a stored change-log row back into events.
+//!
+//! A node keeps one `sync_log` row per transaction (or run of it), its changes in parts: per
+//! part a table, an operation, the primary-key columns, the number of the first change and a
+//! JSON array of row images as `row_to_json` printed them (for UPDATE, `[new row, old values
+//! of the changed columns]` pairs). The `sync_events` view unpacks a row in SQL; `LogRow::events`
+//! does the same in Rust, to the byte: the row images go through `jsonb_value` so that
+//! numbers read as PostgreSQL's `jsonb` prints them, and the checksums agree.
+
+use crate::Event;
+use crate::event::Op;
+use serde_json::{Map, Number, Value};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// One part of a log row: consecutive changes of one kind to one table.
+#[derive(Clone, Debug)]
+pub struct Part {
+    pub hlc: i64,
+    pub table: String,
+    pub op: Op,
+    /// The primary-key columns, as a JSON array text (`["id"]`).
+    pub pk_columns: String,
+    /// `origin_idx` of its first change.
+    pub first: i32,
+    /// A JSON array text of row images.
+    pub rows: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogRow {
+    pub origin: Uuid,
+    pub seq: i64,
+    pub xact: i64,
+    pub vclock: BTreeMap<Uuid, i64>,
+    pub parts: Vec<Part>,
+}
+
+impl LogRow {
+    /// The row's events, in `origin_idx` order, each with its checksum.
+    pub fn events(&self) -> Result<Vec<Event>, String> {
+        let mut out = Vec::new();
+        for part in &self.parts {
+            let columns: Vec<String> =
+                serde_json::from_str(&part.pk_columns).map_err(|e| format!("bad primary-key list: {e}"))?;
+            let rows: Vec<Value> = serde_json::from_str(&part.rows).map_err(|e| format!("bad row images: {e}"))?;
+            for (j, image) in rows.into_iter().enumerate() {
+                let mut image = image;
+                jsonb_value(&mut image);
+                let (data, old) = match part.op {
+                    Op::Insert => (Some(image), None),
+                    Op::Delete => (None, Some(image)),
+                    Op::Update => match image {
+                        Value::Array(mut pair) if pair.len() == 2 => {
+                            let old = pair.pop().expect("two");
+                            (Some(pair.pop().expect("two")), Some(old))
+                        }
+                        _ => return Err("an UPDATE image is not a [new, old] pair".into()),
+                    },
+                };
+                let row = data.as_ref().or(old.as_ref()).and_then(Value::as_object);
+                let pk: Map<String, Value> = columns
+                    .iter()
+                    .map(|c| (c.clone(), row.and_then(|r| r.get(c)).cloned().unwrap_or(Value::Null)))
+                    .collect();
+                let mut e = Event {
+                    origin: self.origin,
+                    seq: self.seq,
+                    idx: part.first + j as i32,
+                    xact: self.xact,
+                    hlc: part.hlc,
+                    table: part.table.clone(),
+                    pk: Value::Object(pk),
+                    op: part.op,
+                    data,
+                    old,
+                    vclock: self.vclock.clone(),
+                    checksum: String::new(),
+                };
+                e.checksum = e.compute_checksum();
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Rewrite every number in `v` as `jsonb` prints it (see `jsonb_number`).
+pub fn jsonb_value(v: &mut Value) {
+    match v {
+        Value::Number(n) => {
+            if let Cow::Owned(s) = jsonb_number(n.as_str()) {
+                *n = serde_json::from_str::<Number>(&s).expect("a normalised number parses");
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(jsonb_value),
+        Value::Object(map) => map.values_mut().for_each(jsonb_value),
+        _ => {}
+    }
+}
+
+/// A JSON number as PostgreSQL's `jsonb` prints it, which is `numeric`'s output of the
+/// number read as `numeric`: the exponent applied (the scale is the fraction's digits minus
+/// the exponent, at least 0) and zero without a sign. `row_to_json` prints an exponent only
+/// for floats (`1e+20`, `1.5e-07`) and `-0` for a negative float zero; everything else is
+/// returned as it is.
+pub fn jsonb_number(s: &str) -> Cow<'_, str> {
+    let (negative, body) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (mantissa, exponent) = match body.find(['e', 'E']) {
+        Some(i) => match body[i + 1..].parse::<i64>() {
+            Ok(e) => (&body[..i], e),
+            Err(_) => return Cow::Borrowed(s),
+        },
+        None => (body, 0),
+    };
+    let is_zero = mantissa.bytes().all(|b| b == b'0' || b == b'.');
+    if exponent == 0 && !(negative && is_zero) {
+        return Cow::Borrowed(s);
+    }
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits: String = format!("{int}{frac}");
+    let scale = (frac.len() as i64 - exponent).max(0) as usize;
+    // The decimal point sits after `point` digits (possibly before the first, or past the end).
+    let point = int.len() as i64 + exponent;
+    let mut whole = String::new();
+    let mut fraction = String::new();
+    for k in 0..(point.max(0) as usize).max(1).max(digits.len()) {
+        let d = if (k as i64) < point && k < digits.len() { digits.as_bytes()[k] as char } else { '0' };
+        if (k as i64) < point {
+            whole.push(d);
+        }
+    }
+    for k in 0..scale {
+        let pos = point + k as i64;
+        let d = if pos >= 0 && (pos as usize) < digits.len() { digits.as_bytes()[pos as usize] as char } else { '0' };
+        fraction.push(d);
+    }
+    let whole = whole.trim_start_matches('0');
+    let whole = if whole.is_empty() { "0" } else { whole };
+    let zero = whole == "0" && fraction.bytes().all(|b| b == b'0');
+    let mut out = String::new();
+    if negative && !zero {
+        out.push('-');
+    }
+    out.push_str(whole);
+    if scale > 0 {
+        out.push('.');
+        out.push_str(&fraction);
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_as_jsonb_prints_them() {
+        for (given, jsonb) in [
+            ("1e+20", "100000000000000000000"),
+            ("1.5e-07", "0.00000015"),
+            ("-2.5e+3", "-2500"),
+            ("1.25e+1", "12.5"),
+            ("6.02214076e+23", "602214076000000000000000"),
+            ("-0", "0"),
+            ("-0.0", "0.0"),
+            ("1E2", "100"),
+            ("5e-324", &format!("0.{}5", "0".repeat(323))),
+            ("42", "42"),
+            ("-7.50", "-7.50"),
+            ("0.001", "0.001"),
+        ] {
+            assert_eq!(jsonb_number(given), jsonb, "{given}");
+        }
+        assert!(matches!(jsonb_number("123.45"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn a_log_row_unpacks_into_checked_events() {
+        let origin = Uuid::from_u128(7);
+        let row = LogRow {
+            origin,
+            seq: 3,
+            xact: 900,
+            vclock: BTreeMap::from([(origin, 3)]),
+            parts: vec![
+                Part {
+                    hlc: 10,
+                    table: "public.t".into(),
+                    op: Op::Update,
+                    pk_columns: r#"["id"]"#.into(),
+                    first: 1,
+                    rows: r#"[[{"id":1,"v":1e+2},{"v":5}],[{"id":2,"v":-0},{"v":1}]]"#.into(),
+                },
+                Part {
+                    hlc: 11,
+                    table: "public.t".into(),
+                    op: Op::Delete,
+                    pk_columns: r#"["id"]"#.into(),
+                    first: 3,
+                    rows: r#"[{"id":9,"v":null}]"#.into(),
+                },
+            ],
+        };
+        let events = row.events().unwrap();
+        assert_eq!(events.iter().map(|e| e.idx).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(events[0].data.as_ref().unwrap()["v"].to_string(), "100");
+        assert_eq!(events[1].data.as_ref().unwrap()["v"].to_string(), "0");
+        assert_eq!(events[0].old, Some(serde_json::json!({"v": 5})));
+        assert_eq!(events[2].pk, serde_json::json!({"id": 9}));
+        assert_eq!((events[2].data.clone(), events[2].hlc), (None, 11));
+        assert!(events.iter().all(Event::checksum_ok));
+    }
+}
