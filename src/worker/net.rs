@@ -61,6 +61,8 @@ struct Shared {
     /// Per peer key: how to wake its puller (a poke, or a fresh announcement).
     wakes: Mutex<BTreeMap<String, Arc<Notify>>>,
     sessions: Mutex<Vec<Session>>,
+    /// Pokes under way, by peer address: true when another commit came meanwhile.
+    pokes: Mutex<BTreeMap<SocketAddr, bool>>,
     discovery: Arc<Mutex<DiscoveryStatus>>,
     interval: Duration,
     stop: watch::Receiver<bool>,
@@ -183,6 +185,7 @@ impl Net {
             roster: Mutex::new(roster),
             wakes: Mutex::new(BTreeMap::new()),
             sessions: Mutex::new(Vec::new()),
+            pokes: Mutex::new(BTreeMap::new()),
             discovery: Arc::new(Mutex::new(DiscoveryStatus::default())),
             interval: s.interval,
             stop: stop.clone(),
@@ -208,15 +211,29 @@ impl Net {
     }
 
     /// Tell every peer with a known address that this node has new changes (they pull at once).
+    ///
+    /// Peers whose last exchange failed are skipped (they pull by themselves when they come
+    /// back), and at most one poke per peer is in flight: commits meanwhile are folded into
+    /// one more poke after it, so a busy node does not pile up requests.
     pub fn poke_peers(&self) {
-        let addrs: Vec<SocketAddr> =
-            self.shared.roster.lock().expect("roster").peers().filter_map(|p| p.address).collect();
+        let addrs: Vec<SocketAddr> = self
+            .shared
+            .roster
+            .lock()
+            .expect("roster")
+            .peers()
+            .filter(|p| p.last_error.is_none())
+            .filter_map(|p| p.address)
+            .collect();
         for peer in addrs {
-            let (shared, port) = (self.shared.clone(), self.port);
-            // Best effort: a peer that misses it pulls at its next interval anyway.
-            self.runtime.spawn(async move {
-                let _ = shared.client.poke(peer, port).await;
-            });
+            let mut pokes = self.shared.pokes.lock().expect("pokes");
+            match pokes.get_mut(&peer) {
+                Some(again) => *again = true,
+                None => {
+                    pokes.insert(peer, false);
+                    self.runtime.spawn(poke(self.shared.clone(), peer, self.port));
+                }
+            }
         }
     }
 
@@ -284,6 +301,21 @@ impl Net {
     pub fn stop(self) {
         let _ = self.shutdown.send(true);
         self.runtime.shutdown_timeout(Duration::from_secs(5));
+    }
+}
+
+/// Poke `peer` until no commit came while the last poke was under way. Best effort: a peer
+/// that misses one pulls at its next interval anyway.
+async fn poke(shared: Arc<Shared>, peer: SocketAddr, port: u16) {
+    loop {
+        let _ = shared.client.poke(peer, port).await;
+        let mut pokes = shared.pokes.lock().expect("pokes");
+        if pokes.get(&peer) == Some(&true) {
+            pokes.insert(peer, false);
+        } else {
+            pokes.remove(&peer);
+            return;
+        }
     }
 }
 
