@@ -61,6 +61,13 @@ fn static_peers_on_loopback_converge_and_strangers_are_refused() {
         let (mut ca, mut cb) = (a.connect(), b.connect());
         (count(&b) == 550 && digest(&mut ca, "items") == digest(&mut cb, "items")).then_some(())
     });
+    // The authenticated status route answers who A is and what it holds.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client =
+        sync_bridge::transport::Client::new(sync_bridge::auth::Keys::derive(KEY).unwrap(), Duration::from_secs(10));
+    let remote = rt.block_on(client.status(format!("127.0.0.1:{pa}").parse().unwrap())).unwrap();
+    assert_eq!(remote["node_name"], "net-a", "{remote}");
+    assert_eq!(remote["have"], pg_peersync_tests::have(&mut a.connect()), "{remote}");
     let s = status(&a);
     assert_eq!(s["listening"], serde_json::json!([format!("127.0.0.1:{pa}")]), "{s}");
     assert_eq!(s["peers"][0]["state"], "up", "{s}");

@@ -286,6 +286,17 @@ fn answer(ask: net::Ask) {
     let batch = gucs::batch_size();
     let (reply, result) = match ask {
         net::Ask::Have(reply) => (reply, query("SELECT @.sync_have()::text", None, None)),
+        // What a peer may know of this node: who it is and what it holds (no data, no settings).
+        net::Ask::Status(reply) => (
+            reply,
+            query(
+                "SELECT jsonb_build_object('node_id', s -> 'node_id', 'node_name', s -> 'node_name',
+                        'version', s -> 'version', 'protocol', $1, 'have', s -> 'have')::text
+                   FROM (SELECT @.sync_status() AS s) x",
+                None,
+                Some(sync_bridge::auth::PROTOCOL_VERSION as i32),
+            ),
+        ),
         // The answer also carries this node's whole have-vector, so the puller can tell what
         // each side lacks.
         net::Ask::Changes(have, reply) => {

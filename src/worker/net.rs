@@ -21,6 +21,7 @@ pub type Reply = oneshot::Sender<Result<String, String>>;
 /// `sync_changes` to the other's apply: never parsed whole in between.
 pub enum Ask {
     Have(Reply),
+    Status(Reply),
     Changes(Value, Reply),
     Apply(String, Reply),
 }
@@ -98,6 +99,11 @@ impl Node for Bridge {
     fn push(&self, batch: String) -> NodeFuture {
         let shared = self.0.clone();
         Box::pin(async move { ask(&shared.tx, |r| Ask::Apply(batch, r)).await })
+    }
+
+    fn status(&self) -> NodeFuture {
+        let shared = self.0.clone();
+        Box::pin(async move { ask(&shared.tx, Ask::Status).await })
     }
 
     fn poke(&self, from: SocketAddr) {

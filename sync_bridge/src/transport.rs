@@ -5,6 +5,7 @@
 //! - `GET /health`: unauthenticated JSON: status, protocol, uptime; no secrets, no data;
 //! - `POST /v1/changes`: body a have-vector, answer a batch of what the caller lacks;
 //! - `POST /v1/push`: body a batch, answer the receiver's apply counts;
+//! - `POST /v1/status`: body `{}`, answer the node's identity, protocol and have-vector;
 //! - `POST /v1/poke`: body `{"port": n}`: "I have new changes, pull from me (at my address,
 //!   port n)"; answer `{}`. This is how a commit reaches peers within milliseconds.
 //!
@@ -42,6 +43,8 @@ pub trait Node: Send + Sync + 'static {
     fn push(&self, batch: String) -> NodeFuture;
     /// The node at `from` has new changes.
     fn poke(&self, from: SocketAddr);
+    /// The node's status for a peer: identity, protocol and have-vector.
+    fn status(&self) -> NodeFuture;
 }
 
 pub fn now_ms() -> u64 {
@@ -109,7 +112,7 @@ impl<N: Node> Server<N> {
                               "uptime_s": self.started.elapsed().as_secs()});
             return respond(StatusCode::OK, body.to_string().into_bytes(), None);
         }
-        if method != Method::POST || !["/v1/changes", "/v1/push", "/v1/poke"].contains(&path.as_str()) {
+        if method != Method::POST || !["/v1/changes", "/v1/push", "/v1/poke", "/v1/status"].contains(&path.as_str()) {
             return respond(StatusCode::NOT_FOUND, Vec::new(), None);
         }
         self.counters.lock().expect("counters").requests += 1;
@@ -134,6 +137,7 @@ impl<N: Node> Server<N> {
         };
         let answer = match path.as_str() {
             "/v1/changes" => self.node.changes(input).await,
+            "/v1/status" => self.node.status().await,
             "/v1/poke" => match input["port"].as_u64().and_then(|p| u16::try_from(p).ok()) {
                 Some(port) => {
                     self.node.poke(SocketAddr::new(remote.ip(), port));
@@ -279,6 +283,12 @@ impl Client {
     }
 
     /// Tell `peer` this node (serving on `port`) has new changes.
+    /// `peer`'s status (identity, protocol, have-vector).
+    pub async fn status(&self, peer: SocketAddr) -> Result<Value, CallError> {
+        let (answer, _) = self.call(peer, "/v1/status", "{}").await?;
+        serde_json::from_str(&answer).map_err(|_| CallError::BadAnswer(Rejection::Malformed))
+    }
+
     pub async fn poke(&self, peer: SocketAddr, port: u16) -> Result<(), CallError> {
         self.call(peer, "/v1/poke", &json!({ "port": port }).to_string()).await.map(|_| ())
     }
@@ -310,6 +320,9 @@ mod tests {
         fn poke(&self, from: SocketAddr) {
             self.poked.lock().unwrap().push(from);
         }
+        fn status(&self) -> NodeFuture {
+            Box::pin(async { Ok(json!({"name": "fake", "have": {}}).to_string()) })
+        }
     }
 
     async fn start() -> (SocketAddr, Arc<Fake>, Arc<Mutex<Counters>>, watch::Sender<bool>) {
@@ -336,6 +349,7 @@ mod tests {
         assert_eq!(node.pushed.lock().unwrap().len(), 1);
         client.poke(addr, 9999).await.unwrap();
         assert_eq!(*node.poked.lock().unwrap(), vec!["127.0.0.1:9999".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(client.status(addr).await.unwrap()["name"], "fake");
         assert_eq!(counters.lock().unwrap().rejected, BTreeMap::new());
         // /health needs no key and tells nothing secret.
         let health: Value = reqwest::get(format!("http://{addr}/health")).await.unwrap().json().await.unwrap();
