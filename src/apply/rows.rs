@@ -297,11 +297,14 @@ pub(super) fn load_registers(
 ) -> Result<Vec<(String, Vec<Stored>)>, SyncError> {
     Spi::connect_mut(|client| {
         let rows = client.update(
-            // A join, not `pk = ANY($2)`: costed as a nested loop of index probes, which is what
-            // a batch of keys against a large table needs (the other form turns into a scan).
+            // One index probe per key, whatever the sizes: `pk = ANY($2)` and a plain join are
+            // both planned as a scan of every register of the table once the batch is large
+            // (a hash join over all of them), which grows with the table. LIMIT 1 keeps the
+            // lateral subquery from being flattened into such a join.
             &format!(
-                "SELECT r.pk, r.versions::text FROM unnest($2::text[]) AS k(pk) \
-                   JOIN {schema}.sync_rows r ON r.relid = $1::oid::regclass AND r.pk = k.pk"
+                "SELECT k.pk, r.versions::text FROM unnest($2::text[]) AS k(pk) \
+                   CROSS JOIN LATERAL (SELECT versions FROM {schema}.sync_rows \
+                                        WHERE relid = $1::oid::regclass AND pk = k.pk LIMIT 1) r"
             ),
             None,
             &[relid.into(), keys.into()],
@@ -340,10 +343,12 @@ pub(super) fn store_registers(
 
 /// The table rows (captured columns) for these keys, by canonical key text.
 fn current_rows(t: &Table, pks: &[&Value]) -> Result<HashMap<String, Row>, SyncError> {
+    // One index probe per key (see load_registers for why LIMIT 1).
     let sql = format!(
-        "SELECT (SELECT jsonb_object_agg(k, to_jsonb(x) -> k) FROM unnest($2::text[]) k)::text, \
+        "SELECT (SELECT jsonb_object_agg(c, to_jsonb(x) -> c) FROM unnest($2::text[]) c)::text, \
                 (to_jsonb(x) - $3::text[])::text \
-           FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb) k JOIN {tbl} x ON {on}",
+           FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb) k \
+          CROSS JOIN LATERAL (SELECT * FROM {tbl} x WHERE {on} LIMIT 1) x",
         tbl = t.name,
         on = t.pk.iter().map(|c| format!("x.{q} = k.{q}", q = quote_ident(c))).collect::<Vec<_>>().join(" AND ")
     );
