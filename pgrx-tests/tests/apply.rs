@@ -69,6 +69,15 @@ fn apply_is_idempotent_creates_no_local_events_and_relays() {
     assert_eq!((again["applied"].clone(), again["skipped"].clone()), (json!(0), json!(65)), "{again}");
     assert_eq!(digest(&mut n[1], "items"), digest_before);
     assert_eq!(count(&mut n[1], "SELECT count(*) FROM sync_events"), 65);
+    // The text form is the same function: a fresh node applies what the jsonb form applied on B.
+    c.connect().batch_execute("CREATE DATABASE textform").unwrap();
+    let mut t = c.connect_db("textform");
+    t.batch_execute(SCHEMA).unwrap();
+    let text: String = t.query_one("SELECT sync_apply($1::text)::text", &[&b.to_string()]).unwrap().get(0);
+    let by_text: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(by_text["applied"], first["applied"], "{by_text}");
+    assert_eq!(by_text["transactions"], first["transactions"], "{by_text}");
+    assert_eq!(digest(&mut t, "items"), digest(&mut n[1], "items"));
 
     // Relay: C never talks to A, yet receives A's events, with A's numbers and checksums.
     let (n0, rest) = n.split_at_mut(1);

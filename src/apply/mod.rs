@@ -430,6 +430,11 @@ extension_sql!(
 CREATE FUNCTION sync_apply(batch jsonb) RETURNS jsonb LANGUAGE sql VOLATILE
 AS $$ SELECT @extschema@._sync_apply_text(batch::text) $$;
 COMMENT ON FUNCTION sync_apply(jsonb) IS 'Apply a batch from sync_changes() on another node; returns counts.';
+-- The same from the batch's text, as it travels (a file, the network): it skips parsing into
+-- jsonb and printing it back, which is a third of the time of a large batch.
+CREATE FUNCTION sync_apply(batch text) RETURNS jsonb LANGUAGE sql VOLATILE
+AS $$ SELECT @extschema@._sync_apply_text(batch) $$;
+COMMENT ON FUNCTION sync_apply(text) IS 'Apply a batch from sync_changes() on another node, given as text; returns counts.';
 "#,
     name = "sync_apply",
     requires = [_sync_apply_text],

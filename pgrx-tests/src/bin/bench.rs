@@ -70,11 +70,14 @@ fn receiver(c: &Cluster, name: &str, local_rows: bool) -> postgres::Client {
     db
 }
 
-fn apply_all(db: &mut postgres::Client, batches: &[String]) -> (f64, i64) {
+/// Apply every batch, given as text like the baselines' input: with `sync_apply(text)`, or with
+/// `as_jsonb` through `sync_apply(jsonb)` (parsed into jsonb first, printed back inside).
+fn apply_all(db: &mut postgres::Client, batches: &[String], as_jsonb: bool) -> (f64, i64) {
+    let sql = if as_jsonb { "SELECT sync_apply($1::text::jsonb)::text" } else { "SELECT sync_apply($1::text)::text" };
     let start = Instant::now();
     let mut conflicts = 0;
     for b in batches {
-        let out: String = db.query_one("SELECT sync_apply($1::text::jsonb)::text", &[b]).unwrap().get(0);
+        let out: String = db.query_one(sql, &[b]).unwrap().get(0);
         let out: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(out["errors"], serde_json::json!(0), "{out}");
         conflicts += out["conflicts"].as_i64().unwrap_or(0);
@@ -99,9 +102,9 @@ fn upsert_all(db: &mut postgres::Client, table: &str, inputs: &[String], whole_b
     start.elapsed().as_secs_f64()
 }
 
-/// Returns the ratios: apply / upsert throughput (from the same batches, from bare rows), and
-/// conflicting / clean apply throughput.
-fn apply_bench(c: &Cluster) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+/// Returns the ratios: apply / upsert throughput (from the same batches, from bare rows),
+/// conflicting / clean apply throughput, and apply through `sync_apply(jsonb)` / upsert.
+fn apply_bench(c: &Cluster) -> ApplyRatios {
     let batches = stream(c);
     let rows: Vec<String> = batches
         .iter()
@@ -114,7 +117,7 @@ fn apply_bench(c: &Cluster) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let events: usize = rows.iter().map(|r| serde_json::from_str::<Vec<serde_json::Value>>(r).unwrap().len()).sum();
     assert_eq!(events as i64, STREAM_ROWS);
     let mut plain = c.connect_db("plain");
-    let (mut vs_upsert, mut vs_rows, mut vs_clean) = (vec![], vec![], vec![]);
+    let mut r = ApplyRatios::default();
     for pair in 0..APPLY_PAIRS {
         let (table, rows_table) = (format!("upsert_{pair}"), format!("upsert_rows_{pair}"));
         for t in [&table, &rows_table] {
@@ -122,33 +125,46 @@ fn apply_bench(c: &Cluster) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         }
         let mut clean = receiver(c, &format!("clean_{pair}"), false);
         let mut conflicting = receiver(c, &format!("conflicting_{pair}"), true);
+        let mut via_jsonb = receiver(c, &format!("via_jsonb_{pair}"), false);
         // Alternate the order, so a drift in the machine's speed cancels out.
-        let mut t = [0.0f64; 4];
+        let mut t = [0.0f64; 5];
         let mut conflicts = 0;
-        let order: [usize; 4] = if pair % 2 == 0 { [0, 1, 2, 3] } else { [3, 2, 1, 0] };
+        let order: [usize; 5] = if pair % 2 == 0 { [0, 1, 2, 3, 4] } else { [4, 3, 2, 1, 0] };
         for k in order {
             match k {
                 0 => t[0] = upsert_all(&mut plain, &table, &batches, true),
-                1 => t[1] = apply_all(&mut clean, &batches).0,
-                2 => (t[2], conflicts) = apply_all(&mut conflicting, &batches),
-                _ => t[3] = upsert_all(&mut plain, &rows_table, &rows, false),
+                1 => t[1] = apply_all(&mut clean, &batches, false).0,
+                2 => (t[2], conflicts) = apply_all(&mut conflicting, &batches, false),
+                3 => t[3] = upsert_all(&mut plain, &rows_table, &rows, false),
+                _ => t[4] = apply_all(&mut via_jsonb, &batches, true).0,
             }
         }
         assert_eq!(conflicts, STREAM_ROWS, "every event conflicts");
         let rate = |t: f64| STREAM_ROWS as f64 / t;
         println!(
-            "apply {pair}: upsert from the batches {:.0} rows/s (from bare rows {:.0}), sync_apply {:.0} rows/s, \
-             every event conflicting {:.0} rows/s",
+            "apply {pair}: upsert from the batches {:.0} rows/s (from bare rows {:.0}), sync_apply(text) {:.0} rows/s, \
+             every event conflicting {:.0} rows/s, sync_apply(jsonb) {:.0} rows/s",
             rate(t[0]),
             rate(t[3]),
             rate(t[1]),
-            rate(t[2])
+            rate(t[2]),
+            rate(t[4])
         );
-        vs_upsert.push(t[0] / t[1]);
-        vs_rows.push(t[3] / t[1]);
-        vs_clean.push(t[1] / t[2]);
+        r.vs_upsert.push(t[0] / t[1]);
+        r.vs_rows.push(t[3] / t[1]);
+        r.vs_clean.push(t[1] / t[2]);
+        r.jsonb_vs_upsert.push(t[0] / t[4]);
     }
-    (vs_upsert, vs_rows, vs_clean)
+    r
+}
+
+/// The apply ratios, one per pair.
+#[derive(Default)]
+struct ApplyRatios {
+    vs_upsert: Vec<f64>,
+    vs_rows: Vec<f64>,
+    vs_clean: Vec<f64>,
+    jsonb_vs_upsert: Vec<f64>,
 }
 
 fn pgbench_tps(c: &Cluster, db: &str, seconds: u32) -> f64 {
@@ -186,8 +202,7 @@ fn main() {
     if std::env::var("BENCH_ONLY").as_deref() == Ok("apply") {
         let c = Cluster::start("bench", &["shared_buffers = '256MB'", "max_wal_size = '4GB'", "autovacuum = off"]);
         c.connect().batch_execute("CREATE DATABASE plain").unwrap();
-        let (vs_upsert, vs_rows, vs_clean) = apply_bench(&c);
-        apply_summary(&vs_upsert, &vs_rows, &vs_clean);
+        apply_summary(&apply_bench(&c));
         return;
     }
     let seconds: u32 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
@@ -263,13 +278,14 @@ fn main() {
     summary(&format!("pgbench tpcb-like TPS, s=10, 4 clients, {seconds}s"), &tps, ">= 0.85");
     summary("100k-row single-statement INSERT time", &ins, "<= 2.0");
     summary("100k-row single-statement UPDATE time", &upd, "<= 2.0");
-    if let Some((vs_upsert, vs_rows, vs_clean)) = apply {
-        apply_summary(&vs_upsert, &vs_rows, &vs_clean);
+    if let Some(r) = apply {
+        apply_summary(&r);
     }
 }
 
-fn apply_summary(vs_upsert: &[f64], vs_rows: &[f64], vs_clean: &[f64]) {
-    summary("apply / upsert of the same batches (100k, 1k)", vs_upsert, ">= 0.6");
-    summary("apply / upsert of the bare rows (100k, 1k)", vs_rows, "(info)");
-    summary("apply, every event conflicting / none", vs_clean, ">= 0.5");
+fn apply_summary(r: &ApplyRatios) {
+    summary("apply / upsert of the same batches (100k, 1k)", &r.vs_upsert, ">= 0.6");
+    summary("apply / upsert of the bare rows (100k, 1k)", &r.vs_rows, "(info)");
+    summary("apply, every event conflicting / none", &r.vs_clean, ">= 0.5");
+    summary("sync_apply(jsonb) / upsert of the same batches", &r.jsonb_vs_upsert, "(info)");
 }
