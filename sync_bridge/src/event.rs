@@ -1,6 +1,7 @@
 //! Events and batches: the units `sync_changes()` produces and `sync_apply()` consumes.
 //! `PROTOCOL.md` specifies the format; this module is its reference implementation.
 
+use crate::auth::hex;
 use crate::canonical::{write_string, write_value};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -89,10 +90,6 @@ impl Event {
     pub fn checksum_ok(&self) -> bool {
         self.compute_checksum() == self.checksum
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What `sync_changes()` returns: for each origin, the events in `(from, have]`.

@@ -122,23 +122,14 @@ pub fn jsonb_number(s: &str) -> Cow<'_, str> {
         return Cow::Borrowed(s);
     }
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let digits: String = format!("{int}{frac}");
-    let scale = (frac.len() as i64 - exponent).max(0) as usize;
-    // The decimal point sits after `point` digits (possibly before the first, or past the end).
+    let digits = format!("{int}{frac}").into_bytes();
+    let scale = (frac.len() as i64 - exponent).max(0);
+    // The decimal point sits after `point` digits (possibly before the first, or past the end);
+    // positions outside the digits are zeros.
     let point = int.len() as i64 + exponent;
-    let mut whole = String::new();
-    let mut fraction = String::new();
-    for k in 0..(point.max(0) as usize).max(1).max(digits.len()) {
-        let d = if (k as i64) < point && k < digits.len() { digits.as_bytes()[k] as char } else { '0' };
-        if (k as i64) < point {
-            whole.push(d);
-        }
-    }
-    for k in 0..scale {
-        let pos = point + k as i64;
-        let d = if pos >= 0 && (pos as usize) < digits.len() { digits.as_bytes()[pos as usize] as char } else { '0' };
-        fraction.push(d);
-    }
+    let digit = |k: i64| usize::try_from(k).ok().and_then(|k| digits.get(k)).map_or('0', |d| *d as char);
+    let whole: String = (0..point).map(digit).collect();
+    let fraction: String = (point..point + scale).map(digit).collect();
     let whole = whole.trim_start_matches('0');
     let whole = if whole.is_empty() { "0" } else { whole };
     let zero = whole == "0" && fraction.bytes().all(|b| b == b'0');
