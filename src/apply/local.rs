@@ -83,9 +83,9 @@ pub fn index(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<
         let held: HashMap<String, Vec<Stored>> = load_registers(schema, relid, keys)?.into_iter().collect();
         let mut changed: Vec<(&str, Vec<Stored>)> = Vec::new();
         for (key, v) in versions {
-            let local = v.to_version(me, None);
+            let local = v.causal(me);
             let seen = held.get(key).is_some_and(|regs| {
-                regs.iter().map(|w| w.to_version(me, None)).any(|w| w.dot() == local.dot() || w.has_seen(&local))
+                regs.iter().map(|w| w.causal(me)).any(|w| w.dot() == local.dot() || w.has_seen(&local))
             });
             if !seen {
                 changed.push((key, vec![v.clone()]));

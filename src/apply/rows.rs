@@ -110,7 +110,7 @@ pub fn apply(
             .filter(|(k, i)| {
                 states.get(&(*table, **k)).is_some_and(|s| {
                     let v = &versions[**i];
-                    s.stored.iter().any(|w| w.needs_row() && !v.has_seen(&w.to_version(me, None)))
+                    s.stored.iter().any(|w| w.needs_row() && !v.has_seen(&w.causal(me)))
                 })
             })
             .map(|(k, _)| *k)
@@ -148,7 +148,7 @@ pub fn apply(
             current: None,
             dirty: false,
         });
-        let held: Vec<Version> = state.stored.iter().map(|s| s.to_version(me, None)).collect();
+        let held: Vec<Version> = state.stored.iter().map(|s| s.causal(me)).collect();
         if held.iter().any(|w| w.dot() == v.dot() || w.has_seen(&v)) {
             stats.skipped += 1;
             continue;

@@ -206,6 +206,21 @@ impl Stored {
         Version { origin: self.o, seq: self.s, idx: self.i, hlc: Hlc(self.h), context, row, written }
     }
 
+    /// Just what "has seen" and the dot look at (origin, numbers, clock, context), without
+    /// copying the row image: for causality checks on the apply path.
+    pub fn causal(&self, me: Uuid) -> Version {
+        let context = self.l.map(|l| BTreeMap::from([(me, l)])).unwrap_or_default();
+        Version {
+            origin: self.o,
+            seq: self.s,
+            idx: self.i,
+            hlc: Hlc(self.h),
+            context,
+            row: None,
+            written: BTreeSet::new(),
+        }
+    }
+
     /// True when the stored version lacks a row image it needs to be resolved against others.
     pub fn needs_row(&self) -> bool {
         !self.d && self.r.is_none()
@@ -259,6 +274,21 @@ mod tests {
     /// concurrent with both and has the greatest clock. Pairwise rules applied in arrival
     /// order end at C or at B depending on the order; over the maximal set {B, C} the answer
     /// is always B.
+    #[test]
+    fn causal_versions_see_what_full_ones_see() {
+        let me = node(9);
+        let a = version(1, 3, 10, &[(9, 4)], Some(json!({"id": 1, "v": 1})), &["id", "v"]);
+        let b = version(9, 4, 11, &[(1, 3)], Some(json!({"id": 1, "v": 2})), &["v"]);
+        for s in [Stored::from_version(&a, me, true), Stored::from_version(&b, me, false)] {
+            let (full, light) = (s.to_version(me, None), s.causal(me));
+            assert_eq!(full.dot(), light.dot());
+            for other in [&a, &b] {
+                assert_eq!(full.has_seen(other), light.has_seen(other));
+                assert_eq!(other.has_seen(&full), other.has_seen(&light));
+            }
+        }
+    }
+
     #[test]
     fn node_priority_counterexample_converges() {
         let a = version(1, 1, 10, &[], Some(json!({"id": 1, "v": "A"})), &["id", "v"]);
