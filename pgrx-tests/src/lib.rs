@@ -275,6 +275,24 @@ pub fn exchange_all(n: &mut [postgres::Client]) {
     }
 }
 
+/// A TCP port that is free on loopback now (for a worker's HTTP server).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `sync_status() -> 'worker'`, or None while the cluster cannot answer (restarting after a
+/// crash, say).
+pub fn try_worker_status(c: &Cluster) -> Option<serde_json::Value> {
+    let mut db = postgres::Client::connect(&c.conn_string("postgres"), postgres::NoTls).ok()?;
+    let text: String = db.query_one("SELECT (sync_status() -> 'worker')::text", &[]).ok()?.get(0);
+    serde_json::from_str(&text).ok()
+}
+
+/// `sync_status() -> 'worker'`.
+pub fn worker_status(c: &Cluster) -> serde_json::Value {
+    try_worker_status(c).unwrap_or_else(|| panic!("{}: no worker status\n{}", c.name, c.log()))
+}
+
 /// Poll `f` every 100 ms until it returns `Some`, for at most `secs` seconds (then panic).
 pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     for _ in 0..secs * 10 {

@@ -3,8 +3,7 @@
 //! be made, each test says SKIPPED and why, and returns.
 
 use pg_peersync_tests::lab::Lab;
-use pg_peersync_tests::{Cluster, digest, wait_for};
-use serde_json::Value;
+use pg_peersync_tests::{Cluster, digest, try_worker_status, wait_for, worker_status};
 
 const KEY: &str = "lab-registration-key-0123456789";
 
@@ -48,14 +47,9 @@ fn node(lab: &mut Lab, bridges: &[usize], name: &str, key: &str) -> Cluster {
     c
 }
 
-fn status(c: &Cluster) -> Value {
-    let text: String = c.connect().query_one("SELECT (sync_status() -> 'worker')::text", &[]).unwrap().get(0);
-    serde_json::from_str(&text).unwrap()
-}
-
 /// The names of the peers `c` shows in `state`.
 fn peers_in(c: &Cluster, state: &str) -> Vec<String> {
-    let s = status(c);
+    let s = worker_status(c);
     let mut names: Vec<String> = s["peers"]
         .as_array()
         .map(|ps| {
@@ -121,7 +115,7 @@ fn multicast_discovery_partition_restart_crash_and_a_stranger() {
     for (n, others) in [(&a, ["lab-b", "lab-c"]), (&b, ["lab-a", "lab-c"]), (&c, ["lab-a", "lab-b"])] {
         wait_for(60, "every node to see the two others up", || (peers_in(n, "up") == others).then_some(()));
     }
-    let s = status(&a);
+    let s = worker_status(&a);
     assert_eq!(s["peers"][0]["found_by"], "multicast", "{s}");
     assert_eq!(s["peers"][0]["schema_matches"], true, "{s}");
     assert_eq!(s["discovery"]["interfaces"][0]["name"], "eth0", "{s}");
@@ -135,7 +129,7 @@ fn multicast_discovery_partition_restart_crash_and_a_stranger() {
     lab.link(2, 0, false);
     write_everywhere(&[&a, &b, &c], 2);
     wait_for(30, "A to mark C down", || peers_in(&a, "up").eq(&["lab-b"]).then_some(()));
-    assert!(!peers_in(&a, "down").is_empty() || !peers_in(&a, "unreachable").is_empty(), "{}", status(&a));
+    assert!(!peers_in(&a, "down").is_empty() || !peers_in(&a, "unreachable").is_empty(), "{}", worker_status(&a));
     lab.link(2, 0, true);
     converged(&[&a, &b, &c], 610, "convergence after the partition healed");
     wait_for(30, "A to see C up again", || (peers_in(&a, "up") == ["lab-b", "lab-c"]).then_some(()));
@@ -148,11 +142,12 @@ fn multicast_discovery_partition_restart_crash_and_a_stranger() {
 
     // A's worker killed with SIGKILL (the postmaster restarts everything): nothing lost, nothing
     // applied twice.
-    let pid = status(&a)["pid"].as_i64().expect("A's worker pid");
+    let pid = worker_status(&a)["pid"].as_i64().expect("A's worker pid");
     assert!(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
     exec(&b, "INSERT INTO items SELECT g, 'while a restarts', g FROM generate_series(50000, 50099) g");
     wait_for(60, "A's worker to restart", || {
-        let s = c_status_retry(&a);
+        // None while the postmaster restarts everything after the crash.
+        let s = try_worker_status(&a)?;
         (s["pid"].as_i64().is_some_and(|p| p != pid) && s["state"] == "running").then_some(())
     });
     converged(&[&a, &b, &c], 910, "convergence after A's worker was killed");
@@ -178,41 +173,27 @@ fn multicast_discovery_partition_restart_crash_and_a_stranger() {
     let mut tcpdump = lab.capture(0, pcap.path());
     let d = node(&mut lab, &[0], "lab-stranger", "another-registration-key-987");
     wait_for(30, "A to reject the stranger's announcements", || {
-        (status(&a)["discovery"]["rejected"]["wrong_key"].as_u64().unwrap_or(0) >= 2).then_some(())
+        (worker_status(&a)["discovery"]["rejected"]["wrong_key"].as_u64().unwrap_or(0) >= 2).then_some(())
     });
     wait_for(30, "the stranger to reject A's", || {
-        (status(&d)["discovery"]["rejected"]["wrong_key"].as_u64().unwrap_or(0) >= 2).then_some(())
+        (worker_status(&d)["discovery"]["rejected"]["wrong_key"].as_u64().unwrap_or(0) >= 2).then_some(())
     });
     exec(&a, "INSERT INTO items VALUES (77777, 'plaintext-canary-7f3a', 1)");
     converged(&[&a, &b, &c], 911, "the canary row to reach B and C");
     let _ = tcpdump.kill();
     let _ = tcpdump.wait();
     for n in [&a, &b, &c] {
-        let s = status(n);
+        let s = worker_status(n);
         let names: Vec<&str> = s["peers"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
         assert!(!names.contains(&"lab-stranger"), "{} lists the stranger: {s}", n.name);
     }
-    assert_eq!(status(&d)["peers"], serde_json::json!([]), "the stranger found no peer");
+    assert_eq!(worker_status(&d)["peers"], serde_json::json!([]), "the stranger found no peer");
     assert_eq!(count(&d, "items"), 0);
     let captured = std::fs::read(pcap.path()).unwrap();
     assert!(captured.len() > 1000, "the capture holds traffic ({} bytes)", captured.len());
     for secret in ["plaintext-canary-7f3a", "while a restarts", KEY] {
         assert!(!captured.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret:?} was on the wire");
     }
-}
-
-/// The status, retrying while the cluster is restarting its processes after a crash.
-fn c_status_retry(c: &Cluster) -> Value {
-    for _ in 0..50 {
-        if let Ok(mut db) =
-            pg_peersync_tests::postgres::Client::connect(&c.conn_string("postgres"), pg_peersync_tests::postgres::NoTls)
-            && let Ok(row) = db.query_one("SELECT (sync_status() -> 'worker')::text", &[])
-        {
-            return serde_json::from_str(row.get::<_, &str>(0)).unwrap();
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    panic!("{} did not come back", c.name)
 }
 
 #[test]
@@ -226,14 +207,18 @@ fn relay_through_a_node_on_two_networks() {
     wait_for(60, "A and C to see B up", || {
         (peers_in(&a, "up") == ["relay-b"] && peers_in(&c, "up") == ["relay-b"]).then_some(())
     });
-    let sb = status(&b);
+    let sb = worker_status(&b);
     assert_eq!(sb["discovery"]["interfaces"].as_array().map(Vec::len), Some(2), "B announces on both: {sb}");
     exec(&a, "INSERT INTO items SELECT g, 'from a', g FROM generate_series(1, 100) g");
     exec(&c, "INSERT INTO items SELECT g, 'from c', g FROM generate_series(1001, 1100) g");
     converged(&[&a, &b, &c], 200, "A's rows to reach C and C's to reach A through B");
     // Still strangers to each other: nothing went directly.
     assert_eq!(peers_in(&a, "up"), ["relay-b"]);
-    let names: Vec<String> =
-        status(&a)["peers"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect();
+    let names: Vec<String> = worker_status(&a)["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect();
     assert_eq!(names, ["relay-b"]);
 }

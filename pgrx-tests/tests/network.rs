@@ -1,13 +1,8 @@
 //! Two and three nodes over loopback with static peers: the workers pull from each other and
 //! converge; a node with another registration key is never served.
 
-use pg_peersync_tests::{Cluster, digest, wait_for};
-use serde_json::Value;
+use pg_peersync_tests::{Cluster, digest, free_port, wait_for, worker_status};
 use std::time::Duration;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn node(name: &str, key: &str, port: u16, peers: &[u16]) -> Cluster {
     let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
@@ -33,11 +28,6 @@ fn node(name: &str, key: &str, port: u16, peers: &[u16]) -> Cluster {
     c
 }
 
-fn status(c: &Cluster) -> Value {
-    let text: String = c.connect().query_one("SELECT (sync_status() -> 'worker')::text", &[]).unwrap().get(0);
-    serde_json::from_str(&text).unwrap()
-}
-
 fn count(c: &Cluster) -> i64 {
     c.connect().query_one("SELECT count(*) FROM items", &[]).unwrap().get(0)
 }
@@ -50,7 +40,7 @@ fn static_peers_on_loopback_converge_and_strangers_are_refused() {
     let b = node("net-b", KEY, pb, &[pa]);
     // Each worker pulls once when its network starts: both up means both are listening.
     wait_for(60, "both peers up", || {
-        (status(&a)["peers"][0]["state"] == "up" && status(&b)["peers"][0]["state"] == "up").then_some(())
+        (worker_status(&a)["peers"][0]["state"] == "up" && worker_status(&b)["peers"][0]["state"] == "up").then_some(())
     });
     a.connect().batch_execute("INSERT INTO items SELECT g, 'from a', g FROM generate_series(1, 500) g").unwrap();
     b.connect().batch_execute("INSERT INTO items SELECT g, 'from b', g FROM generate_series(1001, 1100) g").unwrap();
@@ -68,7 +58,7 @@ fn static_peers_on_loopback_converge_and_strangers_are_refused() {
     let remote = rt.block_on(client.status(format!("127.0.0.1:{pa}").parse().unwrap())).unwrap();
     assert_eq!(remote["node_name"], "net-a", "{remote}");
     assert_eq!(remote["have"], pg_peersync_tests::have(&mut a.connect()), "{remote}");
-    let s = status(&a);
+    let s = worker_status(&a);
     assert_eq!(s["listening"], serde_json::json!([format!("127.0.0.1:{pa}")]), "{s}");
     assert_eq!(s["peers"][0]["state"], "up", "{s}");
 
@@ -94,9 +84,9 @@ fn static_peers_on_loopback_converge_and_strangers_are_refused() {
     // A node with another key pulls from A and is refused every time; it gets nothing.
     let c = node("net-c", "a-different-registration-key", pc, &[pa]);
     wait_for(60, "A to count the stranger's requests", || {
-        (status(&a)["rejected"]["wrong_key"].as_u64().unwrap_or(0) >= 2).then_some(())
+        (worker_status(&a)["rejected"]["wrong_key"].as_u64().unwrap_or(0) >= 2).then_some(())
     });
-    let sc = status(&c);
+    let sc = worker_status(&c);
     assert_eq!(sc["peers"][0]["state"], "down", "{sc}");
     assert!(sc["peers"][0]["last_error"].as_str().unwrap_or("").contains("refused"), "{sc}");
     assert_eq!(count(&c), 0);

@@ -1,8 +1,7 @@
 //! The background worker's life cycle: it waits for the extension, runs, reloads settings,
 //! never shows the registration key, and comes back after being killed.
 
-use pg_peersync_tests::{Cluster, wait_for};
-use serde_json::Value;
+use pg_peersync_tests::{Cluster, free_port, try_worker_status, wait_for};
 
 fn worker_pid(c: &Cluster) -> Option<i32> {
     let mut db = postgres::Client::connect(&c.conn_string("postgres"), postgres::NoTls).ok()?;
@@ -11,15 +10,9 @@ fn worker_pid(c: &Cluster) -> Option<i32> {
         .map(|r| r.get(0))
 }
 
-fn worker_status(c: &Cluster) -> Option<Value> {
-    let mut db = postgres::Client::connect(&c.conn_string("postgres"), postgres::NoTls).ok()?;
-    let text: String = db.query_one("SELECT (sync_status() -> 'worker')::text", &[]).ok()?.get(0);
-    serde_json::from_str(&text).ok()
-}
-
 #[test]
 fn worker_waits_for_the_extension_runs_reloads_and_restarts() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let c = Cluster::start(
         "worker",
         &["fsync = off", "peersync.listen_addresses = '127.0.0.1'", &format!("peersync.port = {port}")],
@@ -30,7 +23,7 @@ fn worker_waits_for_the_extension_runs_reloads_and_restarts() {
     });
     let mut db = c.connect();
     db.batch_execute("CREATE EXTENSION pg_peersync").unwrap();
-    let status = wait_for(30, "state running", || worker_status(&c).filter(|s| s["state"] == "running"));
+    let status = wait_for(30, "state running", || try_worker_status(&c).filter(|s| s["state"] == "running"));
     assert_eq!(status["pid"], first);
     assert_eq!(status["networking"], "networking is off: peersync.registration_key is not set");
 
@@ -38,7 +31,7 @@ fn worker_waits_for_the_extension_runs_reloads_and_restarts() {
     db.batch_execute("ALTER SYSTEM SET peersync.registration_key = 'too-short'").unwrap();
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
     wait_for(30, "the short key's reason", || {
-        worker_status(&c).filter(|s| s["networking"].as_str().unwrap_or("").contains("shorter than 16"))
+        try_worker_status(&c).filter(|s| s["networking"].as_str().unwrap_or("").contains("shorter than 16"))
     });
     let key = "a-long-enough-registration-key-4711";
     let file = c.socket_dir().join("peersync.key");
@@ -47,7 +40,7 @@ fn worker_waits_for_the_extension_runs_reloads_and_restarts() {
     db.batch_execute(&format!("ALTER SYSTEM SET peersync.registration_key_file = '{}'", file.display())).unwrap();
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
     let status = wait_for(30, "the key from the file", || {
-        worker_status(&c).filter(|s| s["listening"][0] == format!("127.0.0.1:{port}"))
+        try_worker_status(&c).filter(|s| s["listening"][0] == format!("127.0.0.1:{port}"))
     });
     assert_eq!(status["state"], "running");
     assert_eq!(status["networking"], "networking is on");
@@ -72,6 +65,6 @@ fn worker_waits_for_the_extension_runs_reloads_and_restarts() {
     let status = std::process::Command::new("kill").args(["-9", &first.to_string()]).status().unwrap();
     assert!(status.success());
     let second = wait_for(60, "a new worker", || worker_pid(&c).filter(|p| *p != first));
-    let status = wait_for(30, "state running again", || worker_status(&c).filter(|s| s["state"] == "running"));
+    let status = wait_for(30, "state running again", || try_worker_status(&c).filter(|s| s["state"] == "running"));
     assert_eq!(status["pid"], second);
 }

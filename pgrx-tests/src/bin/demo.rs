@@ -5,7 +5,7 @@
 //! converge, and shows what `sync_status()` reports.
 
 use pg_peersync_tests::lab::Lab;
-use pg_peersync_tests::{Cluster, digest, wait_for};
+use pg_peersync_tests::{Cluster, digest, free_port, wait_for, worker_status};
 
 const KEY: &str = "demo-registration-key-0123456789";
 
@@ -26,10 +26,6 @@ fn show(db: &mut postgres::Client, title: &str, sql: &str) {
             (0..row.len()).map(|i| row.get::<_, Option<String>>(i).unwrap_or_else(|| "NULL".into())).collect();
         println!("   {}", cols.join(" | "));
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Three nodes: in namespaces with multicast discovery, or on loopback with static peers.
@@ -76,10 +72,7 @@ fn start_nodes(lab: Option<&mut Lab>) -> Vec<Cluster> {
 }
 
 fn peers_up(c: &Cluster) -> usize {
-    let s: Option<String> =
-        c.connect().query_one("SELECT (sync_status() -> 'worker' -> 'peers')::text", &[]).unwrap().get(0);
-    let peers: serde_json::Value = s.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
-    peers.as_array().map_or(0, |ps| ps.iter().filter(|p| p["state"] == "up").count())
+    worker_status(c)["peers"].as_array().map_or(0, |ps| ps.iter().filter(|p| p["state"] == "up").count())
 }
 
 fn main() {

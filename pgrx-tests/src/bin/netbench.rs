@@ -12,7 +12,7 @@
 //! - Resident memory of the process that receives (pg_peersync's worker, pglogical's apply
 //!   worker) at idle and under that load.
 
-use pg_peersync_tests::{Cluster, wait_for};
+use pg_peersync_tests::{Cluster, free_port, wait_for, worker_status};
 use std::time::{Duration, Instant};
 
 const KEY: &str = "bench-registration-key-0123456789";
@@ -53,10 +53,6 @@ struct Pair {
 const BASE_CONF: [&str; 4] =
     ["shared_buffers = '256MB'", "max_wal_size = '4GB'", "checkpoint_timeout = '30min'", "autovacuum = off"];
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Both nodes with the pgbench tables (identical content, made before replication starts) and
 /// the bench tables.
 fn prepare(c: &Cluster) {
@@ -95,14 +91,10 @@ fn peersync_pair() -> Pair {
     b.connect().batch_execute(STAMP).unwrap();
     let pair = Pair { system: System::Peersync, a, b };
     wait_for(60, "both pg_peersync workers to see each other up", || {
-        (worker(&pair.a)["peers"][0]["state"] == "up" && worker(&pair.b)["peers"][0]["state"] == "up").then_some(())
+        (worker_status(&pair.a)["peers"][0]["state"] == "up" && worker_status(&pair.b)["peers"][0]["state"] == "up")
+            .then_some(())
     });
     pair
-}
-
-fn worker(c: &Cluster) -> serde_json::Value {
-    let text: String = c.connect().query_one("SELECT (sync_status() -> 'worker')::text", &[]).unwrap().get(0);
-    serde_json::from_str(&text).unwrap()
 }
 
 fn pglogical_pair() -> Pair {
@@ -259,7 +251,7 @@ fn set_syncing(p: &Pair, on: bool) {
 fn catch_up(p: &Pair) -> (f64, (u64, u64)) {
     set_syncing(p, false);
     if p.system == System::Peersync {
-        wait_for(30, "B's network to stop", || (worker(&p.b)["networking"] != "networking is on").then_some(()));
+        wait_for(30, "B's network to stop", || (worker_status(&p.b)["networking"] != "networking is on").then_some(()));
     }
     let out = p.a.run_client(
         "pgbench",
