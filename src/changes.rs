@@ -106,16 +106,13 @@ fn push_events(
     let firsts: Vec<i32> = row.get(9)?.unwrap_or_default();
     let vclock: String = row.get(4)?.expect("vclock");
     let unreadable = |what: String| SyncError::BadBatch(format!("sync_log row {origin}/{seq} is unreadable: {what}"));
+    // The part arrays are parallel; their texts move into the parts (row images can be large).
     let mut parts = Vec::with_capacity(tables.len());
-    for k in 0..tables.len() {
-        parts.push(sync_bridge::log::Part {
-            hlc: hlcs[k],
-            table: tables[k].clone(),
-            op: serde_json::from_value(json!(ops[k])).map_err(|e| unreadable(e.to_string()))?,
-            pk_columns: pks[k].clone(),
-            first: firsts[k],
-            rows: rows[k].clone(),
-        });
+    for ((((table, op), pk_columns), rows), (hlc, first)) in
+        tables.into_iter().zip(ops).zip(pks).zip(rows).zip(hlcs.into_iter().zip(firsts))
+    {
+        let op = sync_bridge::Op::parse(&op).ok_or_else(|| unreadable(format!("operation {op:?}")))?;
+        parts.push(sync_bridge::log::Part { hlc, table, op, pk_columns, first, rows });
     }
     let log = sync_bridge::log::LogRow {
         origin,

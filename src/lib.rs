@@ -9,7 +9,8 @@
 //! - `apply`: `sync_apply()`, conflict resolution and review;
 //! - `changes`: `sync_have()` and `sync_changes()`, the batches peers pull;
 //! - `status`: `sync_status()`;
-//! - `worker`: the background worker (its loop and state; networking comes next).
+//! - `worker`: the background worker: its loop, SPI answers and status, and `net`, the peers
+//!   it finds and syncs with.
 
 use pgrx::prelude::*;
 

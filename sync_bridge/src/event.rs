@@ -29,6 +29,11 @@ impl Op {
             Op::Delete => "DELETE",
         }
     }
+
+    /// The operation `as_str` names.
+    pub fn parse(s: &str) -> Option<Op> {
+        [Op::Insert, Op::Update, Op::Delete].into_iter().find(|op| op.as_str() == s)
+    }
 }
 
 /// One captured row change.
@@ -183,6 +188,14 @@ mod tests {
             events,
             more: false,
         }
+    }
+
+    #[test]
+    fn operations_parse_back_from_their_names() {
+        for op in [Op::Insert, Op::Update, Op::Delete] {
+            assert_eq!(Op::parse(op.as_str()), Some(op));
+        }
+        assert_eq!(Op::parse("TRUNCATE"), None);
     }
 
     #[test]
