@@ -105,8 +105,8 @@ CREATE TABLE sync_origins (
 -- resolves. A delete stays here as a tombstone, so a late update cannot resurrect the row.
 CREATE TABLE sync_rows (
     relid    regclass NOT NULL,
-    pk       text NOT NULL,
-    versions jsonb NOT NULL,
+    pk       text COLLATE "C" NOT NULL,
+    versions json NOT NULL,
     PRIMARY KEY (relid, pk)
 ) WITH (fillfactor = 90);
 

@@ -10,7 +10,7 @@
 //! that were already visible are folded again next time, which changes nothing.
 
 use super::Table;
-use super::rows::{load_registers, store_registers};
+use super::rows::{RegisterRow, load_registers, store_registers};
 use crate::error::SyncError;
 use crate::sequencer;
 use pgrx::prelude::*;
@@ -81,17 +81,17 @@ pub fn index(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<
         let relid = tables[table].relid;
         let keys: Vec<String> = versions.iter().map(|(k, _)| k.to_string()).collect();
         let held: HashMap<String, Vec<Stored>> = load_registers(schema, relid, keys)?.into_iter().collect();
-        let mut changed: Vec<(&str, Vec<Stored>)> = Vec::new();
+        let mut regs: Vec<RegisterRow> = Vec::new();
         for (key, v) in versions {
             let local = v.causal(me);
-            let seen = held.get(key).is_some_and(|regs| {
+            let existing = held.get(key);
+            let seen = existing.is_some_and(|regs| {
                 regs.iter().map(|w| w.causal(me)).any(|w| w.dot() == local.dot() || w.has_seen(&local))
             });
             if !seen {
-                changed.push((key, vec![v.clone()]));
+                regs.push(RegisterRow { key, stored: std::slice::from_ref(v), existed: existing.is_some() });
             }
         }
-        let regs: Vec<(&str, &Vec<Stored>)> = changed.iter().map(|(k, s)| (*k, s)).collect();
         store_registers(schema, relid, &regs)?;
     }
     if prefix > indexed {

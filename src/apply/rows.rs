@@ -13,7 +13,9 @@ use pgrx::prelude::*;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use sync_bridge::canonical::jsonb_text;
-use sync_bridge::resolve::{self, Register, Resolution, Row, Stored, Strategy, Version};
+use serde::Serialize;
+use std::sync::Arc;
+use sync_bridge::resolve::{self, Image, Register, Resolution, Row, Stored, Strategy, Version};
 use sync_bridge::{Event, Hlc, Op};
 use uuid::Uuid;
 
@@ -29,8 +31,10 @@ pub struct Stats {
 /// One row's state while a transaction is applied.
 struct RowState {
     stored: Vec<Stored>,
+    /// The register was in `sync_rows` when loaded (it is updated, not inserted).
+    existed: bool,
     /// The row as the table holds it, when known (`Some(None)`: no such row).
-    current: Option<Option<Row>>,
+    current: Option<Option<Image>>,
     dirty: bool,
 }
 
@@ -38,29 +42,56 @@ struct Write<'e> {
     table: &'e str,
     key: &'e str,
     /// The row to upsert, or `None` to delete the row `pk` names.
-    row: Option<Row>,
+    row: Option<Image>,
     pk: &'e Value,
 }
 
-struct Conflict {
-    table: String,
-    pk: Value,
-    strategy: String,
-    local: Value,
-    remote: Value,
-    result: Option<Row>,
+/// A held version the incoming one had not seen, as `sync_conflicts.local` lists it.
+#[derive(Serialize)]
+struct Dot {
+    origin: Uuid,
+    seq: i64,
+    idx: i32,
+    hlc: i64,
+}
+
+/// One row of `sync_conflicts`, serialised straight from the images it shares with the apply.
+#[derive(Serialize)]
+struct Conflict<'e> {
+    table_name: &'e str,
+    pk: &'e Value,
+    strategy: &'e str,
+    /// The row as this node had it, with the versions behind it.
+    local: Local,
+    /// The incoming version.
+    remote: Remote,
+    /// The row now visible.
+    result: Option<Image>,
     winner: &'static str,
     review: &'static str,
     note: Option<String>,
 }
 
+#[derive(Serialize)]
+struct Local {
+    row: Option<Image>,
+    versions: Vec<Dot>,
+}
+
+#[derive(Serialize)]
+struct Remote {
+    row: Option<Image>,
+    origin: Uuid,
+    seq: i64,
+    idx: i32,
+    hlc: i64,
+}
+
 pub fn version_of(e: &Event) -> Version {
-    let row = e.data.as_ref().and_then(Value::as_object).cloned();
-    let written = match (e.op, &row, &e.old) {
-        (Op::Update, _, Some(Value::Object(old))) => old.keys().cloned().collect(),
-        (Op::Delete, ..) => BTreeSet::new(),
-        (_, Some(r), _) => r.keys().cloned().collect(),
-        _ => BTreeSet::new(),
+    let row = e.data.as_ref().and_then(Value::as_object).map(|r| Arc::new(r.clone()));
+    let written = match (e.op, &e.old) {
+        (Op::Update, Some(Value::Object(old))) => Some(old.keys().cloned().collect()),
+        _ => None,
     };
     Version {
         origin: e.origin,
@@ -85,7 +116,7 @@ pub fn apply(
 ) -> Result<Stats, SyncError> {
     let mut stats = Stats::default();
     let keys: Vec<String> = events.iter().map(|e| jsonb_text(&e.pk)).collect();
-    // Each event's version, built once (it copies the row image).
+    // Each event's version, built once (it shares the row image).
     let versions: Vec<Version> = events.iter().map(|e| version_of(e)).collect();
     let mut states: HashMap<(&str, &str), RowState> = HashMap::new();
     let mut by_table: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
@@ -97,7 +128,7 @@ pub fn apply(
         let wanted: BTreeSet<&str> = idx.iter().map(|&i| keys[i].as_str()).collect();
         for (pk, stored) in load_registers(schema, t.relid, wanted.iter().map(|k| k.to_string()).collect())? {
             let key = *wanted.get(pk.as_str()).expect("asked for it");
-            states.insert((*table, key), RowState { stored, current: None, dirty: false });
+            states.insert((*table, key), RowState { stored, existed: true, current: None, dirty: false });
         }
         // Rows whose first incoming version is concurrent with a held one that keeps no image:
         // that image is the table row.
@@ -145,6 +176,7 @@ pub fn apply(
         let t = &tables[&e.table];
         let state = states.entry((e.table.as_str(), keys[i].as_str())).or_insert_with(|| RowState {
             stored: Vec::new(),
+            existed: false,
             current: None,
             dirty: false,
         });
@@ -160,26 +192,27 @@ pub fn apply(
             state.stored = vec![Stored::from_version(&v, me, false)];
             v.row
         } else {
-            let table_row = state.current.clone().flatten();
+            let table_row = state.current.as_ref().and_then(|r| r.as_ref());
             let mut register = Register::default();
             for s in &state.stored {
-                register.insert(s.to_version(me, table_row.as_ref()));
+                register.insert(s.to_version(me, table_row));
             }
             let before = match &state.current {
                 Some(row) => row.clone(),
                 None => decide(schema, t, &register, &priorities, &e.pk).0.row,
             };
-            let unseen: Vec<Value> = register
+            let unseen: Vec<Dot> = register
                 .versions()
                 .iter()
                 .filter(|w| !v.has_seen(w))
-                .map(|w| json!({"origin": w.origin, "seq": w.seq, "idx": w.idx, "hlc": w.hlc.as_i64()}))
+                .map(|w| Dot { origin: w.origin, seq: w.seq, idx: w.idx, hlc: w.hlc.as_i64() })
                 .collect();
-            register.insert(v.clone());
+            let remote = Remote { row: v.row.clone(), origin: v.origin, seq: v.seq, idx: v.idx, hlc: e.hlc };
+            register.insert(v);
             let (res, note) = decide(schema, t, &register, &priorities, &e.pk);
             if res.conflict {
                 stats.conflicts += 1;
-                let winner = if res.row == v.row {
+                let winner = if res.row == remote.row {
                     "remote"
                 } else if res.row == before {
                     "local"
@@ -187,11 +220,11 @@ pub fn apply(
                     "merged"
                 };
                 conflicts.push(Conflict {
-                    table: t.name.clone(),
-                    pk: e.pk.clone(),
-                    strategy: t.strategy.clone(),
-                    local: json!({"row": before, "versions": unseen}),
-                    remote: json!({"row": v.row, "origin": v.origin, "seq": v.seq, "idx": v.idx, "hlc": e.hlc}),
+                    table_name: &t.name,
+                    pk: &e.pk,
+                    strategy: &t.strategy,
+                    local: Local { row: before, versions: unseen },
+                    remote,
                     result: res.row.clone(),
                     winner,
                     review: if t.strategy == "manual" || note.is_some() { "pending" } else { "none" },
@@ -210,20 +243,22 @@ pub fn apply(
         writes.push(Write { table: &e.table, key: &keys[i], row: target, pk: &e.pk });
     }
 
+    // Conflicts borrow their table's name; recorded first (all of it rolls back together).
+    record_conflicts(schema, &conflicts)?;
+    drop(conflicts);
     {
         let _guard = super::Applying::start();
         write_runs(tables, &writes)?;
     }
-    let mut dirty: BTreeMap<&str, Vec<(&str, &Vec<Stored>)>> = BTreeMap::new();
+    let mut dirty: BTreeMap<&str, Vec<RegisterRow<'_>>> = BTreeMap::new();
     for ((table, key), s) in &states {
         if s.dirty {
-            dirty.entry(table).or_default().push((key, &s.stored));
+            dirty.entry(table).or_default().push(RegisterRow { key, stored: &s.stored, existed: s.existed });
         }
     }
     for (table, regs) in dirty {
         store_registers(schema, tables[table].relid, &regs)?;
     }
-    record_conflicts(schema, &conflicts)?;
     stats.keys = events.iter().zip(keys).map(|(e, k)| (e.table.clone(), k)).collect();
     Ok(stats)
 }
@@ -280,7 +315,7 @@ fn decide(
                     row.insert(k.clone(), v.clone());
                 }
             }
-            Some(row)
+            Some(Arc::new(row))
         }
         Value::Null => None,
         other => {
@@ -312,8 +347,8 @@ pub(super) fn load_registers(
         let mut out = Vec::new();
         for row in rows {
             let pk: String = row.get(1)?.expect("pk");
-            let text: String = row.get(2)?.expect("versions");
-            let stored: Vec<Stored> = serde_json::from_str(&text)
+            let text: &str = row.get(2)?.expect("versions");
+            let stored: Vec<Stored> = serde_json::from_str(text)
                 .map_err(|e| SyncError::BadBatch(format!("sync_rows entry for {pk} is unreadable: {e}")))?;
             out.push((pk, stored));
         }
@@ -321,49 +356,57 @@ pub(super) fn load_registers(
     })
 }
 
-pub(super) fn store_registers(
-    schema: &str,
-    relid: pg_sys::Oid,
-    regs: &[(&str, &Vec<Stored>)],
-) -> Result<(), SyncError> {
-    if regs.is_empty() {
-        return Ok(());
-    }
-    let map: BTreeMap<&str, &Vec<Stored>> = regs.iter().map(|(k, s)| (*k, *s)).collect();
-    Spi::run_with_args(
-        &format!(
+/// A register to write back: its key, its versions, and whether `sync_rows` already has it.
+pub(super) struct RegisterRow<'a> {
+    pub key: &'a str,
+    pub stored: &'a [Stored],
+    pub existed: bool,
+}
+
+/// Write registers: new ones with a plain INSERT (registers are only written by the one
+/// applier holding the apply lock, so a key not found when loaded is still absent), the others
+/// updated in place. Keys and versions go as two arrays: no JSON document to parse around them.
+pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[RegisterRow]) -> Result<(), SyncError> {
+    for existed in [false, true] {
+        let (keys, versions): (Vec<&str>, Vec<String>) = regs
+            .iter()
+            .filter(|r| r.existed == existed)
+            .map(|r| (r.key, serde_json::to_string(r.stored).expect("serialises")))
+            .unzip();
+        if keys.is_empty() {
+            continue;
+        }
+        // An UPDATE joined to the arrays is planned as a scan of every register once the arrays
+        // are large; ON CONFLICT finds each one by its index.
+        let sql = format!(
             "INSERT INTO {schema}.sync_rows (relid, pk, versions) \
-             SELECT $1::oid::regclass, x.key, x.value FROM jsonb_each($2::jsonb) x \
-             ON CONFLICT (relid, pk) DO UPDATE SET versions = EXCLUDED.versions"
-        ),
-        &[relid.into(), serde_json::to_string(&map).expect("serialises").into()],
-    )?;
+             SELECT $1::oid::regclass, k, v::json FROM unnest($2::text[], $3::text[]) AS u(k, v){}",
+            if existed { " ON CONFLICT (relid, pk) DO UPDATE SET versions = EXCLUDED.versions" } else { "" }
+        );
+        Spi::run_with_args(&sql, &[relid.into(), keys.into(), versions.into()])?;
+    }
     Ok(())
 }
 
 /// The table rows (captured columns) for these keys, by canonical key text.
-fn current_rows(t: &Table, pks: &[&Value]) -> Result<HashMap<String, Row>, SyncError> {
+fn current_rows(t: &Table, pks: &[&Value]) -> Result<HashMap<String, Image>, SyncError> {
     // One index probe per key (see load_registers for why LIMIT 1).
     let sql = format!(
-        "SELECT (SELECT jsonb_object_agg(c, to_jsonb(x) -> c) FROM unnest($2::text[]) c)::text, \
-                (to_jsonb(x) - $3::text[])::text \
+        "SELECT (to_jsonb(x) - $2::text[])::text \
            FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb) k \
           CROSS JOIN LATERAL (SELECT * FROM {tbl} x WHERE {on} LIMIT 1) x",
         tbl = t.name,
         on = t.pk.iter().map(|c| format!("x.{q} = k.{q}", q = quote_ident(c))).collect::<Vec<_>>().join(" AND ")
     );
     Spi::connect_mut(|client| {
-        let rows = client.update(
-            &sql,
-            None,
-            &[json!(pks).to_string().into(), t.pk.clone().into(), t.exclude.clone().into()],
-        )?;
+        let rows = client.update(&sql, None, &[json!(pks).to_string().into(), t.exclude.clone().into()])?;
         let mut out = HashMap::new();
         for row in rows {
-            let key: String = row.get(1)?.expect("key");
-            let text: String = row.get(2)?.expect("row");
-            if let Ok(Value::Object(r)) = serde_json::from_str(&text) {
-                out.insert(key, r);
+            let text: &str = row.get(1)?.expect("row");
+            if let Ok(r) = serde_json::from_str::<Row>(text) {
+                // The key as events carry it: the primary-key columns, in jsonb's text form.
+                let pk: Row = t.pk.iter().filter_map(|c| r.get(c).map(|v| (c.clone(), v.clone()))).collect();
+                out.insert(jsonb_text(&Value::Object(pk)), Arc::new(r));
             }
         }
         Ok(out)
@@ -425,7 +468,7 @@ fn upsert(t: &mut Table, sample: &Row, run: &[Write]) -> Result<(), SyncError> {
         .map(|c| format!("{q} = EXCLUDED.{q}", q = quote_ident(c)))
         .collect();
     let action = if set.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", set.join(", ")) };
-    let rows: Vec<&Row> = run.iter().map(|w| w.row.as_ref().expect("an upsert run")).collect();
+    let rows: Vec<&Image> = run.iter().map(|w| w.row.as_ref().expect("an upsert run")).collect();
     Spi::run_with_args(
         &format!(
             "INSERT INTO {tbl} ({list}) SELECT {list} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb) \
@@ -454,14 +497,6 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
     if conflicts.is_empty() {
         return Ok(());
     }
-    let rows: Vec<Value> = conflicts
-        .iter()
-        .map(|c| {
-            json!({"table_name": c.table, "pk": c.pk, "strategy": c.strategy, "local": c.local,
-                   "remote": c.remote, "result": c.result, "winner": c.winner, "review": c.review,
-                   "note": c.note})
-        })
-        .collect();
     Spi::run_with_args(
         &format!(
             "INSERT INTO {schema}.sync_conflicts (table_name, pk, strategy, local, remote, result, winner, review, note) \
@@ -470,7 +505,7 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
                FROM jsonb_to_recordset($1::jsonb) AS x(table_name text, pk jsonb, strategy text, local jsonb, \
                     remote jsonb, result jsonb, winner text, review text, note text)"
         ),
-        &[json!(rows).to_string().into()],
+        &[serde_json::to_string(conflicts).expect("serialises").into()],
     )?;
     Ok(())
 }

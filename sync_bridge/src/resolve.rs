@@ -34,9 +34,14 @@
 use crate::hlc::Hlc;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use uuid::Uuid;
 
 pub type Row = Map<String, Value>;
+
+/// A row image, shared: one image is held by the event, the register, the conflict record and
+/// the write, so it is counted, not copied.
+pub type Image = Arc<Row>;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Version {
@@ -47,14 +52,19 @@ pub struct Version {
     /// What the origin held of each other origin when it wrote (its own entry is ignored).
     pub context: BTreeMap<Uuid, i64>,
     /// The full row after the change; `None` for a delete.
-    pub row: Option<Row>,
-    /// Columns this change wrote: every column for an INSERT, the changed ones for an UPDATE.
-    pub written: BTreeSet<String>,
+    pub row: Option<Image>,
+    /// The columns an UPDATE changed; `None`: every column (an INSERT, or a delete).
+    pub written: Option<BTreeSet<String>>,
 }
 
 impl Version {
     pub fn dot(&self) -> (Uuid, i64, i32) {
         (self.origin, self.seq, self.idx)
+    }
+
+    /// True when this change wrote `column`.
+    pub fn wrote(&self, column: &str) -> bool {
+        self.written.as_ref().is_none_or(|w| w.contains(column))
     }
 
     /// The last-writer-wins order: greater is later.
@@ -114,7 +124,7 @@ pub enum Strategy {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Resolution {
     /// The visible row, or `None` when it is deleted.
-    pub row: Option<Row>,
+    pub row: Option<Image>,
     /// The version whose decision applies (for the record of a conflict).
     pub winner: (Uuid, i64, i32),
     /// More than one concurrent version, with different content.
@@ -137,10 +147,12 @@ pub fn resolve(strategy: &Strategy, register: &Register) -> Option<Resolution> {
         (_, None) => None,
         (Strategy::FieldMerge, Some(base)) => {
             let mut merged = base.clone();
-            for (column, value) in merged.iter_mut() {
+            for (column, value) in Arc::make_mut(&mut merged).iter_mut() {
                 // Versions are sorted by lww_key: the last one that wrote the column wins.
-                let writer = versions.iter().rev().find(|v| v.row.is_some() && v.written.contains(column));
-                if let Some(x) = writer.and_then(|v| v.row.as_ref()).and_then(|r| r.get(column)) {
+                let writer = versions.iter().rev().find(|v| v.row.is_some() && v.wrote(column));
+                if let Some(x) = writer.and_then(|v| v.row.as_ref()).and_then(|r| r.get(column))
+                    && x != value
+                {
                     *value = x.clone();
                 }
             }
@@ -175,13 +187,12 @@ pub struct Stored {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub w: Option<BTreeSet<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub r: Option<Row>,
+    pub r: Option<Image>,
 }
 
 impl Stored {
     /// Keep `v` as seen from node `me`; with its row when `keep_row`.
     pub fn from_version(v: &Version, me: Uuid, keep_row: bool) -> Stored {
-        let all = v.row.as_ref().is_some_and(|r| r.len() == v.written.len() && r.keys().all(|k| v.written.contains(k)));
         Stored {
             o: v.origin,
             s: v.seq,
@@ -189,21 +200,16 @@ impl Stored {
             h: v.hlc.0,
             l: if v.origin == me { None } else { v.context.get(&me).copied() },
             d: v.row.is_none(),
-            w: if all || v.row.is_none() { None } else { Some(v.written.clone()) },
+            w: if v.row.is_none() { None } else { v.written.clone() },
             r: if keep_row { v.row.clone() } else { None },
         }
     }
 
     /// Back to a version; `row` stands in for the image when it was not kept (the table row).
-    pub fn to_version(&self, me: Uuid, row: Option<&Row>) -> Version {
+    pub fn to_version(&self, me: Uuid, row: Option<&Image>) -> Version {
         let row = if self.d { None } else { self.r.clone().or_else(|| row.cloned()) };
-        let written = match (&self.w, &row) {
-            (Some(w), _) => w.clone(),
-            (None, Some(r)) => r.keys().cloned().collect(),
-            (None, None) => BTreeSet::new(),
-        };
         let context = self.l.map(|l| BTreeMap::from([(me, l)])).unwrap_or_default();
-        Version { origin: self.o, seq: self.s, idx: self.i, hlc: Hlc(self.h), context, row, written }
+        Version { origin: self.o, seq: self.s, idx: self.i, hlc: Hlc(self.h), context, row, written: self.w.clone() }
     }
 
     /// Just what "has seen" and the dot look at (origin, numbers, clock, context), without
@@ -217,7 +223,7 @@ impl Stored {
             hlc: Hlc(self.h),
             context,
             row: None,
-            written: BTreeSet::new(),
+            written: None,
         }
     }
 
@@ -257,8 +263,8 @@ mod tests {
             idx: 1,
             hlc: Hlc(hlc),
             context: context.iter().map(|(o, s)| (node(*o), *s)).collect(),
-            row: row.map(|r| r.as_object().unwrap().clone()),
-            written: written.iter().map(|s| s.to_string()).collect(),
+            row: row.map(|r| Arc::new(r.as_object().unwrap().clone())),
+            written: Some(written.iter().map(|s| s.to_string()).collect()),
         }
     }
 
@@ -375,11 +381,13 @@ mod tests {
             let row = if value % 7 == 0 {
                 None
             } else {
-                let mut row = current.unwrap_or_else(|| json!({"a": 0, "b": 0, "c": 0}).as_object().unwrap().clone());
+                let mut row = current
+                    .map(|r| (*r).clone())
+                    .unwrap_or_else(|| json!({"a": 0, "b": 0, "c": 0}).as_object().unwrap().clone());
                 for c in &written {
                     row.insert(c.to_string(), json!(value));
                 }
-                Some(row)
+                Some(Arc::new(row))
             };
             let v = Version {
                 origin: node(a as u128 + 1),
@@ -388,7 +396,7 @@ mod tests {
                 hlc: Hlc(clock[a]),
                 context,
                 row,
-                written: written.iter().map(|s| s.to_string()).collect(),
+                written: Some(written.iter().map(|s| s.to_string()).collect()),
             };
             held[a].push(v.clone());
             all.push(v);
