@@ -6,7 +6,7 @@ CREATE TABLE sync_node (
     singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     id         uuid NOT NULL DEFAULT gen_random_uuid(),
     created_at timestamptz NOT NULL DEFAULT now(),
-    -- Local transactions up to this number are folded into sync_rows (see apply/local.rs).
+    -- Local transactions up to this number are folded into sync_rows (see apply/fold.rs).
     indexed_upto bigint NOT NULL DEFAULT 0
 );
 INSERT INTO sync_node DEFAULT VALUES;
@@ -103,12 +103,23 @@ CREATE TABLE sync_origins (
 -- Per row ever changed by a received event: the causally maximal versions of the row (a
 -- multi-value register, JSON array of sync_bridge::resolve::Stored), which sync_apply
 -- resolves. A delete stays here as a tombstone, so a late update cannot resurrect the row.
+-- json, not jsonb: only sync_apply reads it, whole; pk sorts bytewise (it is a key, not text
+-- for people), which the many index probes of an apply pay for less.
 CREATE TABLE sync_rows (
     relid    regclass NOT NULL,
     pk       text COLLATE "C" NOT NULL,
     versions json NOT NULL,
     PRIMARY KEY (relid, pk)
 ) WITH (fillfactor = 90);
+
+-- Received origin transactions applied blind (each change had seen everything this node
+-- held, so it simply became its row's register): sync_rows does not show them yet. They are
+-- folded in before registers are next read (see src/apply/fold.rs).
+CREATE TABLE sync_unfolded (
+    origin     uuid NOT NULL,
+    origin_seq bigint NOT NULL,
+    PRIMARY KEY (origin, origin_seq)
+);
 
 -- Priorities for strategy 'node_priority' (greater wins; unlisted nodes have 0). Every node
 -- must hold the same rows: set them with sync_set_node_priority() on each node.
@@ -141,15 +152,16 @@ SELECT origin, origin_seq, tables, jsonb_array_length(events) AS events, sqlstat
 
 -- Every true conflict (concurrent versions with different content) and how it was decided.
 -- local: the row as this node had it, with the versions behind it; remote: the incoming
--- version; result: the row now visible (NULL when deleted).
+-- version; result: the row now visible (NULL when deleted). The three are json (kept as
+-- written; cast to jsonb to compare them): recording a conflict then costs no jsonb parsing.
 CREATE TABLE sync_conflicts (
     id          bigserial PRIMARY KEY,
     table_name  text NOT NULL,
     pk          jsonb NOT NULL,
     strategy    text NOT NULL,
-    local       jsonb NOT NULL,
-    remote      jsonb NOT NULL,
-    result      jsonb,
+    local       json NOT NULL,
+    remote      json NOT NULL,
+    result      json,
     winner      text NOT NULL CHECK (winner IN ('local', 'remote', 'merged')),
     detected_at timestamptz NOT NULL DEFAULT now(),
     review      text NOT NULL DEFAULT 'none' CHECK (review IN ('none', 'pending', 'resolved')),
@@ -162,6 +174,7 @@ SELECT pg_catalog.pg_extension_config_dump('sync_tables', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_log', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_origins', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_rows', '');
+SELECT pg_catalog.pg_extension_config_dump('sync_unfolded', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_node_priorities', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_inbox', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_conflicts', '');

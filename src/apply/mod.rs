@@ -14,7 +14,7 @@
 //! stored once, with their origin, never re-captured as local ones.
 
 pub mod conflicts;
-mod local;
+mod fold;
 mod rows;
 mod store;
 pub(crate) mod subxact;
@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use sync_bridge::delivery::{self, Pending, Wait};
+use sync_bridge::resolve;
 use sync_bridge::{Batch, Event, Hlc};
 use uuid::Uuid;
 
@@ -195,28 +196,58 @@ struct Run {
     schema: String,
     me: Uuid,
     tables: HashMap<String, Table>,
-    /// The local transactions folded into the registers so far.
-    folded: local::Folded,
+    /// The committed local transactions this apply accounts for.
+    local: fold::Local,
+    /// Registers may lag behind the log (local writes, blind applies): fold before reading them.
+    unfolded: bool,
     have: BTreeMap<Uuid, i64>,
+    /// Per other origin, the highest number applied so far (delivery keeps each a prefix).
+    applied: BTreeMap<Uuid, i64>,
     counts: Counts,
 }
 
 impl Run {
-    fn start() -> Result<Run, SyncError> {
+    /// With `fold_now`, bring the registers up to date at once (else only when needed).
+    fn start(fold_now: bool) -> Result<Run, SyncError> {
         let ext = clock::ext();
         // One applier at a time per database: registers are read, resolved and written whole.
         Spi::run("SELECT pg_advisory_xact_lock(hashtext('pg_peersync.apply'))")?;
         let tables = load_tables(&ext.schema)?;
-        // Local writes made so far become versions in the registers before any remote one.
-        let folded = local::index(&ext.schema, ext.node_id, &tables)?;
+        let local = fold::local(&ext.schema, ext.node_id)?;
+        if fold_now {
+            fold::fold(&ext.schema, ext.node_id, &tables)?;
+        }
+        let have = have_vector()?;
         Ok(Run {
             schema: ext.schema.clone(),
             me: ext.node_id,
             tables,
-            folded,
-            have: have_vector()?,
+            local,
+            unfolded: !fold_now,
+            applied: have.clone(),
+            have,
             counts: Counts::default(),
         })
+    }
+
+    /// Whether `txns[i]` for each `i` of `chunk` can be applied blind (each change has seen
+    /// everything this node holds, counting those before it in the chunk); if not, fold what
+    /// the registers lack first, outside the chunk's subtransaction, so that a chunk rolled
+    /// back does not undo it.
+    fn blind(&mut self, txns: &[Txn], chunk: &[usize]) -> bool {
+        let mut held = self.applied.clone();
+        held.insert(self.me, self.local.high());
+        let blind = chunk.iter().flat_map(|&i| &txns[i].events).all(|e| {
+            let seen = resolve::saw_everything(e.origin, &e.vclock, &held);
+            let n = held.entry(e.origin).or_insert(0);
+            *n = (*n).max(e.seq);
+            seen
+        });
+        if !blind && self.unfolded {
+            fold::fold(&self.schema, self.me, &self.tables).unwrap_or_else(|e| e.report());
+            self.unfolded = false;
+        }
+        blind
     }
 
     fn inbox(&self, failed_too: bool) -> Result<Vec<Txn>, SyncError> {
@@ -259,9 +290,11 @@ impl Run {
                 end += 1;
             }
             let chunk = &order[k..end];
-            if chunk.len() < 2
-                || subxact::run(|| self.apply_chunk(&txns, chunk).unwrap_or_else(|e| e.report())).is_err()
-            {
+            if chunk.len() < 2 {
+                break;
+            }
+            let blind = self.blind(&txns, chunk);
+            if subxact::run(|| self.apply_chunk(&txns, chunk, blind).unwrap_or_else(|e| e.report())).is_err() {
                 break;
             }
             for &i in chunk {
@@ -280,17 +313,19 @@ impl Run {
             let t = &txns[i];
             // Any error, ours or the data's, rolls back this origin transaction alone.
             for attempt in 1.. {
-                match subxact::run(|| self.apply_one(t).unwrap_or_else(|e| e.report())) {
+                let blind = self.blind(std::slice::from_ref(t), &[0]);
+                match subxact::run(|| self.apply_chunk(std::slice::from_ref(t), &[0], blind).unwrap_or_else(|e| e.report())) {
                     Ok(()) => {
                         max_hlc = max_hlc.max(t.events.iter().map(|e| e.hlc).max().unwrap_or(0));
                         return true;
                     }
-                    // A local write to the same rows committed meanwhile: fold it in, again.
+                    // A local write to the same rows committed meanwhile: account for it, again.
                     Err(f) if f.sqlstate == RACED && attempt < 5 => {
-                        match local::index(&self.schema, self.me, &self.tables) {
-                            Ok(folded) => self.folded = folded,
+                        match fold::local(&self.schema, self.me) {
+                            Ok(local) => self.local = local,
                             Err(e) => e.report(),
                         }
+                        self.unfolded = true;
                     }
                     Err(f) => {
                         failures.insert(i, f);
@@ -327,20 +362,25 @@ impl Run {
         Ok(())
     }
 
-    fn apply_one(&mut self, t: &Txn) -> Result<(), SyncError> {
-        self.apply_chunk(std::slice::from_ref(t), &[0])
-    }
-
     /// Apply `txns[i]` for each `i` of `chunk`, in that order, as one: their row writes in
-    /// origin order, the registers read and written once.
-    fn apply_chunk(&mut self, txns: &[Txn], chunk: &[usize]) -> Result<(), SyncError> {
+    /// origin order, the registers read and written once (`blind`: not at all, see `fold`).
+    fn apply_chunk(&mut self, txns: &[Txn], chunk: &[usize], blind: bool) -> Result<(), SyncError> {
         let events: Vec<&Event> = chunk.iter().flat_map(|&i| &txns[i].events).collect();
-        let stats = rows::apply(&self.schema, self.me, &mut self.tables, &events)?;
-        if local::raced(&self.schema, self.me, &self.folded, &stats.keys)? {
+        let stats = rows::apply(&self.schema, self.me, &mut self.tables, &events, blind)?;
+        if fold::raced(&self.schema, self.me, &self.local, &stats.keys)? {
             return Err(SyncError::ConcurrentLocalWrite);
         }
         for &i in chunk {
             store::log(&self.schema, &txns[i].events)?;
+        }
+        if blind {
+            let done: Vec<(Uuid, i64)> = chunk.iter().map(|&i| (txns[i].origin, txns[i].seq)).collect();
+            fold::defer(&self.schema, &done)?;
+            self.unfolded = true;
+        }
+        for &i in chunk {
+            let n = self.applied.entry(txns[i].origin).or_insert(0);
+            *n = (*n).max(txns[i].seq);
         }
         self.counts.transactions += chunk.len() as i64;
         self.counts.applied += stats.applied;
@@ -409,7 +449,7 @@ fn _sync_apply_text(batch: &str) -> SyncResult<JsonB> {
     sequencer::require_read_committed("sync_apply()")?;
     let batch: Batch = serde_json::from_str(batch).map_err(|e| SyncError::BadBatch(e.to_string()))?;
     batch.validate().map_err(SyncError::from)?;
-    let mut run = Run::start()?;
+    let mut run = Run::start(false)?;
     if let Some(e) = batch.events.iter().find(|e| !run.tables.contains_key(&e.table)) {
         return Err(SyncError::UntrackedTable(e.table.clone()).into());
     }
@@ -445,7 +485,7 @@ COMMENT ON FUNCTION sync_apply(text) IS 'Apply a batch from sync_changes() on an
 #[pg_extern]
 fn sync_retry_errors() -> SyncResult<JsonB> {
     sequencer::require_read_committed("sync_retry_errors()")?;
-    let mut run = Run::start()?;
+    let mut run = Run::start(true)?;
     let before = run.have.clone();
     let txns = run.inbox(true)?;
     run.deliver(txns)?;

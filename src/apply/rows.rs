@@ -31,7 +31,7 @@ pub struct Stats {
 /// One row's state while a transaction is applied.
 struct RowState {
     stored: Vec<Stored>,
-    /// The register was in `sync_rows` when loaded (it is updated, not inserted).
+    /// `sync_rows` has this register already (it is updated, not inserted).
     existed: bool,
     /// The row as the table holds it, when known (`Some(None)`: no such row).
     current: Option<Option<Image>>,
@@ -108,11 +108,15 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Apply `events` (whole origin transactions, in delivery order). With `blind`, every one of
+/// them has seen everything this node holds (`fold` explains why that matters): no register
+/// is read or written, each change simply makes its row.
 pub fn apply(
     schema: &str,
     me: Uuid,
     tables: &mut HashMap<String, Table>,
     events: &[&Event],
+    blind: bool,
 ) -> Result<Stats, SyncError> {
     let mut stats = Stats::default();
     let keys: Vec<String> = events.iter().map(|e| jsonb_text(&e.pk)).collect();
@@ -125,6 +129,9 @@ pub fn apply(
     }
     for (table, idx) in &by_table {
         let t = &tables[*table];
+        if blind {
+            continue;
+        }
         let wanted: BTreeSet<&str> = idx.iter().map(|&i| keys[i].as_str()).collect();
         for (pk, stored) in load_registers(schema, t.relid, wanted.iter().map(|k| k.to_string()).collect())? {
             let key = *wanted.get(pk.as_str()).expect("asked for it");
@@ -156,7 +163,7 @@ pub fn apply(
         }
     }
 
-    let priorities = if by_table.keys().any(|t| tables[*t].strategy == "node_priority") {
+    let priorities = if !blind && by_table.keys().any(|t| tables[*t].strategy == "node_priority") {
         load_priorities(schema)?
     } else {
         BTreeMap::new()
@@ -252,7 +259,7 @@ pub fn apply(
     }
     let mut dirty: BTreeMap<&str, Vec<RegisterRow<'_>>> = BTreeMap::new();
     for ((table, key), s) in &states {
-        if s.dirty {
+        if s.dirty && !blind {
             dirty.entry(table).or_default().push(RegisterRow { key, stored: &s.stored, existed: s.existed });
         }
     }
@@ -356,7 +363,7 @@ pub(super) fn load_registers(
     })
 }
 
-/// A register to write back: its key, its versions, and whether `sync_rows` already has it.
+/// A register to write back: its key, its versions, and whether `sync_rows` has it already.
 pub(super) struct RegisterRow<'a> {
     pub key: &'a str,
     pub stored: &'a [Stored],
@@ -365,7 +372,7 @@ pub(super) struct RegisterRow<'a> {
 
 /// Write registers: new ones with a plain INSERT (registers are only written by the one
 /// applier holding the apply lock, so a key not found when loaded is still absent), the others
-/// updated in place. Keys and versions go as two arrays: no JSON document to parse around them.
+/// with an upsert. Keys and versions go as two arrays: no JSON document around them.
 pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[RegisterRow]) -> Result<(), SyncError> {
     for existed in [false, true] {
         let (keys, versions): (Vec<&str>, Vec<String>) = regs
@@ -497,13 +504,15 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
     if conflicts.is_empty() {
         return Ok(());
     }
+    // json, not jsonb: the row images are stored as they come, without being parsed into
+    // jsonb's binary form (most of the cost of recording a conflict).
     Spi::run_with_args(
         &format!(
             "INSERT INTO {schema}.sync_conflicts (table_name, pk, strategy, local, remote, result, winner, review, note) \
              SELECT table_name, pk, strategy, local, remote, \
-                    CASE WHEN jsonb_typeof(result) = 'null' THEN NULL ELSE result END, winner, review, note \
-               FROM jsonb_to_recordset($1::jsonb) AS x(table_name text, pk jsonb, strategy text, local jsonb, \
-                    remote jsonb, result jsonb, winner text, review text, note text)"
+                    CASE WHEN json_typeof(result) = 'null' THEN NULL ELSE result END, winner, review, note \
+               FROM json_to_recordset($1::json) AS x(table_name text, pk jsonb, strategy text, local json, \
+                    remote json, result json, winner text, review text, note text)"
         ),
         &[serde_json::to_string(conflicts).expect("serialises").into()],
     )?;

@@ -83,6 +83,15 @@ impl Version {
     }
 }
 
+/// True when a version written at `origin` with causal context `context` has seen every event
+/// of a node that holds `held` (per origin, the highest number held, all of them held up to
+/// it, as causal delivery keeps them): then it has seen every version of every row that node
+/// keeps, and a row's register need not be read to know that this version alone remains.
+/// The version's own origin is skipped: its earlier events are seen by definition.
+pub fn saw_everything(origin: Uuid, context: &BTreeMap<Uuid, i64>, held: &BTreeMap<Uuid, i64>) -> bool {
+    held.iter().all(|(o, n)| *o == origin || *n <= 0 || context.get(o).is_some_and(|c| c >= n))
+}
+
 /// The causally maximal versions of one row.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Register {
@@ -242,7 +251,7 @@ pub fn store(register: &Register, me: Uuid) -> Vec<Stored> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::{ProptestConfig, any, prop, prop_assert, prop_assert_eq, proptest};
+    use proptest::prelude::{ProptestConfig, any, prop, prop_assert, prop_assert_eq, prop_assume, proptest};
     use serde_json::json;
 
     fn node(n: u128) -> Uuid {
@@ -404,8 +413,44 @@ mod tests {
         all
     }
 
+    #[test]
+    fn saw_everything_needs_every_other_origin_covered() {
+        let (a, b, c) = (node(1), node(2), node(3));
+        let context = BTreeMap::from([(a, 4), (b, 7)]);
+        assert!(saw_everything(a, &context, &BTreeMap::from([(a, 9), (b, 7), (c, 0)])));
+        assert!(!saw_everything(a, &context, &BTreeMap::from([(b, 8)])));
+        assert!(!saw_everything(a, &context, &BTreeMap::from([(c, 1)])));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(500))]
+        /// When `saw_everything` says a version saw what a node holds, it has seen each held
+        /// version (of another origin, or earlier of its own), so the register is just it.
+        #[test]
+        fn saw_everything_implies_has_seen_each_held_version(
+            steps in prop::collection::vec((0u8..3, 0u8..3, 0u8..3, 0u8..50), 1..40),
+            pick in any::<prop::sample::Index>(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let all = history(&steps);
+            prop_assume!(!all.is_empty());
+            let v = pick.get(&all);
+            // A node holding, of each origin, the versions up to some number.
+            let limit = cut.index(5) as i64;
+            let held_versions: Vec<&Version> =
+                all.iter().filter(|w| w.seq <= limit && (w.origin != v.origin || w.seq < v.seq)).collect();
+            let mut held = BTreeMap::new();
+            for w in &held_versions {
+                let n = held.entry(w.origin).or_insert(0);
+                *n = (*n).max(w.seq);
+            }
+            if saw_everything(v.origin, &v.context, &held) {
+                for w in held_versions {
+                    prop_assert!(v.has_seen(w), "{:?} should have seen {:?}", v.dot(), w.dot());
+                }
+            }
+        }
+
         /// Every delivery order of the same versions gives the same register and the same row,
         /// for every strategy.
         #[test]
