@@ -142,16 +142,18 @@ pub fn fold(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<(
     for (table, versions) in by_table {
         let relid = tables[table].relid;
         let keys: Vec<String> = versions.iter().map(|(k, _)| k.to_string()).collect();
-        let held: HashMap<String, Vec<Stored>> = load_registers(schema, relid, keys)?.into_iter().collect();
+        let held: HashMap<String, (Vec<Stored>, String)> =
+            load_registers(schema, relid, keys)?.into_iter().map(|h| (h.pk, (h.stored, h.ctid))).collect();
         let mut regs: Vec<RegisterRow> = Vec::new();
         for (key, v) in versions {
             let folded = v.causal(me);
             let existing = held.get(key);
-            let seen = existing.is_some_and(|regs| {
+            let seen = existing.is_some_and(|(regs, _)| {
                 regs.iter().map(|w| w.causal(me)).any(|w| w.dot() == folded.dot() || w.has_seen(&folded))
             });
             if !seen {
-                regs.push(RegisterRow { key, stored: std::slice::from_ref(v), existed: existing.is_some() });
+                let ctid = existing.map(|(_, c)| c.as_str());
+                regs.push(RegisterRow { key, stored: std::slice::from_ref(v), ctid });
             }
         }
         store_registers(schema, relid, &regs)?;

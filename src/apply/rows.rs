@@ -31,8 +31,8 @@ pub struct Stats {
 /// One row's state while a transaction is applied.
 struct RowState {
     stored: Vec<Stored>,
-    /// `sync_rows` has this register already (it is updated, not inserted).
-    existed: bool,
+    /// Where `sync_rows` has this register already (it is updated there, not inserted).
+    ctid: Option<String>,
     /// The row as the table holds it, when known (`Some(None)`: no such row).
     current: Option<Option<Image>>,
     dirty: bool,
@@ -55,8 +55,8 @@ struct Dot {
     hlc: i64,
 }
 
-/// One row of `sync_conflicts`, serialised straight from the images it shares with the apply.
-#[derive(Serialize)]
+/// One row of `sync_conflicts`; its JSON columns are serialised straight from the images it
+/// shares with the apply.
 struct Conflict<'e> {
     table_name: &'e str,
     pk: &'e Value,
@@ -133,9 +133,12 @@ pub fn apply(
             continue;
         }
         let wanted: BTreeSet<&str> = idx.iter().map(|&i| keys[i].as_str()).collect();
-        for (pk, stored) in load_registers(schema, t.relid, wanted.iter().map(|k| k.to_string()).collect())? {
-            let key = *wanted.get(pk.as_str()).expect("asked for it");
-            states.insert((*table, key), RowState { stored, existed: true, current: None, dirty: false });
+        for held in load_registers(schema, t.relid, wanted.iter().map(|k| k.to_string()).collect())? {
+            let key = *wanted.get(held.pk.as_str()).expect("asked for it");
+            states.insert(
+                (*table, key),
+                RowState { stored: held.stored, ctid: Some(held.ctid), current: None, dirty: false },
+            );
         }
         // Rows whose first incoming version is concurrent with a held one that keeps no image:
         // that image is the table row.
@@ -183,7 +186,7 @@ pub fn apply(
         let t = &tables[&e.table];
         let state = states.entry((e.table.as_str(), keys[i].as_str())).or_insert_with(|| RowState {
             stored: Vec::new(),
-            existed: false,
+            ctid: None,
             current: None,
             dirty: false,
         });
@@ -238,7 +241,14 @@ pub fn apply(
                     note,
                 });
             }
-            state.stored = resolve::store(&register, me);
+            // The row the table holds after this: an image equal to it need not be kept,
+            // provided it has exactly the table's captured columns (else reading the table row
+            // back would not give the image).
+            let captured = |r: &Row| {
+                r.len() == t.columns.iter().filter(|c| !t.exclude.contains(c)).count()
+                    && r.keys().all(|c| t.columns.contains(c) && !t.exclude.contains(c))
+            };
+            state.stored = resolve::store(&register, me, res.row.as_deref().filter(|r| captured(r)));
             res.row
         };
         if state.current.as_ref() == Some(&target) {
@@ -260,7 +270,7 @@ pub fn apply(
     let mut dirty: BTreeMap<&str, Vec<RegisterRow<'_>>> = BTreeMap::new();
     for ((table, key), s) in &states {
         if s.dirty && !blind {
-            dirty.entry(table).or_default().push(RegisterRow { key, stored: &s.stored, existed: s.existed });
+            dirty.entry(table).or_default().push(RegisterRow { key, stored: &s.stored, ctid: s.ctid.as_deref() });
         }
     }
     for (table, regs) in dirty {
@@ -332,11 +342,15 @@ fn decide(
     (Resolution { row, ..res }, None)
 }
 
-pub(super) fn load_registers(
-    schema: &str,
-    relid: pg_sys::Oid,
-    keys: Vec<String>,
-) -> Result<Vec<(String, Vec<Stored>)>, SyncError> {
+/// A row's register as `sync_rows` holds it.
+pub(super) struct Held {
+    pub pk: String,
+    pub stored: Vec<Stored>,
+    /// Where it is, to update it in place.
+    pub ctid: String,
+}
+
+pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: Vec<String>) -> Result<Vec<Held>, SyncError> {
     Spi::connect_mut(|client| {
         let rows = client.update(
             // One index probe per key, whatever the sizes: `pk = ANY($2)` and a plain join are
@@ -344,8 +358,8 @@ pub(super) fn load_registers(
             // (a hash join over all of them), which grows with the table. LIMIT 1 keeps the
             // lateral subquery from being flattened into such a join.
             &format!(
-                "SELECT k.pk, r.versions::text FROM unnest($2::text[]) AS k(pk) \
-                   CROSS JOIN LATERAL (SELECT versions FROM {schema}.sync_rows \
+                "SELECT k.pk, r.versions::text, r.ctid::text FROM unnest($2::text[]) AS k(pk) \
+                   CROSS JOIN LATERAL (SELECT versions, ctid FROM {schema}.sync_rows \
                                         WHERE relid = $1::oid::regclass AND pk = k.pk LIMIT 1) r"
             ),
             None,
@@ -357,50 +371,58 @@ pub(super) fn load_registers(
             let text: &str = row.get(2)?.expect("versions");
             let stored: Vec<Stored> = serde_json::from_str(text)
                 .map_err(|e| SyncError::BadBatch(format!("sync_rows entry for {pk} is unreadable: {e}")))?;
-            out.push((pk, stored));
+            out.push(Held { pk, stored, ctid: row.get(3)?.expect("ctid") });
         }
         Ok(out)
     })
 }
 
-/// A register to write back: its key, its versions, and whether `sync_rows` has it already.
+/// A register to write back: its key, its versions, and where `sync_rows` has it, if it does.
 pub(super) struct RegisterRow<'a> {
     pub key: &'a str,
     pub stored: &'a [Stored],
-    pub existed: bool,
+    pub ctid: Option<&'a str>,
 }
 
-/// Write registers: new ones with a plain INSERT (registers are only written by the one
-/// applier holding the apply lock, so a key not found when loaded is still absent), the others
-/// with an upsert. Keys and versions go as two arrays: no JSON document around them.
+/// Write registers: new ones with a plain INSERT, the others updated where they were read.
+/// Registers are only written by the one applier holding the apply lock, between reading and
+/// writing them nothing moves them, and a key not found when read is still absent. Keys (or
+/// places) and versions go as two arrays: no JSON document around them.
 pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[RegisterRow]) -> Result<(), SyncError> {
-    for existed in [false, true] {
-        let (keys, versions): (Vec<&str>, Vec<String>) = regs
-            .iter()
-            .filter(|r| r.existed == existed)
-            .map(|r| (r.key, serde_json::to_string(r.stored).expect("serialises")))
-            .unzip();
-        if keys.is_empty() {
-            continue;
-        }
-        // An UPDATE joined to the arrays is planned as a scan of every register once the arrays
-        // are large; ON CONFLICT finds each one by its index.
-        let sql = format!(
-            "INSERT INTO {schema}.sync_rows (relid, pk, versions) \
-             SELECT $1::oid::regclass, k, v::json FROM unnest($2::text[], $3::text[]) AS u(k, v){}",
-            if existed { " ON CONFLICT (relid, pk) DO UPDATE SET versions = EXCLUDED.versions" } else { "" }
-        );
-        Spi::run_with_args(&sql, &[relid.into(), keys.into(), versions.into()])?;
+    let serialise = |r: &RegisterRow| serde_json::to_string(r.stored).expect("serialises");
+    let (keys, new): (Vec<&str>, Vec<String>) =
+        regs.iter().filter(|r| r.ctid.is_none()).map(|r| (r.key, serialise(r))).unzip();
+    if !keys.is_empty() {
+        Spi::run_with_args(
+            &format!(
+                "INSERT INTO {schema}.sync_rows (relid, pk, versions) \
+                 SELECT $1::oid::regclass, k, v::json FROM unnest($2::text[], $3::text[]) AS u(k, v)"
+            ),
+            &[relid.into(), keys.into(), new.into()],
+        )?;
+    }
+    let (places, changed): (Vec<&str>, Vec<String>) =
+        regs.iter().filter_map(|r| r.ctid.map(|c| (c, serialise(r)))).unzip();
+    if !places.is_empty() {
+        Spi::run_with_args(
+            &format!(
+                "UPDATE {schema}.sync_rows r SET versions = u.v::json \
+                   FROM unnest($1::text[], $2::text[]) AS u(t, v) WHERE r.ctid = u.t::tid"
+            ),
+            &[places.into(), changed.into()],
+        )?;
     }
     Ok(())
 }
 
 /// The table rows (captured columns) for these keys, by canonical key text.
 fn current_rows(t: &Table, pks: &[&Value]) -> Result<HashMap<String, Image>, SyncError> {
-    // One index probe per key (see load_registers for why LIMIT 1).
+    // One index probe per key (see load_registers for why LIMIT 1). row_to_json prints the row
+    // as capture does, and faster than going through jsonb; that is needed only to leave out
+    // excluded columns.
+    let image = if t.exclude.is_empty() { "row_to_json(x)::text" } else { "(to_jsonb(x) - $2::text[])::text" };
     let sql = format!(
-        "SELECT (to_jsonb(x) - $2::text[])::text \
-           FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb) k \
+        "SELECT {image} FROM json_populate_recordset(NULL::{tbl}, $1::json) k \
           CROSS JOIN LATERAL (SELECT * FROM {tbl} x WHERE {on} LIMIT 1) x",
         tbl = t.name,
         on = t.pk.iter().map(|c| format!("x.{q} = k.{q}", q = quote_ident(c))).collect::<Vec<_>>().join(" AND ")
@@ -504,17 +526,43 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
     if conflicts.is_empty() {
         return Ok(());
     }
-    // json, not jsonb: the row images are stored as they come, without being parsed into
-    // jsonb's binary form (most of the cost of recording a conflict).
+    // One array per column, so each value is read once (a JSON document of them would be
+    // lexed whole, then each value again). local, remote and result are json, not jsonb: the
+    // row images are kept as written, without being parsed into jsonb's binary form.
+    fn text<T: Serialize + ?Sized>(v: &T) -> String {
+        serde_json::to_string(v).expect("serialises")
+    }
+    let mut cols: [Vec<Option<String>>; 9] = Default::default();
+    for c in conflicts {
+        cols[0].push(Some(c.table_name.to_string()));
+        cols[1].push(Some(text(c.pk)));
+        cols[2].push(Some(c.strategy.to_string()));
+        cols[3].push(Some(text(&c.local)));
+        cols[4].push(Some(text(&c.remote)));
+        cols[5].push(c.result.as_ref().map(text));
+        cols[6].push(Some(c.winner.to_string()));
+        cols[7].push(Some(c.review.to_string()));
+        cols[8].push(c.note.clone());
+    }
+    let [table_name, pk, strategy, local, remote, result, winner, review, note] = cols;
     Spi::run_with_args(
         &format!(
             "INSERT INTO {schema}.sync_conflicts (table_name, pk, strategy, local, remote, result, winner, review, note) \
-             SELECT table_name, pk, strategy, local, remote, \
-                    CASE WHEN json_typeof(result) = 'null' THEN NULL ELSE result END, winner, review, note \
-               FROM json_to_recordset($1::json) AS x(table_name text, pk jsonb, strategy text, local json, \
-                    remote json, result json, winner text, review text, note text)"
+             SELECT t, k::jsonb, s, l::json, r::json, x::json, w, v, n \
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+                           $8::text[], $9::text[]) AS u(t, k, s, l, r, x, w, v, n)"
         ),
-        &[serde_json::to_string(conflicts).expect("serialises").into()],
+        &[
+            table_name.into(),
+            pk.into(),
+            strategy.into(),
+            local.into(),
+            remote.into(),
+            result.into(),
+            winner.into(),
+            review.into(),
+            note.into(),
+        ],
     )?;
     Ok(())
 }

@@ -242,10 +242,13 @@ impl Stored {
     }
 }
 
-/// Store a register: row images only when it holds several versions.
-pub fn store(register: &Register, me: Uuid) -> Vec<Stored> {
-    let keep = register.versions().len() > 1;
-    register.versions().iter().map(|v| Stored::from_version(v, me, keep)).collect()
+/// Store a register: row images only when it holds several versions, and then not those equal
+/// to `table_row`, the row the table holds once the register is written (when that is exactly
+/// the captured row): the table row stands in for them when they are read back.
+pub fn store(register: &Register, me: Uuid, table_row: Option<&Row>) -> Vec<Stored> {
+    let several = register.versions().len() > 1;
+    let keep = |v: &Version| several && v.row.as_deref() != table_row;
+    register.versions().iter().map(|v| Stored::from_version(v, me, keep(v))).collect()
 }
 
 #[cfg(test)]
@@ -411,6 +414,23 @@ mod tests {
             all.push(v);
         }
         all
+    }
+
+    #[test]
+    fn the_table_row_stands_in_for_an_equal_image() {
+        let me = node(9);
+        let a = version(1, 1, 10, &[], Some(json!({"id": 1, "v": 1})), &["id", "v"]);
+        let b = version(2, 1, 11, &[], Some(json!({"id": 1, "v": 2})), &["id", "v"]);
+        let r = register(&[a.clone(), b.clone()]);
+        let table = b.row.clone().unwrap();
+        let stored = store(&r, me, Some(&table));
+        assert_eq!(stored.iter().map(|s| s.r.is_some()).collect::<Vec<_>>(), [true, false]);
+        // Read back with the table row, the register is the same.
+        let back: Vec<Version> = stored.iter().map(|s| s.to_version(me, Some(&table))).collect();
+        assert_eq!(back.iter().map(|v| &v.row).collect::<Vec<_>>(), [&a.row, &b.row]);
+        // Without a table row, or a lone version, images are kept as before.
+        assert!(store(&r, me, None).iter().all(|s| s.r.is_some()));
+        assert!(store(&register(&[b]), me, None).iter().all(|s| s.r.is_none()));
     }
 
     #[test]
