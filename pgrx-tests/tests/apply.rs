@@ -529,3 +529,33 @@ fn local_write_racing_an_apply_is_folded_in() {
     let name: String = n[0].query_one("SELECT name FROM items WHERE id = 1", &[]).unwrap().get(0);
     assert_eq!(name, "from node1");
 }
+
+/// A transaction whose changes saw everything the receiver holds is applied without the row
+/// registers (listed in sync_unfolded instead); the registers are brought up to date before a
+/// change that may conflict is decided, so a conflict with a blind change is still seen.
+#[test]
+fn blind_transactions_are_folded_before_a_conflict_is_decided() {
+    let c = Cluster::start("apply-blind", &["fsync = off"]);
+    let mut n = nodes(&c, 3, SCHEMA);
+    // C writes row 1, then A writes it too, later, without having seen C's.
+    each(&mut n[2], &["INSERT INTO items VALUES (1, 'from c', 3, NULL)"]);
+    each(&mut n[0], &["INSERT INTO items VALUES (1, 'from a', 1, NULL), (2, 'from a', 2, NULL)"]);
+    let (a, b) = two(&mut n, 0, 1);
+    pull(a, b);
+    // B held nothing A had not seen: applied blind, no register yet.
+    assert_eq!(count(b, "SELECT count(*) FROM sync_unfolded"), 1);
+    assert_eq!(count(b, "SELECT count(*) FROM sync_rows"), 0);
+    // C's insert has not seen A's, which B holds: not blind. B folds A's in first, so it sees
+    // the conflict, and A's later write stays (lww).
+    let (b, c_node) = two(&mut n, 1, 2);
+    let out = pull(c_node, b);
+    assert_eq!(out["conflicts"], json!(1), "{out:?}");
+    assert_eq!(count(b, "SELECT count(*) FROM sync_unfolded"), 0);
+    assert_eq!(count(b, "SELECT count(*) FROM sync_rows"), 2);
+    assert_eq!(count(b, "SELECT count(*) FROM items WHERE id = 1 AND name = 'from a'"), 1);
+    // A local edit on B after that is folded in too: A's next change has seen it (blind again).
+    each(b, &["UPDATE items SET qty = 7 WHERE id = 2"]);
+    exchange_all(&mut n);
+    assert_converged(&mut n);
+    assert_eq!(count(&mut n[2], "SELECT count(*) FROM items WHERE id = 1 AND name = 'from a'"), 1);
+}

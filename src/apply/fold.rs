@@ -54,7 +54,9 @@ pub fn local(schema: &str, me: Uuid) -> Result<Local, SyncError> {
     let above = Spi::connect_mut(|c| {
         // A mutating statement: a fresh snapshot, which sees this transaction's own writes.
         let rows = c.update(
-            &format!("SELECT DISTINCT origin_seq FROM {schema}.sync_log WHERE origin = $1 AND origin_seq > $2 ORDER BY 1"),
+            &format!(
+                "SELECT DISTINCT origin_seq FROM {schema}.sync_log WHERE origin = $1 AND origin_seq > $2 ORDER BY 1"
+            ),
             None,
             &[node(me).into(), prefix.into()],
         )?;
@@ -169,7 +171,9 @@ pub fn fold(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<(
 pub fn defer(schema: &str, txns: &[(Uuid, i64)]) -> Result<(), SyncError> {
     let (origins, seqs): (Vec<pgrx::Uuid>, Vec<i64>) = txns.iter().map(|(o, s)| (node(*o), *s)).unzip();
     Spi::run_with_args(
-        &format!("INSERT INTO {schema}.sync_unfolded (origin, origin_seq) SELECT * FROM unnest($1::uuid[], $2::bigint[])"),
+        &format!(
+            "INSERT INTO {schema}.sync_unfolded (origin, origin_seq) SELECT * FROM unnest($1::uuid[], $2::bigint[])"
+        ),
         &[origins.into(), seqs.into()],
     )?;
     Ok(())

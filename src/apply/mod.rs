@@ -4,8 +4,10 @@
 //!    anything is written: bad input is an error and nothing is applied.
 //! 2. Its events are grouped into origin transactions. Those already held are skipped; the
 //!    rest are applied in causal order (`sync_bridge::delivery`), each in its own
-//!    subtransaction: `rows` resolves and writes the rows, `store` keeps the events in
-//!    `sync_log` under their original origin and number (so this node relays them).
+//!    subtransaction (consecutive small ones in chunks): `rows` resolves and writes the rows,
+//!    `store` keeps the events in `sync_log` under their original origin and number (so this
+//!    node relays them). A transaction whose every change saw everything this node holds is
+//!    applied blind, without the row registers; `fold` brings them up to date when needed.
 //! 3. A transaction that cannot be applied here (type, constraint, missing column) is rolled
 //!    back alone and kept in `sync_inbox` with the reason; what depends on it waits there too,
 //!    until `sync_retry_errors()` or a later batch makes it appliable.
@@ -314,7 +316,9 @@ impl Run {
             // Any error, ours or the data's, rolls back this origin transaction alone.
             for attempt in 1.. {
                 let blind = self.blind(std::slice::from_ref(t), &[0]);
-                match subxact::run(|| self.apply_chunk(std::slice::from_ref(t), &[0], blind).unwrap_or_else(|e| e.report())) {
+                match subxact::run(|| {
+                    self.apply_chunk(std::slice::from_ref(t), &[0], blind).unwrap_or_else(|e| e.report())
+                }) {
                     Ok(()) => {
                         max_hlc = max_hlc.max(t.events.iter().map(|e| e.hlc).max().unwrap_or(0));
                         return true;

@@ -225,15 +225,7 @@ impl Stored {
     /// copying the row image: for causality checks on the apply path.
     pub fn causal(&self, me: Uuid) -> Version {
         let context = self.l.map(|l| BTreeMap::from([(me, l)])).unwrap_or_default();
-        Version {
-            origin: self.o,
-            seq: self.s,
-            idx: self.i,
-            hlc: Hlc(self.h),
-            context,
-            row: None,
-            written: None,
-        }
+        Version { origin: self.o, seq: self.s, idx: self.i, hlc: Hlc(self.h), context, row: None, written: None }
     }
 
     /// True when the stored version lacks a row image it needs to be resolved against others.
