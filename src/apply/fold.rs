@@ -24,6 +24,7 @@ use crate::error::SyncError;
 use crate::sequencer;
 use pgrx::prelude::*;
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 use sync_bridge::Hlc;
 use sync_bridge::resolve::{Stored, Version};
 use uuid::Uuid;
@@ -65,11 +66,20 @@ pub fn local(schema: &str, me: Uuid) -> Result<Local, SyncError> {
     Ok(Local { prefix, above })
 }
 
-/// A change to fold, with its full causal context (read from the log), so that "has seen"
-/// between two changes to fold is decided either way.
+/// A change to fold, with its full causal context (read from the log, shared by the changes of
+/// one log row), so that "has seen" between two changes to fold is decided either way.
 struct Change {
-    version: Version,
     stored: Stored,
+    context: Rc<BTreeMap<Uuid, i64>>,
+}
+
+impl Change {
+    /// As a version, for "has seen" (no row image).
+    fn version(&self) -> Version {
+        let s = &self.stored;
+        let context = (*self.context).clone();
+        Version { origin: s.o, seq: s.s, idx: s.i, hlc: Hlc(s.h), context, row: None, written: None }
+    }
 }
 
 /// Fold the local writes not folded yet and the transactions listed in `sync_unfolded` into
@@ -96,38 +106,40 @@ pub fn fold(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<(
             None,
             &[node(me).into(), indexed.into()],
         )?;
+        // The changes of one log row come one after the other with the same context.
+        let (mut last_text, mut context) = (String::new(), Rc::new(BTreeMap::new()));
         for row in rows {
-            let table: String = row.get(1)?.expect("table");
-            let key: String = row.get(2)?.expect("pk");
+            let text: &str = row.get(9)?.expect("vclock");
+            if text != last_text {
+                context = Rc::new(
+                    serde_json::from_str(text)
+                        .map_err(|e| SyncError::BadBatch(format!("a sync_log vclock is unreadable: {e}")))?,
+                );
+                last_text = text.to_string();
+            }
             let origin = Uuid::from_bytes(*row.get::<pgrx::Uuid>(3)?.expect("origin").as_bytes());
-            let context: BTreeMap<Uuid, i64> = serde_json::from_str(row.get::<&str>(9)?.expect("vclock"))
-                .map_err(|e| SyncError::BadBatch(format!("a sync_log vclock is unreadable: {e}")))?;
-            let written = row.get::<Vec<String>>(8)?.map(|w| w.into_iter().collect());
-            let version = Version {
-                origin,
-                seq: row.get(4)?.expect("seq"),
-                idx: row.get(5)?.expect("idx"),
-                hlc: Hlc::from_i64(row.get(6)?.expect("hlc")),
-                context,
-                row: None,
-                written,
-            };
             let stored = Stored {
                 o: origin,
-                s: version.seq,
-                i: version.idx,
-                h: version.hlc.0,
-                l: if origin == me { None } else { version.context.get(&me).copied() },
+                s: row.get(4)?.expect("seq"),
+                i: row.get(5)?.expect("idx"),
+                h: row.get::<i64>(6)?.expect("hlc") as u64,
+                l: if origin == me { None } else { context.get(&me).copied() },
                 d: row.get(7)?.expect("op"),
-                w: version.written.clone(),
+                w: row.get::<Vec<String>>(8)?.map(|w| w.into_iter().collect()),
                 r: None,
             };
-            let best = latest.entry((table, key)).or_default();
-            if best.iter().any(|b| b.version.dot() == version.dot() || b.version.has_seen(&version)) {
-                continue;
+            let change = Change { stored, context: context.clone() };
+            let key = (row.get(1)?.expect("table"), row.get(2)?.expect("pk"));
+            // Most rows have one change to fold: room for just that.
+            let best = latest.entry(key).or_insert_with(|| Vec::with_capacity(1));
+            if !best.is_empty() {
+                let v = change.version();
+                if best.iter().map(Change::version).any(|b| b.dot() == v.dot() || b.has_seen(&v)) {
+                    continue;
+                }
+                best.retain(|b| !v.has_seen(&b.version()));
             }
-            best.retain(|b| !version.has_seen(&b.version));
-            best.push(Change { version, stored });
+            best.push(change);
         }
         Ok::<_, SyncError>(())
     })?;
@@ -135,7 +147,7 @@ pub fn fold(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<(
     for ((table, key), best) in &latest {
         // Each change folded here saw everything held before it, so they form a chain per row
         // and one remains; should two ever remain, the last writer stands for the row.
-        let last = best.iter().max_by_key(|b| b.version.lww_key()).expect("not empty");
+        let last = best.iter().max_by_key(|b| b.version().lww_key()).expect("not empty");
         // Changes to tables no longer tracked have no register.
         if tables.contains_key(table) {
             by_table.entry(table).or_default().push((key, &last.stored));
