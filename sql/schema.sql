@@ -115,10 +115,12 @@ CREATE TABLE sync_rows (
 -- Received origin transactions applied blind (each change had seen everything this node
 -- held, so it simply became its row's register): sync_rows does not show them yet. They are
 -- folded in before registers are next read (see src/apply/fold.rs).
+-- n is the order they were applied in, which folding keeps; events, how many changes each has.
 CREATE TABLE sync_unfolded (
+    n          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     origin     uuid NOT NULL,
     origin_seq bigint NOT NULL,
-    PRIMARY KEY (origin, origin_seq)
+    events     integer NOT NULL
 );
 
 -- Priorities for strategy 'node_priority' (greater wins; unlisted nodes have 0). Every node

@@ -100,30 +100,46 @@ fn push_events(
     seq: i64,
     row: &pgrx::spi::SpiHeapTupleData,
 ) -> Result<i64, SyncError> {
+    let log = read_log_row(origin, seq, row)?;
+    let before = events.len();
+    events.extend(log.events().map_err(|e| unreadable(origin, seq, e))?);
+    Ok((events.len() - before) as i64)
+}
+
+/// The columns of `sync_log` that `read_log_row` reads, in its order (from column 1).
+pub(crate) const LOG_COLUMNS: &str = "origin_seq, first_idx, origin_xact, vclock::text, part_hlc, part_table, \
+                                      part_op, part_pk, part_first, part_rows";
+
+pub(crate) fn unreadable(origin: Uuid, seq: i64, what: String) -> SyncError {
+    SyncError::BadBatch(format!("sync_log row {origin}/{seq} is unreadable: {what}"))
+}
+
+/// One `sync_log` row, read with `LOG_COLUMNS`.
+pub(crate) fn read_log_row(
+    origin: Uuid,
+    seq: i64,
+    row: &pgrx::spi::SpiHeapTupleData,
+) -> Result<sync_bridge::log::LogRow, SyncError> {
     let text = |i: usize| -> Result<Vec<String>, SyncError> { Ok(row.get::<Vec<String>>(i)?.unwrap_or_default()) };
     let (tables, ops, pks, rows) = (text(6)?, text(7)?, text(8)?, text(10)?);
     let hlcs: Vec<i64> = row.get(5)?.unwrap_or_default();
     let firsts: Vec<i32> = row.get(9)?.unwrap_or_default();
-    let vclock: String = row.get(4)?.expect("vclock");
-    let unreadable = |what: String| SyncError::BadBatch(format!("sync_log row {origin}/{seq} is unreadable: {what}"));
+    let vclock: &str = row.get(4)?.expect("vclock");
     // The part arrays are parallel; their texts move into the parts (row images can be large).
     let mut parts = Vec::with_capacity(tables.len());
     for ((((table, op), pk_columns), rows), (hlc, first)) in
         tables.into_iter().zip(ops).zip(pks).zip(rows).zip(hlcs.into_iter().zip(firsts))
     {
-        let op = sync_bridge::Op::parse(&op).ok_or_else(|| unreadable(format!("operation {op:?}")))?;
+        let op = sync_bridge::Op::parse(&op).ok_or_else(|| unreadable(origin, seq, format!("operation {op:?}")))?;
         parts.push(sync_bridge::log::Part { hlc, table, op, pk_columns, first, rows });
     }
-    let log = sync_bridge::log::LogRow {
+    Ok(sync_bridge::log::LogRow {
         origin,
         seq,
         xact: row.get(3)?.expect("origin_xact"),
-        vclock: serde_json::from_str(&vclock).map_err(|e| unreadable(e.to_string()))?,
+        vclock: serde_json::from_str(vclock).map_err(|e| unreadable(origin, seq, e.to_string()))?,
         parts,
-    };
-    let before = events.len();
-    events.extend(log.events().map_err(unreadable)?);
-    Ok((events.len() - before) as i64)
+    })
 }
 
 extension_sql!(
@@ -149,8 +165,7 @@ pub(crate) fn batch(
     let (mut from, mut upto) = (BTreeMap::new(), BTreeMap::new());
     let mut events: Vec<Event> = Vec::new();
     let mut more = false;
-    let cols = "origin_seq, first_idx, origin_xact, vclock::text, part_hlc, part_table, part_op, part_pk, \
-                part_first, part_rows";
+    let cols = LOG_COLUMNS;
     Spi::connect(|client| {
         let uuid = PgOid::BuiltIn(PgBuiltInOids::UUIDOID);
         let int8 = PgOid::BuiltIn(PgBuiltInOids::INT8OID);

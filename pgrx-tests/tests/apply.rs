@@ -559,3 +559,37 @@ fn blind_transactions_are_folded_before_a_conflict_is_decided() {
     assert_converged(&mut n);
     assert_eq!(count(&mut n[2], "SELECT count(*) FROM items WHERE id = 1 AND name = 'from a'"), 1);
 }
+
+/// A long run of blind transactions is folded a slice at a time, in the order they were
+/// applied: a change that saw an earlier one (in an earlier slice) stands for its row.
+#[test]
+fn blind_transactions_fold_in_the_order_they_were_applied() {
+    let c = Cluster::start("apply-blind-order", &["fsync = off"]);
+    let mut n = nodes(&c, 3, SCHEMA);
+    // P writes row 1, then enough rows that what follows falls in another slice of the fold.
+    each(
+        &mut n[0],
+        &[
+            "INSERT INTO items VALUES (1, 'p', 1, NULL)",
+            "INSERT INTO items SELECT g, 'filler', g, NULL FROM generate_series(1000, 21000) g",
+        ],
+    );
+    // Q receives that and edits row 1; B receives P's and then Q's, all blind.
+    let (p, q) = two(&mut n, 0, 2);
+    pull(p, q);
+    each(q, &["UPDATE items SET name = 'q' WHERE id = 1"]);
+    let (p, b) = two(&mut n, 0, 1);
+    pull(p, b);
+    let (b, q) = two(&mut n, 1, 2);
+    pull(q, b);
+    assert_eq!(count(b, "SELECT count(*) FROM sync_unfolded"), 3);
+    // P edits row 1 without having seen Q's edit: not blind on B, so B folds first and must
+    // find Q's edit (not P's insert) in row 1's register: a conflict.
+    each(&mut n[0], &["UPDATE items SET name = 'p again' WHERE id = 1"]);
+    let (p, b) = two(&mut n, 0, 1);
+    let out = pull(p, b);
+    assert_eq!(out["conflicts"], json!(1), "{out:?}");
+    assert_eq!(count(b, "SELECT count(*) FROM sync_unfolded"), 0);
+    exchange_all(&mut n);
+    assert_converged(&mut n);
+}

@@ -378,7 +378,8 @@ impl Run {
             store::log(&self.schema, &txns[i].events)?;
         }
         if blind {
-            let done: Vec<(Uuid, i64)> = chunk.iter().map(|&i| (txns[i].origin, txns[i].seq)).collect();
+            let done: Vec<(Uuid, i64, i32)> =
+                chunk.iter().map(|&i| (txns[i].origin, txns[i].seq, txns[i].events.len() as i32)).collect();
             fold::defer(&self.schema, &done)?;
             self.unfolded = true;
         }

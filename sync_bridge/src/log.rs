@@ -9,9 +9,10 @@
 
 use crate::Event;
 use crate::event::Op;
+use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value};
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
 /// One part of a log row: consecutive changes of one kind to one table.
@@ -59,11 +60,7 @@ impl LogRow {
                         _ => return Err("an UPDATE image is not a [new, old] pair".into()),
                     },
                 };
-                let row = data.as_ref().or(old.as_ref()).and_then(Value::as_object);
-                let pk: Map<String, Value> = columns
-                    .iter()
-                    .map(|c| (c.clone(), row.and_then(|r| r.get(c)).cloned().unwrap_or(Value::Null)))
-                    .collect();
+                let pk = key(&columns, data.as_ref().or(old.as_ref()));
                 let mut e = Event {
                     origin: self.origin,
                     seq: self.seq,
@@ -71,7 +68,7 @@ impl LogRow {
                     xact: self.xact,
                     hlc: part.hlc,
                     table: part.table.clone(),
-                    pk: Value::Object(pk),
+                    pk,
                     op: part.op,
                     data,
                     old,
@@ -84,6 +81,57 @@ impl LogRow {
         }
         Ok(out)
     }
+}
+
+/// One change of a log row as far as row registers are concerned: which row, what kind of
+/// change, its place and clock, and the columns an UPDATE changed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Touch<'a> {
+    pub table: &'a str,
+    /// The primary key in `jsonb`'s text form, as `canonical::jsonb_text` prints an event's `pk`.
+    pub key: String,
+    pub op: Op,
+    pub idx: i32,
+    pub hlc: i64,
+    pub written: Option<BTreeSet<String>>,
+}
+
+impl LogRow {
+    /// Call `f` with each change of the row, in `origin_idx` order, without building events
+    /// (no checksums, no row images kept): what folding changes into row registers needs.
+    pub fn touches(&self, mut f: impl FnMut(Touch)) -> Result<(), String> {
+        for part in &self.parts {
+            let columns: Vec<String> =
+                serde_json::from_str(&part.pk_columns).map_err(|e| format!("bad primary-key list: {e}"))?;
+            // Each image parsed in turn: a part can hold a whole bulk statement's rows.
+            let rows: Vec<&RawValue> = serde_json::from_str(&part.rows).map_err(|e| format!("bad row images: {e}"))?;
+            for (j, image) in rows.into_iter().enumerate() {
+                let image: Value = serde_json::from_str(image.get()).map_err(|e| format!("bad row image: {e}"))?;
+                let (row, written) = match (part.op, image) {
+                    (Op::Update, Value::Array(pair)) if pair.len() == 2 => {
+                        let written = pair[1].as_object().map(|o| o.keys().cloned().collect());
+                        let mut pair = pair.into_iter();
+                        (pair.next().expect("two"), written)
+                    }
+                    (Op::Update, _) => return Err("an UPDATE image is not a [new, old] pair".into()),
+                    (_, image) => (image, None),
+                };
+                let mut pk = key(&columns, Some(&row));
+                jsonb_value(&mut pk);
+                let key = crate::canonical::jsonb_text(&pk);
+                f(Touch { table: &part.table, key, op: part.op, idx: part.first + j as i32, hlc: part.hlc, written });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The primary key of a row image: its key columns, in order (a missing one is null).
+fn key(columns: &[String], image: Option<&Value>) -> Value {
+    let row = image.and_then(Value::as_object);
+    let pk: Map<String, Value> =
+        columns.iter().map(|c| (c.clone(), row.and_then(|r| r.get(c)).cloned().unwrap_or(Value::Null))).collect();
+    Value::Object(pk)
 }
 
 /// Rewrite every number in `v` as `jsonb` prints it (see `jsonb_number`).
@@ -205,5 +253,22 @@ mod tests {
         assert_eq!(events[2].pk, serde_json::json!({"id": 9}));
         assert_eq!((events[2].data.clone(), events[2].hlc), (None, 11));
         assert!(events.iter().all(Event::checksum_ok));
+        // The light unpacking gives the same rows, keys and columns written.
+        let mut touched = Vec::new();
+        row.touches(|t| {
+            touched.push(t.clone().key + t.table + &format!("{:?}{}{}{:?}", t.op, t.idx, t.hlc, t.written))
+        })
+        .unwrap();
+        let expected: Vec<String> = events
+            .iter()
+            .map(|e| {
+                let written = match (&e.op, &e.old) {
+                    (Op::Update, Some(Value::Object(o))) => Some(o.keys().cloned().collect::<BTreeSet<String>>()),
+                    _ => None,
+                };
+                crate::canonical::jsonb_text(&e.pk) + &e.table + &format!("{:?}{}{}{:?}", e.op, e.idx, e.hlc, written)
+            })
+            .collect();
+        assert_eq!(touched, expected);
     }
 }
