@@ -486,7 +486,8 @@ COMMENT ON FUNCTION sync_apply(text) IS 'Apply a batch from sync_changes() on an
 );
 
 /// Try again every origin transaction held in `sync_apply_errors` (and what waits for them),
-/// for instance after adding a missing column. Returns the same counts as `sync_apply`.
+/// for instance after adding a missing column, after bringing the row registers up to date
+/// (see `fold`). Returns the same counts as `sync_apply`.
 #[pg_extern]
 fn sync_retry_errors() -> SyncResult<JsonB> {
     sequencer::require_read_committed("sync_retry_errors()")?;
