@@ -100,6 +100,15 @@ pub(crate) struct Table {
     pub new_missing: BTreeSet<String>,
 }
 
+impl Table {
+    /// True when `row` has exactly this table's captured columns: then it is what reading the
+    /// table row back gives.
+    pub fn captures_exactly(&self, row: &sync_bridge::resolve::Row) -> bool {
+        let captured = |c: &String| self.columns.contains(c) && !self.exclude.contains(c);
+        row.keys().all(captured) && row.len() == self.columns.iter().filter(|c| captured(c)).count()
+    }
+}
+
 fn load_tables(schema: &str) -> Result<HashMap<String, Table>, SyncError> {
     Spi::connect_mut(|client| {
         let mut tables = HashMap::new();

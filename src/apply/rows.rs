@@ -9,6 +9,7 @@
 use super::Table;
 use super::subxact;
 use crate::error::SyncError;
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -127,11 +128,9 @@ pub fn apply(
     for (i, e) in events.iter().enumerate() {
         by_table.entry(e.table.as_str()).or_default().push(i);
     }
-    for (table, idx) in &by_table {
+    // Blind: no register is read (or written below).
+    for (table, idx) in by_table.iter().filter(|_| !blind) {
         let t = &tables[*table];
-        if blind {
-            continue;
-        }
         let wanted: BTreeSet<&str> = idx.iter().map(|&i| keys[i].as_str()).collect();
         for held in load_registers(schema, t.relid, wanted.iter().map(|k| k.to_string()).collect())? {
             let key = *wanted.get(held.pk.as_str()).expect("asked for it");
@@ -199,7 +198,9 @@ pub fn apply(
         state.dirty = true;
         let target = if held.iter().all(|w| v.has_seen(w)) {
             // The usual case: the incoming version saw everything held; it alone remains.
-            state.stored = vec![Stored::from_version(&v, me, false)];
+            if !blind {
+                state.stored = vec![Stored::from_version(&v, me, false)];
+            }
             v.row
         } else {
             let table_row = state.current.as_ref().and_then(|r| r.as_ref());
@@ -242,13 +243,8 @@ pub fn apply(
                 });
             }
             // The row the table holds after this: an image equal to it need not be kept,
-            // provided it has exactly the table's captured columns (else reading the table row
-            // back would not give the image).
-            let captured = |r: &Row| {
-                r.len() == t.columns.iter().filter(|c| !t.exclude.contains(c)).count()
-                    && r.keys().all(|c| t.columns.contains(c) && !t.exclude.contains(c))
-            };
-            state.stored = resolve::store(&register, me, res.row.as_deref().filter(|r| captured(r)));
+            // provided reading the table row back gives that image.
+            state.stored = resolve::store(&register, me, res.row.as_deref().filter(|r| t.captures_exactly(r)));
             res.row
         };
         if state.current.as_ref() == Some(&target) {
@@ -532,19 +528,9 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
     fn text<T: Serialize + ?Sized>(v: &T) -> String {
         serde_json::to_string(v).expect("serialises")
     }
-    let mut cols: [Vec<Option<String>>; 9] = Default::default();
-    for c in conflicts {
-        cols[0].push(Some(c.table_name.to_string()));
-        cols[1].push(Some(text(c.pk)));
-        cols[2].push(Some(c.strategy.to_string()));
-        cols[3].push(Some(text(&c.local)));
-        cols[4].push(Some(text(&c.remote)));
-        cols[5].push(c.result.as_ref().map(text));
-        cols[6].push(Some(c.winner.to_string()));
-        cols[7].push(Some(c.review.to_string()));
-        cols[8].push(c.note.clone());
-    }
-    let [table_name, pk, strategy, local, remote, result, winner, review, note] = cols;
+    let column = |f: &dyn Fn(&Conflict) -> Option<String>| -> DatumWithOid {
+        conflicts.iter().map(f).collect::<Vec<Option<String>>>().into()
+    };
     Spi::run_with_args(
         &format!(
             "INSERT INTO {schema}.sync_conflicts (table_name, pk, strategy, local, remote, result, winner, review, note) \
@@ -553,15 +539,15 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
                            $8::text[], $9::text[]) AS u(t, k, s, l, r, x, w, v, n)"
         ),
         &[
-            table_name.into(),
-            pk.into(),
-            strategy.into(),
-            local.into(),
-            remote.into(),
-            result.into(),
-            winner.into(),
-            review.into(),
-            note.into(),
+            column(&|c| Some(c.table_name.to_string())),
+            column(&|c| Some(text(c.pk))),
+            column(&|c| Some(c.strategy.to_string())),
+            column(&|c| Some(text(&c.local))),
+            column(&|c| Some(text(&c.remote))),
+            column(&|c| c.result.as_ref().map(text)),
+            column(&|c| Some(c.winner.to_string())),
+            column(&|c| Some(c.review.to_string())),
+            column(&|c| c.note.clone()),
         ],
     )?;
     Ok(())

@@ -38,16 +38,27 @@ pub struct LogRow {
     pub parts: Vec<Part>,
 }
 
+/// One change of a log row, unpacked: its part, `origin_idx`, primary key (the key columns
+/// of the new row, or of the old one for a DELETE), new row and old values, numbers as `jsonb`
+/// prints them.
+struct Unpacked<'a> {
+    part: &'a Part,
+    idx: i32,
+    pk: Value,
+    data: Option<Value>,
+    old: Option<Value>,
+}
+
 impl LogRow {
-    /// The row's events, in `origin_idx` order, each with its checksum.
-    pub fn events(&self) -> Result<Vec<Event>, String> {
-        let mut out = Vec::new();
+    /// Call `f` with each change, in `origin_idx` order. Images are parsed one at a time: a
+    /// part can hold a whole bulk statement's rows.
+    fn unpack(&self, mut f: impl FnMut(Unpacked)) -> Result<(), String> {
         for part in &self.parts {
             let columns: Vec<String> =
                 serde_json::from_str(&part.pk_columns).map_err(|e| format!("bad primary-key list: {e}"))?;
-            let rows: Vec<Value> = serde_json::from_str(&part.rows).map_err(|e| format!("bad row images: {e}"))?;
+            let rows: Vec<&RawValue> = serde_json::from_str(&part.rows).map_err(|e| format!("bad row images: {e}"))?;
             for (j, image) in rows.into_iter().enumerate() {
-                let mut image = image;
+                let mut image: Value = serde_json::from_str(image.get()).map_err(|e| format!("bad row image: {e}"))?;
                 jsonb_value(&mut image);
                 let (data, old) = match part.op {
                     Op::Insert => (Some(image), None),
@@ -61,25 +72,47 @@ impl LogRow {
                     },
                 };
                 let pk = key(&columns, data.as_ref().or(old.as_ref()));
-                let mut e = Event {
-                    origin: self.origin,
-                    seq: self.seq,
-                    idx: part.first + j as i32,
-                    xact: self.xact,
-                    hlc: part.hlc,
-                    table: part.table.clone(),
-                    pk,
-                    op: part.op,
-                    data,
-                    old,
-                    vclock: self.vclock.clone(),
-                    checksum: String::new(),
-                };
-                e.checksum = e.compute_checksum();
-                out.push(e);
+                f(Unpacked { part, idx: part.first + j as i32, pk, data, old });
             }
         }
+        Ok(())
+    }
+
+    /// The row's events, in `origin_idx` order, each with its checksum.
+    pub fn events(&self) -> Result<Vec<Event>, String> {
+        let mut out = Vec::new();
+        self.unpack(|c| {
+            let mut e = Event {
+                origin: self.origin,
+                seq: self.seq,
+                idx: c.idx,
+                xact: self.xact,
+                hlc: c.part.hlc,
+                table: c.part.table.clone(),
+                pk: c.pk,
+                op: c.part.op,
+                data: c.data,
+                old: c.old,
+                vclock: self.vclock.clone(),
+                checksum: String::new(),
+            };
+            e.checksum = e.compute_checksum();
+            out.push(e);
+        })?;
         Ok(out)
+    }
+
+    /// Call `f` with each change of the row, in `origin_idx` order, without building events
+    /// (no checksums, no row images kept): what folding changes into row registers needs.
+    pub fn touches(&self, mut f: impl FnMut(Touch)) -> Result<(), String> {
+        self.unpack(|c| {
+            let written = match (c.part.op, &c.old) {
+                (Op::Update, Some(Value::Object(old))) => Some(old.keys().cloned().collect()),
+                _ => None,
+            };
+            let key = crate::canonical::jsonb_text(&c.pk);
+            f(Touch { table: &c.part.table, key, op: c.part.op, idx: c.idx, hlc: c.part.hlc, written });
+        })
     }
 }
 
@@ -94,36 +127,6 @@ pub struct Touch<'a> {
     pub idx: i32,
     pub hlc: i64,
     pub written: Option<BTreeSet<String>>,
-}
-
-impl LogRow {
-    /// Call `f` with each change of the row, in `origin_idx` order, without building events
-    /// (no checksums, no row images kept): what folding changes into row registers needs.
-    pub fn touches(&self, mut f: impl FnMut(Touch)) -> Result<(), String> {
-        for part in &self.parts {
-            let columns: Vec<String> =
-                serde_json::from_str(&part.pk_columns).map_err(|e| format!("bad primary-key list: {e}"))?;
-            // Each image parsed in turn: a part can hold a whole bulk statement's rows.
-            let rows: Vec<&RawValue> = serde_json::from_str(&part.rows).map_err(|e| format!("bad row images: {e}"))?;
-            for (j, image) in rows.into_iter().enumerate() {
-                let image: Value = serde_json::from_str(image.get()).map_err(|e| format!("bad row image: {e}"))?;
-                let (row, written) = match (part.op, image) {
-                    (Op::Update, Value::Array(pair)) if pair.len() == 2 => {
-                        let written = pair[1].as_object().map(|o| o.keys().cloned().collect());
-                        let mut pair = pair.into_iter();
-                        (pair.next().expect("two"), written)
-                    }
-                    (Op::Update, _) => return Err("an UPDATE image is not a [new, old] pair".into()),
-                    (_, image) => (image, None),
-                };
-                let mut pk = key(&columns, Some(&row));
-                jsonb_value(&mut pk);
-                let key = crate::canonical::jsonb_text(&pk);
-                f(Touch { table: &part.table, key, op: part.op, idx: part.first + j as i32, hlc: part.hlc, written });
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The primary key of a row image: its key columns, in order (a missing one is null).
