@@ -110,7 +110,7 @@ CREATE TABLE sync_rows (
     pk       text COLLATE "C" NOT NULL,
     versions json NOT NULL,
     PRIMARY KEY (relid, pk)
-) WITH (fillfactor = 90);
+) WITH (fillfactor = 30);
 
 -- Received origin transactions applied blind (each change had seen everything this node
 -- held, so it simply became its row's register): sync_rows does not show them yet. They are

@@ -201,21 +201,22 @@ fn fold_rows(
     }
     for (table, versions) in by_table {
         let relid = tables[table].relid;
-        let keys: Vec<String> = versions.iter().map(|(k, _)| k.to_string()).collect();
-        let held: HashMap<String, (Vec<Stored>, String)> =
-            load_registers(schema, relid, keys)?.into_iter().map(|h| (h.pk, (h.stored, h.ctid))).collect();
+        let keys: Vec<&str> = versions.iter().map(|(k, _)| *k).collect();
+        let held = load_registers(schema, relid, &keys)?;
         let mut regs: Vec<RegisterRow> = Vec::new();
-        for (key, v) in versions {
+        for ((key, v), existing) in versions.into_iter().zip(&held) {
             let folded = v.causal(me);
-            let existing = held.get(key);
             // A version already there that has seen this change stands (a local write made
             // after a blind change and folded first, say).
-            let seen = existing.is_some_and(|(regs, _)| {
-                regs.iter().map(|w| w.causal(me)).any(|w| w.dot() == folded.dot() || w.has_seen(&folded))
+            let seen = existing.as_ref().is_some_and(|h| {
+                h.stored.iter().map(|w| w.causal(me)).any(|w| w.dot() == folded.dot() || w.has_seen(&folded))
             });
             if !seen {
-                let ctid = existing.map(|(_, c)| c.as_str());
-                regs.push(RegisterRow { key, stored: std::slice::from_ref(v), ctid });
+                regs.push(RegisterRow {
+                    key,
+                    stored: std::slice::from_ref(v),
+                    ctid: existing.as_ref().map(|h| h.ctid),
+                });
             }
         }
         store_registers(schema, relid, &regs)?;

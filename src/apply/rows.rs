@@ -10,6 +10,7 @@ use super::Table;
 use super::subxact;
 use crate::error::SyncError;
 use pgrx::datum::DatumWithOid;
+use pgrx::datum::JsonString;
 use pgrx::prelude::*;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -33,7 +34,7 @@ pub struct Stats {
 struct RowState {
     stored: Vec<Stored>,
     /// Where `sync_rows` has this register already (it is updated there, not inserted).
-    ctid: Option<String>,
+    ctid: Option<pg_sys::ItemPointerData>,
     /// The row as the table holds it, when known (`Some(None)`: no such row).
     current: Option<Option<Image>>,
     dirty: bool,
@@ -131,13 +132,14 @@ pub fn apply(
     // Blind: no register is read (or written below).
     for (table, idx) in by_table.iter().filter(|_| !blind) {
         let t = &tables[*table];
-        let wanted: BTreeSet<&str> = idx.iter().map(|&i| keys[i].as_str()).collect();
-        for held in load_registers(schema, t.relid, wanted.iter().map(|k| k.to_string()).collect())? {
-            let key = *wanted.get(held.pk.as_str()).expect("asked for it");
-            states.insert(
-                (*table, key),
-                RowState { stored: held.stored, ctid: Some(held.ctid), current: None, dirty: false },
-            );
+        let wanted: Vec<&str> = idx.iter().map(|&i| keys[i].as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+        for (key, held) in wanted.iter().zip(load_registers(schema, t.relid, &wanted)?) {
+            if let Some(held) = held {
+                states.insert(
+                    (*table, *key),
+                    RowState { stored: held.stored, ctid: Some(held.ctid), current: None, dirty: false },
+                );
+            }
         }
         // Rows whose first incoming version is concurrent with a held one that keeps no image:
         // that image is the table row.
@@ -266,7 +268,7 @@ pub fn apply(
     let mut dirty: BTreeMap<&str, Vec<RegisterRow<'_>>> = BTreeMap::new();
     for ((table, key), s) in &states {
         if s.dirty && !blind {
-            dirty.entry(table).or_default().push(RegisterRow { key, stored: &s.stored, ctid: s.ctid.as_deref() });
+            dirty.entry(table).or_default().push(RegisterRow { key, stored: &s.stored, ctid: s.ctid });
         }
     }
     for (table, regs) in dirty {
@@ -340,13 +342,13 @@ fn decide(
 
 /// A row's register as `sync_rows` holds it.
 pub(super) struct Held {
-    pub pk: String,
     pub stored: Vec<Stored>,
     /// Where it is, to update it in place.
-    pub ctid: String,
+    pub ctid: pg_sys::ItemPointerData,
 }
 
-pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: Vec<String>) -> Result<Vec<Held>, SyncError> {
+/// The registers of rows `keys` of table `relid`, in the same order (`None`: the row has none).
+pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: &[&str]) -> Result<Vec<Option<Held>>, SyncError> {
     Spi::connect_mut(|client| {
         let rows = client.update(
             // One index probe per key, whatever the sizes: `pk = ANY($2)` and a plain join are
@@ -354,20 +356,20 @@ pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: Vec<String>
             // (a hash join over all of them), which grows with the table. LIMIT 1 keeps the
             // lateral subquery from being flattened into such a join.
             &format!(
-                "SELECT k.pk, r.versions::text, r.ctid::text FROM unnest($2::text[]) AS k(pk) \
+                "SELECT k.n, r.versions::text, r.ctid FROM unnest($2::text[]) WITH ORDINALITY AS k(pk, n) \
                    CROSS JOIN LATERAL (SELECT versions, ctid FROM {schema}.sync_rows \
                                         WHERE relid = $1::oid::regclass AND pk = k.pk LIMIT 1) r"
             ),
             None,
-            &[relid.into(), keys.into()],
+            &[relid.into(), keys.to_vec().into()],
         )?;
-        let mut out = Vec::new();
+        let mut out: Vec<Option<Held>> = keys.iter().map(|_| None).collect();
         for row in rows {
-            let pk: String = row.get(1)?.expect("pk");
+            let i = row.get::<i64>(1)?.expect("ordinality") as usize - 1;
             let text: &str = row.get(2)?.expect("versions");
             let stored: Vec<Stored> = serde_json::from_str(text)
-                .map_err(|e| SyncError::BadBatch(format!("sync_rows entry for {pk} is unreadable: {e}")))?;
-            out.push(Held { pk, stored, ctid: row.get(3)?.expect("ctid") });
+                .map_err(|e| SyncError::BadBatch(format!("sync_rows entry for {} is unreadable: {e}", keys[i])))?;
+            out[i] = Some(Held { stored, ctid: row.get(3)?.expect("ctid") });
         }
         Ok(out)
     })
@@ -377,7 +379,7 @@ pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: Vec<String>
 pub(super) struct RegisterRow<'a> {
     pub key: &'a str,
     pub stored: &'a [Stored],
-    pub ctid: Option<&'a str>,
+    pub ctid: Option<pg_sys::ItemPointerData>,
 }
 
 /// Write registers: new ones with a plain INSERT, the others updated where they were read.
@@ -385,25 +387,27 @@ pub(super) struct RegisterRow<'a> {
 /// writing them nothing moves them, and a key not found when read is still absent. Keys (or
 /// places) and versions go as two arrays: no JSON document around them.
 pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[RegisterRow]) -> Result<(), SyncError> {
-    let serialise = |r: &RegisterRow| serde_json::to_string(r.stored).expect("serialises");
-    let (keys, new): (Vec<&str>, Vec<String>) =
+    // Handed over as json values, not text to cast: serde_json wrote them, so PostgreSQL's
+    // json input need not check them again (a third of the cost of writing them).
+    let serialise = |r: &RegisterRow| JsonString(serde_json::to_string(r.stored).expect("serialises"));
+    let (keys, new): (Vec<&str>, Vec<JsonString>) =
         regs.iter().filter(|r| r.ctid.is_none()).map(|r| (r.key, serialise(r))).unzip();
     if !keys.is_empty() {
         Spi::run_with_args(
             &format!(
                 "INSERT INTO {schema}.sync_rows (relid, pk, versions) \
-                 SELECT $1::oid::regclass, k, v::json FROM unnest($2::text[], $3::text[]) AS u(k, v)"
+                 SELECT $1::oid::regclass, k, v FROM unnest($2::text[], $3::json[]) AS u(k, v)"
             ),
             &[relid.into(), keys.into(), new.into()],
         )?;
     }
-    let (places, changed): (Vec<&str>, Vec<String>) =
+    let (places, changed): (Vec<pg_sys::ItemPointerData>, Vec<JsonString>) =
         regs.iter().filter_map(|r| r.ctid.map(|c| (c, serialise(r)))).unzip();
     if !places.is_empty() {
         Spi::run_with_args(
             &format!(
-                "UPDATE {schema}.sync_rows r SET versions = u.v::json \
-                   FROM unnest($1::text[], $2::text[]) AS u(t, v) WHERE r.ctid = u.t::tid"
+                "UPDATE {schema}.sync_rows r SET versions = u.v \
+                   FROM unnest($1::tid[], $2::json[]) AS u(t, v) WHERE r.ctid = u.t"
             ),
             &[places.into(), changed.into()],
         )?;
@@ -523,28 +527,32 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
         return Ok(());
     }
     // One array per column, so each value is read once (a JSON document of them would be
-    // lexed whole, then each value again). local, remote and result are json, not jsonb: the
-    // row images are kept as written, without being parsed into jsonb's binary form.
+    // lexed whole, then each value again). local, remote and result are json, not jsonb, and
+    // go as json values: the row images are kept as serde_json wrote them, neither parsed into
+    // jsonb's binary form nor checked again by json's input function.
     fn text<T: Serialize + ?Sized>(v: &T) -> String {
         serde_json::to_string(v).expect("serialises")
     }
     let column = |f: &dyn Fn(&Conflict) -> Option<String>| -> DatumWithOid {
         conflicts.iter().map(f).collect::<Vec<Option<String>>>().into()
     };
+    let json_column = |f: &dyn Fn(&Conflict) -> Option<String>| -> DatumWithOid {
+        conflicts.iter().map(|c| f(c).map(JsonString)).collect::<Vec<Option<JsonString>>>().into()
+    };
     Spi::run_with_args(
         &format!(
             "INSERT INTO {schema}.sync_conflicts (table_name, pk, strategy, local, remote, result, winner, review, note) \
-             SELECT t, k::jsonb, s, l::json, r::json, x::json, w, v, n \
-               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+             SELECT t, k::jsonb, s, l, r, x, w, v, n \
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::json[], $5::json[], $6::json[], $7::text[], \
                            $8::text[], $9::text[]) AS u(t, k, s, l, r, x, w, v, n)"
         ),
         &[
             column(&|c| Some(c.table_name.to_string())),
             column(&|c| Some(text(c.pk))),
             column(&|c| Some(c.strategy.to_string())),
-            column(&|c| Some(text(&c.local))),
-            column(&|c| Some(text(&c.remote))),
-            column(&|c| c.result.as_ref().map(text)),
+            json_column(&|c| Some(text(&c.local))),
+            json_column(&|c| Some(text(&c.remote))),
+            json_column(&|c| c.result.as_ref().map(text)),
             column(&|c| Some(c.winner.to_string())),
             column(&|c| Some(c.review.to_string())),
             column(&|c| c.note.clone()),
