@@ -593,3 +593,41 @@ fn blind_transactions_fold_in_the_order_they_were_applied() {
     exchange_all(&mut n);
     assert_converged(&mut n);
 }
+
+/// Apply keeps its per-chunk statements planned for the life of the backend
+/// (src/apply/plans.rs). In one session of B, conflicting rounds are applied around a column
+/// type change and around the extension being dropped and created again: every statement of
+/// the conflict path (registers, table rows, conflict records, writes) must follow.
+#[test]
+fn kept_plans_follow_schema_changes_in_the_same_session() {
+    let c = Cluster::start("apply-plans", &["fsync = off"]);
+    let mut n = nodes(&c, 2, SCHEMA);
+    // A and B write rows 10k+1 .. 10k+5 concurrently; B then applies A's, which conflict.
+    let round = |n: &mut [Client], k: i32| -> Value {
+        let (lo, hi) = (k * 10 + 1, k * 10 + 5);
+        each(&mut n[0], &[&format!("INSERT INTO items SELECT g, 'a', {k}, NULL FROM generate_series({lo}, {hi}) g")]);
+        each(&mut n[1], &[&format!("INSERT INTO items SELECT g, 'b', {k}, NULL FROM generate_series({lo}, {hi}) g")]);
+        let (a, b) = two(n, 0, 1);
+        let out = pull(a, b);
+        assert_eq!(out["errors"], json!(0), "{out:?}");
+        Value::Object(out)
+    };
+    assert_eq!(round(&mut n, 1)["conflicts"], json!(5));
+    for db in n.iter_mut() {
+        db.batch_execute("ALTER TABLE items ALTER COLUMN qty TYPE bigint").unwrap();
+    }
+    assert_eq!(round(&mut n, 2)["conflicts"], json!(5));
+    // B starts over as a new node in the same session: its tables and plans' targets are new.
+    n[1].batch_execute(
+        "DROP EXTENSION pg_peersync CASCADE; CREATE EXTENSION pg_peersync; SELECT sync_track_table('items');",
+    )
+    .unwrap();
+    let first = round(&mut n, 3);
+    // Tracking items again captured B's 10 rows as its own inserts, concurrent with A's rounds
+    // 1 and 2; round 3 conflicts as before.
+    assert_eq!(first["conflicts"], json!(15), "{first}");
+    assert_eq!(round(&mut n, 4)["conflicts"], json!(5));
+    exchange_all(&mut n);
+    assert_eq!(digest(&mut n[0], "items"), digest(&mut n[1], "items"));
+    assert_eq!(count(&mut n[1], "SELECT count(*) FROM items WHERE qty = 4"), 5);
+}

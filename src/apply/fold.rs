@@ -230,7 +230,7 @@ pub fn defer(schema: &str, txns: &[(Uuid, i64, i32)]) -> Result<(), SyncError> {
     let origins: Vec<pgrx::Uuid> = txns.iter().map(|t| node(t.0)).collect();
     let seqs: Vec<i64> = txns.iter().map(|t| t.1).collect();
     let events: Vec<i32> = txns.iter().map(|t| t.2).collect();
-    Spi::run_with_args(
+    super::plans::run(
         &format!(
             "INSERT INTO {schema}.sync_unfolded (origin, origin_seq, events) \
              SELECT o, s, e FROM unnest($1::uuid[], $2::bigint[], $3::int[]) WITH ORDINALITY AS t(o, s, e, k) \

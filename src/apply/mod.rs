@@ -17,6 +17,7 @@
 
 pub mod conflicts;
 mod fold;
+mod plans;
 mod rows;
 mod store;
 pub(crate) mod subxact;

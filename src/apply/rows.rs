@@ -7,6 +7,7 @@
 //! hold without being deferred.
 
 use super::Table;
+use super::plans;
 use super::subxact;
 use crate::error::SyncError;
 use pgrx::datum::DatumWithOid;
@@ -349,30 +350,29 @@ pub(super) struct Held {
 
 /// The registers of rows `keys` of table `relid`, in the same order (`None`: the row has none).
 pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: &[&str]) -> Result<Vec<Option<Held>>, SyncError> {
-    Spi::connect_mut(|client| {
-        let rows = client.update(
-            // One index probe per key, whatever the sizes: `pk = ANY($2)` and a plain join are
-            // both planned as a scan of every register of the table once the batch is large
-            // (a hash join over all of them), which grows with the table. LIMIT 1 keeps the
-            // lateral subquery from being flattened into such a join.
-            &format!(
-                "SELECT k.n, r.versions::text, r.ctid FROM unnest($2::text[]) WITH ORDINALITY AS k(pk, n) \
-                   CROSS JOIN LATERAL (SELECT versions, ctid FROM {schema}.sync_rows \
-                                        WHERE relid = $1::oid::regclass AND pk = k.pk LIMIT 1) r"
-            ),
-            None,
-            &[relid.into(), keys.to_vec().into()],
-        )?;
-        let mut out: Vec<Option<Held>> = keys.iter().map(|_| None).collect();
-        for row in rows {
-            let i = row.get::<i64>(1)?.expect("ordinality") as usize - 1;
-            let text: &str = row.get(2)?.expect("versions");
-            let stored: Vec<Stored> = serde_json::from_str(text)
-                .map_err(|e| SyncError::BadBatch(format!("sync_rows entry for {} is unreadable: {e}", keys[i])))?;
-            out[i] = Some(Held { stored, ctid: row.get(3)?.expect("ctid") });
-        }
-        Ok(out)
-    })
+    plans::query(
+        // One index probe per key, whatever the sizes: `pk = ANY($2)` and a plain join are
+        // both planned as a scan of every register of the table once the batch is large
+        // (a hash join over all of them), which grows with the table. LIMIT 1 keeps the
+        // lateral subquery from being flattened into such a join.
+        &format!(
+            "SELECT k.n, r.versions::text, r.ctid FROM unnest($2::text[]) WITH ORDINALITY AS k(pk, n) \
+               CROSS JOIN LATERAL (SELECT versions, ctid FROM {schema}.sync_rows \
+                                    WHERE relid = $1::oid::regclass AND pk = k.pk LIMIT 1) r"
+        ),
+        &[relid.into(), keys.to_vec().into()],
+        |rows| {
+            let mut out: Vec<Option<Held>> = keys.iter().map(|_| None).collect();
+            for row in rows {
+                let i = row.get::<i64>(1)?.expect("ordinality") as usize - 1;
+                let text: &str = row.get(2)?.expect("versions");
+                let stored: Vec<Stored> = serde_json::from_str(text)
+                    .map_err(|e| SyncError::BadBatch(format!("sync_rows entry for {} is unreadable: {e}", keys[i])))?;
+                out[i] = Some(Held { stored, ctid: row.get(3)?.expect("ctid") });
+            }
+            Ok(out)
+        },
+    )
 }
 
 /// A register to write back: its key, its versions, and where `sync_rows` has it, if it does.
@@ -393,7 +393,7 @@ pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[Register
     let (keys, new): (Vec<&str>, Vec<JsonString>) =
         regs.iter().filter(|r| r.ctid.is_none()).map(|r| (r.key, serialise(r))).unzip();
     if !keys.is_empty() {
-        Spi::run_with_args(
+        plans::run(
             &format!(
                 "INSERT INTO {schema}.sync_rows (relid, pk, versions) \
                  SELECT $1::oid::regclass, k, v FROM unnest($2::text[], $3::json[]) AS u(k, v)"
@@ -404,7 +404,7 @@ pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[Register
     let (places, changed): (Vec<pg_sys::ItemPointerData>, Vec<JsonString>) =
         regs.iter().filter_map(|r| r.ctid.map(|c| (c, serialise(r)))).unzip();
     if !places.is_empty() {
-        Spi::run_with_args(
+        plans::run(
             &format!(
                 "UPDATE {schema}.sync_rows r SET versions = u.v \
                    FROM unnest($1::tid[], $2::json[]) AS u(t, v) WHERE r.ctid = u.t"
@@ -427,8 +427,7 @@ fn current_rows(t: &Table, pks: &[&Value]) -> Result<HashMap<String, Image>, Syn
         tbl = t.name,
         on = t.pk.iter().map(|c| format!("x.{q} = k.{q}", q = quote_ident(c))).collect::<Vec<_>>().join(" AND ")
     );
-    Spi::connect_mut(|client| {
-        let rows = client.update(&sql, None, &[json!(pks).to_string().into(), t.exclude.clone().into()])?;
+    plans::query(&sql, &[json!(pks).to_string().into(), t.exclude.clone().into()], |rows| {
         let mut out = HashMap::new();
         for row in rows {
             let text: &str = row.get(1)?.expect("row");
@@ -498,7 +497,7 @@ fn upsert(t: &mut Table, sample: &Row, run: &[Write]) -> Result<(), SyncError> {
         .collect();
     let action = if set.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", set.join(", ")) };
     let rows: Vec<&Image> = run.iter().map(|w| w.row.as_ref().expect("an upsert run")).collect();
-    Spi::run_with_args(
+    plans::run(
         &format!(
             "INSERT INTO {tbl} ({list}) SELECT {list} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb) \
              ON CONFLICT ({pk}) DO {action}",
@@ -512,7 +511,7 @@ fn upsert(t: &mut Table, sample: &Row, run: &[Write]) -> Result<(), SyncError> {
 fn delete(t: &Table, run: &[Write]) -> Result<(), SyncError> {
     let pk = t.pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
     let pks: Vec<&Value> = run.iter().map(|w| w.pk).collect();
-    Spi::run_with_args(
+    plans::run(
         &format!(
             "DELETE FROM {tbl} WHERE ({pk}) IN (SELECT {pk} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb))",
             tbl = t.name
@@ -539,7 +538,7 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
     let json_column = |f: &dyn Fn(&Conflict) -> Option<String>| -> DatumWithOid {
         conflicts.iter().map(|c| f(c).map(JsonString)).collect::<Vec<Option<JsonString>>>().into()
     };
-    Spi::run_with_args(
+    plans::run(
         &format!(
             "INSERT INTO {schema}.sync_conflicts (table_name, pk, strategy, local, remote, result, winner, review, note) \
              SELECT t, k::jsonb, s, l, r, x, w, v, n \

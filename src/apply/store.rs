@@ -59,7 +59,7 @@ fn log_row(schema: &str, events: &[Event]) -> Result<(), SyncError> {
     }
     let head = &events[0];
     let rows: Vec<String> = rows.into_iter().map(|r| Value::Array(r).to_string()).collect();
-    Spi::run_with_args(
+    super::plans::run(
         &format!(
             "INSERT INTO {schema}.sync_log (origin, origin_seq, first_idx, origin_xact, n, vclock, hlc, \
                part_hlc, part_table, part_op, part_pk, part_first, part_n, part_rows) \
