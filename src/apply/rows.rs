@@ -396,7 +396,7 @@ pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[Register
         plans::run(
             &format!(
                 "INSERT INTO {schema}.sync_rows (relid, pk, versions) \
-                 SELECT $1::oid::regclass, k, v FROM unnest($2::text[], $3::json[]) AS u(k, v)"
+                 SELECT $1::oid::regclass, unnest($2::text[]), unnest($3::json[])"
             ),
             &[relid.into(), keys.into(), new.into()],
         )?;
@@ -528,7 +528,9 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
     // One array per column, so each value is read once (a JSON document of them would be
     // lexed whole, then each value again). local, remote and result are json, not jsonb, and
     // go as json values: the row images are kept as serde_json wrote them, neither parsed into
-    // jsonb's binary form nor checked again by json's input function.
+    // jsonb's binary form nor checked again by json's input function. The arrays are unnested
+    // in the select list, where arrays of one length advance together, not in FROM, which
+    // first copies every row into a tuplestore.
     fn text<T: Serialize + ?Sized>(v: &T) -> String {
         serde_json::to_string(v).expect("serialises")
     }
@@ -541,9 +543,8 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
     plans::run(
         &format!(
             "INSERT INTO {schema}.sync_conflicts (table_name, pk, strategy, local, remote, result, winner, review, note) \
-             SELECT t, k::jsonb, s, l, r, x, w, v, n \
-               FROM unnest($1::text[], $2::text[], $3::text[], $4::json[], $5::json[], $6::json[], $7::text[], \
-                           $8::text[], $9::text[]) AS u(t, k, s, l, r, x, w, v, n)"
+             SELECT unnest($1::text[]), unnest($2::text[])::jsonb, unnest($3::text[]), unnest($4::json[]), \
+                    unnest($5::json[]), unnest($6::json[]), unnest($7::text[]), unnest($8::text[]), unnest($9::text[])"
         ),
         &[
             column(&|c| Some(c.table_name.to_string())),
