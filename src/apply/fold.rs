@@ -67,6 +67,20 @@ pub fn local(schema: &str, me: Uuid) -> Result<Local, SyncError> {
     Ok(Local { prefix, above })
 }
 
+/// True when the registers may lag behind the log: blind transactions are listed, or local
+/// transactions of `local` lie above the prefix folded so far. Otherwise `fold` has nothing to
+/// do, and an apply that is not blind need not call it.
+pub fn pending(schema: &str, local: &Local) -> Result<bool, SyncError> {
+    Ok(Spi::get_one_with_args::<bool>(
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM {schema}.sync_unfolded) \
+                 OR (SELECT indexed_upto FROM {schema}.sync_node) < $1"
+        ),
+        &[local.high().into()],
+    )?
+    .unwrap_or(true))
+}
+
 /// A change to fold, with its full causal context (read from the log, shared by the changes of
 /// one log row), so that "has seen" between two changes to fold is decided either way.
 struct Change {

@@ -229,13 +229,14 @@ impl Run {
         if fold_now {
             fold::fold(&ext.schema, ext.node_id, &tables)?;
         }
+        let unfolded = !fold_now && fold::pending(&ext.schema, &local)?;
         let have = have_vector()?;
         Ok(Run {
             schema: ext.schema.clone(),
             me: ext.node_id,
             tables,
             local,
-            unfolded: !fold_now,
+            unfolded,
             applied: have.clone(),
             have,
             counts: Counts::default(),
