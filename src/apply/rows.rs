@@ -62,7 +62,8 @@ struct Dot {
 /// shares with the apply.
 struct Conflict<'e> {
     table_name: &'e str,
-    pk: &'e Value,
+    /// The key in jsonb's text form, which `sync_conflicts.pk` reads back without change.
+    pk: &'e str,
     strategy: &'e str,
     /// The row as this node had it, with the versions behind it.
     local: Local,
@@ -235,7 +236,7 @@ pub fn apply(
                 };
                 conflicts.push(Conflict {
                     table_name: &t.name,
-                    pk: &e.pk,
+                    pk: &keys[i],
                     strategy: &t.strategy,
                     local: Local { row: before, versions: unseen },
                     remote,
@@ -548,7 +549,7 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
         ),
         &[
             column(&|c| Some(c.table_name.to_string())),
-            column(&|c| Some(text(c.pk))),
+            column(&|c| Some(c.pk.to_string())),
             column(&|c| Some(c.strategy.to_string())),
             json_column(&|c| Some(text(&c.local))),
             json_column(&|c| Some(text(&c.remote))),

@@ -12,7 +12,7 @@ use std::time::Instant;
 /// pgbench pairs (each `BENCH_SECONDS` per side) and bulk-statement pairs.
 const PAIRS: usize = 4;
 const BULK_PAIRS: usize = 5;
-const APPLY_PAIRS: usize = 3;
+const APPLY_PAIRS: usize = 5;
 const STREAM_ROWS: i64 = 100_000;
 const APPLY_BATCH: i32 = 1000;
 
