@@ -448,4 +448,26 @@ mod tests {
         assert_eq!(out["applied"], json!(0));
         assert_eq!(out["transactions"], json!(0));
     }
+
+    /// The arrays apply builds in one pass hold what pgrx's conversion would: NULLs, empty and
+    /// non-ASCII strings, lengths that need padding between elements, and no elements at all.
+    #[pg_test]
+    fn bulk_arrays_hold_their_elements() {
+        use crate::apply::arrays::{Of, array};
+        let long = "x".repeat(3000);
+        let items = [Some("a"), None, Some(""), Some("ab"), Some("abc"), Some("ünïcode ☃"), Some(long.as_str()), None];
+        let expected: Vec<Option<String>> = items.iter().map(|s| s.map(str::to_string)).collect();
+        let same = Spi::get_one_with_args::<bool>(
+            "SELECT $1::text[] IS NOT DISTINCT FROM $2::text[]",
+            &[array(Of::Text, items), expected.into()],
+        );
+        assert_eq!(same, Ok(Some(true)));
+        let keys = Spi::get_one_with_args::<String>(
+            "SELECT string_agg(coalesce(j->>'k', '-'), ',' ORDER BY n) FROM unnest($1::json[]) WITH ORDINALITY u(j, n)",
+            &[array(Of::Json, [Some(r#"{"k":"one"}"#), None, Some(r#"{"k":"☃"}"#)])],
+        );
+        assert_eq!(keys, Ok(Some("one,-,☃".to_string())));
+        let empty = Spi::get_one_with_args::<i32>("SELECT cardinality($1::text[])", &[array(Of::Text, [])]);
+        assert_eq!(empty, Ok(Some(0)));
+    }
 }

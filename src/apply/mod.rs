@@ -15,6 +15,7 @@
 //! While applying, the capture trigger stands aside (`applying()`): received changes are
 //! stored once, with their origin, never re-captured as local ones.
 
+pub(crate) mod arrays;
 pub mod conflicts;
 mod fold;
 mod plans;

@@ -7,11 +7,10 @@
 //! hold without being deferred.
 
 use super::Table;
+use super::arrays::{Of, array};
 use super::plans;
 use super::subxact;
 use crate::error::SyncError;
-use pgrx::datum::DatumWithOid;
-use pgrx::datum::JsonString;
 use pgrx::prelude::*;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -361,7 +360,7 @@ pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: &[&str]) ->
                CROSS JOIN LATERAL (SELECT versions, ctid FROM {schema}.sync_rows \
                                     WHERE relid = $1::oid::regclass AND pk = k.pk LIMIT 1) r"
         ),
-        &[relid.into(), keys.to_vec().into()],
+        &[relid.into(), array(Of::Text, keys.iter().map(|k| Some(*k)))],
         |rows| {
             let mut out: Vec<Option<Held>> = keys.iter().map(|_| None).collect();
             for row in rows {
@@ -390,8 +389,8 @@ pub(super) struct RegisterRow<'a> {
 pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[RegisterRow]) -> Result<(), SyncError> {
     // Handed over as json values, not text to cast: serde_json wrote them, so PostgreSQL's
     // json input need not lex them again to check them.
-    let serialise = |r: &RegisterRow| JsonString(serde_json::to_string(r.stored).expect("serialises"));
-    let (keys, new): (Vec<&str>, Vec<JsonString>) =
+    let serialise = |r: &RegisterRow| serde_json::to_string(r.stored).expect("serialises");
+    let (keys, new): (Vec<&str>, Vec<String>) =
         regs.iter().filter(|r| r.ctid.is_none()).map(|r| (r.key, serialise(r))).unzip();
     if !keys.is_empty() {
         plans::run(
@@ -399,10 +398,14 @@ pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[Register
                 "INSERT INTO {schema}.sync_rows (relid, pk, versions) \
                  SELECT $1::oid::regclass, unnest($2::text[]), unnest($3::json[])"
             ),
-            &[relid.into(), keys.into(), new.into()],
+            &[
+                relid.into(),
+                array(Of::Text, keys.iter().map(|k| Some(*k))),
+                array(Of::Json, new.iter().map(|v| Some(v.as_str()))),
+            ],
         )?;
     }
-    let (places, changed): (Vec<pg_sys::ItemPointerData>, Vec<JsonString>) =
+    let (places, changed): (Vec<pg_sys::ItemPointerData>, Vec<String>) =
         regs.iter().filter_map(|r| r.ctid.map(|c| (c, serialise(r)))).unzip();
     if !places.is_empty() {
         plans::run(
@@ -410,7 +413,7 @@ pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[Register
                 "UPDATE {schema}.sync_rows r SET versions = u.v \
                    FROM unnest($1::tid[], $2::json[]) AS u(t, v) WHERE r.ctid = u.t"
             ),
-            &[places.into(), changed.into()],
+            &[places.into(), array(Of::Json, changed.iter().map(|v| Some(v.as_str())))],
         )?;
     }
     Ok(())
@@ -535,12 +538,11 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
     fn text<T: Serialize + ?Sized>(v: &T) -> String {
         serde_json::to_string(v).expect("serialises")
     }
-    let column = |f: &dyn Fn(&Conflict) -> Option<String>| -> DatumWithOid {
-        conflicts.iter().map(f).collect::<Vec<Option<String>>>().into()
-    };
-    let json_column = |f: &dyn Fn(&Conflict) -> Option<String>| -> DatumWithOid {
-        conflicts.iter().map(|c| f(c).map(JsonString)).collect::<Vec<Option<JsonString>>>().into()
-    };
+    let local: Vec<String> = conflicts.iter().map(|c| text(&c.local)).collect();
+    let remote: Vec<String> = conflicts.iter().map(|c| text(&c.remote)).collect();
+    let result: Vec<Option<String>> = conflicts.iter().map(|c| c.result.as_ref().map(text)).collect();
+    let column = |f: &dyn for<'c> Fn(&'c Conflict<'c>) -> Option<&'c str>| array(Of::Text, conflicts.iter().map(f));
+    let json_column = |values: &[Option<&str>]| array(Of::Json, values.iter().copied());
     plans::run(
         &format!(
             "INSERT INTO {schema}.sync_conflicts (table_name, pk, strategy, local, remote, result, winner, review, note) \
@@ -548,15 +550,15 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
                     unnest($5::json[]), unnest($6::json[]), unnest($7::text[]), unnest($8::text[]), unnest($9::text[])"
         ),
         &[
-            column(&|c| Some(c.table_name.to_string())),
-            column(&|c| Some(c.pk.to_string())),
-            column(&|c| Some(c.strategy.to_string())),
-            json_column(&|c| Some(text(&c.local))),
-            json_column(&|c| Some(text(&c.remote))),
-            json_column(&|c| c.result.as_ref().map(text)),
-            column(&|c| Some(c.winner.to_string())),
-            column(&|c| Some(c.review.to_string())),
-            column(&|c| c.note.clone()),
+            column(&|c| Some(c.table_name)),
+            column(&|c| Some(c.pk)),
+            column(&|c| Some(c.strategy)),
+            json_column(&local.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>()),
+            json_column(&remote.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>()),
+            json_column(&result.iter().map(Option::as_deref).collect::<Vec<_>>()),
+            column(&|c| Some(c.winner)),
+            column(&|c| Some(c.review)),
+            column(&|c| c.note.as_deref()),
         ],
     )?;
     Ok(())
