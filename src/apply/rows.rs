@@ -542,7 +542,6 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
     let remote: Vec<String> = conflicts.iter().map(|c| text(&c.remote)).collect();
     let result: Vec<Option<String>> = conflicts.iter().map(|c| c.result.as_ref().map(text)).collect();
     let column = |f: &dyn for<'c> Fn(&'c Conflict<'c>) -> Option<&'c str>| array(Of::Text, conflicts.iter().map(f));
-    let json_column = |values: &[Option<&str>]| array(Of::Json, values.iter().copied());
     plans::run(
         &format!(
             "INSERT INTO {schema}.sync_conflicts (table_name, pk, strategy, local, remote, result, winner, review, note) \
@@ -553,9 +552,9 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
             column(&|c| Some(c.table_name)),
             column(&|c| Some(c.pk)),
             column(&|c| Some(c.strategy)),
-            json_column(&local.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>()),
-            json_column(&remote.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>()),
-            json_column(&result.iter().map(Option::as_deref).collect::<Vec<_>>()),
+            array(Of::Json, local.iter().map(|s| Some(s.as_str()))),
+            array(Of::Json, remote.iter().map(|s| Some(s.as_str()))),
+            array(Of::Json, result.iter().map(Option::as_deref)),
             column(&|c| Some(c.winner)),
             column(&|c| Some(c.review)),
             column(&|c| c.note.as_deref()),
