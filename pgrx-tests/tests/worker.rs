@@ -68,3 +68,40 @@ fn worker_waits_for_the_extension_runs_reloads_and_restarts() {
     let status = wait_for(30, "state running again", || try_worker_status(&c).filter(|s| s["state"] == "running"));
     assert_eq!(status["pid"], second);
 }
+
+/// A stream applied blind leaves the row registers to be folded later (src/apply/fold.rs); the
+/// worker does it once it has been quiet for a second, so the apply that next needs them does
+/// not have to.
+#[test]
+fn worker_folds_what_was_applied_blind_while_quiet() {
+    let c = Cluster::start("worker-fold", &["fsync = off"]);
+    let schema = "CREATE EXTENSION pg_peersync;
+         CREATE TABLE items (id int PRIMARY KEY, name text);
+         SELECT sync_track_table('items');";
+    let mut db = c.connect();
+    db.batch_execute(schema).unwrap();
+    wait_for(30, "state running", || try_worker_status(&c).filter(|s| s["state"] == "running"));
+    c.connect().batch_execute("CREATE DATABASE source").unwrap();
+    let mut source = c.connect_db("source");
+    source.batch_execute(schema).unwrap();
+    for k in 0..3 {
+        source
+            .batch_execute(&format!(
+                "INSERT INTO items SELECT g, 'row ' || g FROM generate_series({}, {}) g",
+                k * 500 + 1,
+                k * 500 + 500
+            ))
+            .unwrap();
+    }
+    let batch: String = source.query_one("SELECT sync_changes('{}'::jsonb, 10000)::text", &[]).unwrap().get(0);
+    let out: String = db.query_one("SELECT sync_apply($1::text)::text", &[&batch]).unwrap().get(0);
+    let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(out["applied"], 1500, "{out}");
+    let folded = wait_for(30, "the worker's fold", || {
+        let left: i64 = db.query_one("SELECT count(*) FROM sync_unfolded", &[]).unwrap().get(0);
+        let registers: i64 = db.query_one("SELECT count(*) FROM sync_rows", &[]).unwrap().get(0);
+        (left == 0).then_some(registers)
+    });
+    assert_eq!(folded, 1500);
+    assert!(!c.log().contains("cannot fold"), "{}", c.log());
+}

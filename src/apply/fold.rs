@@ -12,7 +12,8 @@
 //! Before registers are next read (an apply that may meet a conflict, or `sync_retry_errors`),
 //! `fold` reads those changes back from the log and makes each one's row register just that
 //! change, keeping per row the latest (each of them saw everything held before it), unless a
-//! version already in the register has seen it.
+//! version already in the register has seen it. The background worker folds ahead of that, a
+//! slice per transaction, while it is quiet (`fold_some`, through `apply::fold_while_quiet`).
 //!
 //! `sync_node.indexed_upto` records the committed local prefix folded so far; local
 //! transactions above it that were already visible are folded again next time, which changes
@@ -108,8 +109,14 @@ const FOLD_EVENTS: i64 = 20_000;
 /// blind change of one row are told apart by their contexts (whichever saw the other stands),
 /// whichever of them is folded first.
 pub fn fold(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<(), SyncError> {
+    fold_some(schema, me, tables, usize::MAX).map(|_| ())
+}
+
+/// `fold`, stopping after `slices` slices of blind transactions; the local writes are folded
+/// once none is left. Returns true when some are left.
+pub fn fold_some(schema: &str, me: Uuid, tables: &HashMap<String, Table>, slices: usize) -> Result<bool, SyncError> {
     let cols = LOG_COLUMNS.split(", ").map(|c| format!("l.{c}")).collect::<Vec<_>>().join(", ");
-    loop {
+    for slice in 0.. {
         // The next slice of blind transactions: about FOLD_EVENTS changes, at least one.
         let upto: Option<i64> = Spi::connect_mut(|c| {
             c.update(
@@ -125,6 +132,9 @@ pub fn fold(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<(
             .get_one::<i64>()
         })?;
         let Some(upto) = upto else { break };
+        if slice == slices {
+            return Ok(true);
+        }
         fold_rows(
             schema,
             me,
@@ -153,7 +163,7 @@ pub fn fold(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<(
     if prefix > indexed {
         Spi::run_with_args(&format!("UPDATE {schema}.sync_node SET indexed_upto = $1"), &[prefix.into()])?;
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Fold the changes of the `sync_log` rows `query` selects (`LOG_COLUMNS`, then the origin;

@@ -497,6 +497,25 @@ COMMENT ON FUNCTION sync_apply(text) IS 'Apply a batch from sync_changes() on an
     requires = [_sync_apply_text],
 );
 
+/// Fold one slice of what the row registers lack (see `fold`), unless an apply holds the apply
+/// lock. The background worker calls it once it has been quiet for a while, so that the apply
+/// that next needs the registers does not first fold a long one-way stream. Returns true when
+/// more is left to fold.
+pub fn fold_while_quiet() -> Result<bool, SyncError> {
+    sequencer::require_read_committed("the worker's fold")?;
+    let ext = clock::ext();
+    let locked = Spi::get_one::<bool>("SELECT pg_try_advisory_xact_lock(hashtext('pg_peersync.apply'))")?;
+    if locked != Some(true) {
+        return Ok(false);
+    }
+    let local = fold::local(&ext.schema, ext.node_id)?;
+    if !fold::pending(&ext.schema, &local)? {
+        return Ok(false);
+    }
+    let tables = load_tables(&ext.schema)?;
+    fold::fold_some(&ext.schema, ext.node_id, &tables, 1)
+}
+
 /// Try again every origin transaction held in `sync_apply_errors` (and what waits for them),
 /// for instance after adding a missing column, after bringing the row registers up to date
 /// (see `fold`). Returns the same counts as `sync_apply`.

@@ -33,6 +33,11 @@ const TEXT: usize = 160;
 const STATUS_BYTES: usize = 32 * 1024;
 /// How often it checks for the extension while waiting for it.
 const EXTENSION_CHECK: Duration = Duration::from_secs(2);
+/// How long without a question from the network threads before the worker folds what the row
+/// registers lack (`apply::fold_while_quiet`), and how often it looks while nothing is left;
+/// after an error it waits `FOLD_AFTER_ERROR`.
+const FOLD_WHEN_QUIET: Duration = Duration::from_secs(1);
+const FOLD_AFTER_ERROR: Duration = Duration::from_secs(60);
 
 #[derive(Copy, Clone, Default, PartialEq, Eq, Debug)]
 #[repr(u8)]
@@ -147,6 +152,9 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
     let mut seen = (0, 0);
     let mut ticks = 0u32;
     let schema = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut quiet_since = std::time::Instant::now();
+    // When to fold next (see FOLD_WHEN_QUIET).
+    let mut next_fold = std::time::Instant::now();
     // wait_latch returns false on SIGTERM or postmaster death.
     while BackgroundWorker::wait_latch(Some(TICK)) {
         if BackgroundWorker::sighup_received() {
@@ -161,6 +169,7 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
         }
         if let Some(n) = &network {
             for ask in n.asks() {
+                quiet_since = std::time::Instant::now();
                 answer(ask);
             }
             let sessions = n.sessions();
@@ -185,6 +194,15 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
                 network_tried = true;
                 housekeeping(&schema);
                 network = start_network(&schema);
+            }
+            let now = std::time::Instant::now();
+            if now >= next_fold && now.duration_since(quiet_since) >= FOLD_WHEN_QUIET {
+                // A slice at a time, each in its own transaction: questions are answered between.
+                next_fold = match fold_while_quiet() {
+                    Ok(true) => now,
+                    Ok(false) => now + FOLD_WHEN_QUIET,
+                    Err(()) => now + FOLD_AFTER_ERROR,
+                };
             }
             continue;
         }
@@ -354,6 +372,21 @@ fn record(sessions: &[net::Session]) {
         );
         if let Err(e) = crate::apply::subxact::run(|| Spi::run_with_args(&sql, &[rows.clone().into()])) {
             warning!("pg_peersync worker: cannot record sessions: {}", e.message);
+        }
+    })
+}
+
+/// One slice of the fold `sync_apply` would otherwise do when it next needs the registers;
+/// true when more is left. Errors are logged (the next apply folds, and reports them).
+fn fold_while_quiet() -> Result<bool, ()> {
+    BackgroundWorker::transaction(|| {
+        // An error rolls the slice back whole.
+        match crate::apply::subxact::run(|| crate::apply::fold_while_quiet().unwrap_or_else(|e| e.report())) {
+            Ok(more) => Ok(more),
+            Err(f) => {
+                warning!("pg_peersync worker: cannot fold the row registers: {} ({})", f.message, f.sqlstate);
+                Err(())
+            }
         }
     })
 }
