@@ -379,7 +379,7 @@ fn record(sessions: &[net::Session]) {
 /// One slice of the fold `sync_apply` would otherwise do when it next needs the registers;
 /// true when more is left. Errors are logged (the next apply folds, and reports them).
 fn fold_while_quiet() -> Result<bool, ()> {
-    BackgroundWorker::transaction(|| {
+    let result = BackgroundWorker::transaction(|| {
         // An error rolls the slice back whole.
         match crate::apply::subxact::run(|| crate::apply::fold_while_quiet().unwrap_or_else(|e| e.report())) {
             Ok(more) => Ok(more),
@@ -388,7 +388,14 @@ fn fold_while_quiet() -> Result<bool, ()> {
                 Err(())
             }
         }
-    })
+    });
+    // A slice holds its changes in memory (one large transaction is one slice): give the freed
+    // memory back, as after a large batch.
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(1 << 20);
+    }
+    result
 }
 
 /// Now and then: refresh the schema fingerprint announced to peers, prune `sync_sessions`.
