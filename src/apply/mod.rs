@@ -189,6 +189,9 @@ fn transactions(events: Vec<Event>, from: &BTreeMap<Uuid, i64>, me: Uuid) -> Vec
     txns
 }
 
+/// The advisory lock (per database) held by whoever writes row registers: `sync_apply`,
+/// `sync_retry_errors`, the worker's fold.
+const APPLY_LOCK: &str = "hashtext('pg_peersync.apply')";
 /// The SQLSTATE of `SyncError::ConcurrentLocalWrite` (serialization_failure).
 const RACED: &str = "40001";
 /// Events applied together at most, when consecutive origin transactions go in one chunk.
@@ -224,7 +227,7 @@ impl Run {
     fn start(fold_now: bool) -> Result<Run, SyncError> {
         let ext = clock::ext();
         // One applier at a time per database: registers are read, resolved and written whole.
-        Spi::run("SELECT pg_advisory_xact_lock(hashtext('pg_peersync.apply'))")?;
+        Spi::run(&format!("SELECT pg_advisory_xact_lock({APPLY_LOCK})"))?;
         let tables = load_tables(&ext.schema)?;
         let local = fold::local(&ext.schema, ext.node_id)?;
         if fold_now {
@@ -504,7 +507,7 @@ COMMENT ON FUNCTION sync_apply(text) IS 'Apply a batch from sync_changes() on an
 pub fn fold_while_quiet() -> Result<bool, SyncError> {
     sequencer::require_read_committed("the worker's fold")?;
     let ext = clock::ext();
-    let locked = Spi::get_one::<bool>("SELECT pg_try_advisory_xact_lock(hashtext('pg_peersync.apply'))")?;
+    let locked = Spi::get_one::<bool>(&format!("SELECT pg_try_advisory_xact_lock({APPLY_LOCK})"))?;
     if locked != Some(true) {
         return Ok(false);
     }

@@ -92,10 +92,7 @@ struct Remote {
 
 pub fn version_of(e: &Event) -> Version {
     let row = e.data.as_ref().and_then(Value::as_object).map(|r| Arc::new(r.clone()));
-    let written = match (e.op, &e.old) {
-        (Op::Update, Some(Value::Object(old))) => Some(old.keys().cloned().collect()),
-        _ => None,
-    };
+    let written = sync_bridge::event::written_columns(e.op, e.old.as_ref());
     Version {
         origin: e.origin,
         seq: e.seq,

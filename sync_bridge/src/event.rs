@@ -6,7 +6,7 @@ use crate::canonical::{write_string, write_value};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use uuid::Uuid;
 
@@ -61,6 +61,14 @@ pub struct Event {
     pub vclock: BTreeMap<Uuid, i64>,
     /// Hex sha256 of [`Event::canonical_text`].
     pub checksum: String,
+}
+
+/// The columns a change wrote, when not every column: an UPDATE's `old` lists the changed ones.
+pub fn written_columns(op: Op, old: Option<&Value>) -> Option<BTreeSet<String>> {
+    match (op, old) {
+        (Op::Update, Some(Value::Object(old))) => Some(old.keys().cloned().collect()),
+        _ => None,
+    }
 }
 
 impl Event {

@@ -106,10 +106,7 @@ impl LogRow {
     /// (no checksums, no row images kept): what folding changes into row registers needs.
     pub fn touches(&self, mut f: impl FnMut(Touch)) -> Result<(), String> {
         self.unpack(|c| {
-            let written = match (c.part.op, &c.old) {
-                (Op::Update, Some(Value::Object(old))) => Some(old.keys().cloned().collect()),
-                _ => None,
-            };
+            let written = crate::event::written_columns(c.part.op, c.old.as_ref());
             let key = crate::canonical::jsonb_text(&c.pk);
             f(Touch { table: &c.part.table, key, op: c.part.op, idx: c.idx, hlc: c.part.hlc, written });
         })
