@@ -55,29 +55,38 @@ pub fn check(have: &BTreeMap<Uuid, i64>, me: Uuid, t: &Pending) -> Result<(), Wa
     Ok(())
 }
 
-/// The order to apply `pending` in, starting from `have`: repeatedly the first (by origin,
-/// number) transaction that may be applied. Returns the indexes of the deliverable ones in
-/// order; the others wait. `applied(i)` is asked whether applying index `i` succeeded: a
-/// transaction that failed is held and everything that depends on it waits.
+/// Give each transaction of a batch, listed in batch order, its `prev`: the number of the
+/// transaction before it of the same origin in the batch, or the batch's `from` for the first.
+pub fn link(from: &BTreeMap<Uuid, i64>, txns: &mut [Pending]) {
+    let mut last: BTreeMap<Uuid, i64> = BTreeMap::new();
+    for t in txns {
+        t.prev = last.insert(t.origin, t.seq).unwrap_or_else(|| from.get(&t.origin).copied().unwrap_or(0));
+    }
+}
+
+/// The order to apply `pending` in, starting from `have`: passes over `pending` in the order
+/// given (a batch's order, in which each transaction follows what it depends on, so one pass
+/// usually delivers everything), each delivering what may be applied, until a pass delivers
+/// nothing. Returns the indexes of the deliverable ones in order; the others wait.
+/// `applied(i)` is asked whether applying index `i` succeeded: a transaction that failed is
+/// held and everything that depends on it waits.
 pub fn plan(
     have: &mut BTreeMap<Uuid, i64>,
     me: Uuid,
     pending: &[Pending],
     mut applied: impl FnMut(usize) -> bool,
 ) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..pending.len()).collect();
-    order.sort_by_key(|&i| (pending[i].origin, pending[i].seq));
     let mut done = vec![false; pending.len()];
     let mut delivered = Vec::new();
     loop {
         let mut progress = false;
-        for &i in &order {
-            if done[i] || check(have, me, &pending[i]).is_err() {
+        for (i, t) in pending.iter().enumerate() {
+            if done[i] || check(have, me, t).is_err() {
                 continue;
             }
             done[i] = true;
             if applied(i) {
-                have.insert(pending[i].origin, pending[i].seq);
+                have.insert(t.origin, t.seq);
                 delivered.push(i);
                 progress = true;
             }
@@ -86,6 +95,96 @@ pub fn plan(
             return delivered;
         }
     }
+}
+
+/// After a batch: it covers each origin's `(from[o], top[o]]` whole, so once the node holds
+/// every transaction of `o` the batch carried (`last[o]`, the greatest) and at least `from[o]`,
+/// it holds `o` up to `top[o]` (the numbers in between were rolled back at the origin).
+pub fn raise(
+    have: &mut BTreeMap<Uuid, i64>,
+    me: Uuid,
+    from: &BTreeMap<Uuid, i64>,
+    top: &BTreeMap<Uuid, i64>,
+    last: &BTreeMap<Uuid, i64>,
+) {
+    for (origin, &top) in top {
+        if *origin == me {
+            continue;
+        }
+        let held = have.get(origin).copied().unwrap_or(0);
+        let from = from.get(origin).copied().unwrap_or(0);
+        let last = last.get(origin).copied().unwrap_or(from);
+        if held >= from && held >= last && top > held {
+            have.insert(*origin, top);
+        }
+    }
+}
+
+/// What to ask a peer for: the have-vector, raised per origin over the transactions kept
+/// waiting (`waiting`, each with its `prev`) that follow on without a gap. Those are held
+/// already and need not come again; they are applied once what they wait for arrives.
+pub fn reach(have: &BTreeMap<Uuid, i64>, waiting: &[Pending]) -> BTreeMap<Uuid, i64> {
+    let mut out = have.clone();
+    let mut sorted: Vec<&Pending> = waiting.iter().collect();
+    sorted.sort_by_key(|t| (t.origin, t.seq));
+    for t in sorted {
+        let at = out.entry(t.origin).or_insert(0);
+        if t.prev <= *at && t.seq > *at {
+            *at = t.seq;
+        }
+    }
+    out
+}
+
+/// What the `waiting` transactions wait for that no waiting transaction supplies: per origin,
+/// the number this node must reach. Empty when they only wait for each other (or for one that
+/// failed here, which a peer cannot supply either).
+pub fn missing(have: &BTreeMap<Uuid, i64>, me: Uuid, waiting: &[Pending]) -> BTreeMap<Uuid, i64> {
+    let kept = reach(have, waiting);
+    let held = |o: &Uuid| kept.get(o).copied().unwrap_or(0);
+    let mut out: BTreeMap<Uuid, i64> = BTreeMap::new();
+    let mut need = |origin: Uuid, n: i64| {
+        let e = out.entry(origin).or_insert(n);
+        *e = (*e).max(n);
+    };
+    for t in waiting {
+        if held(&t.origin) < t.seq {
+            // Not reached without a gap: the numbers before it are missing.
+            need(t.origin, t.prev);
+        }
+        for (origin, n) in &t.context {
+            if *origin != t.origin && *origin != me && held(origin) < *n {
+                need(*origin, *n);
+            }
+        }
+    }
+    out
+}
+
+/// The have-vector to send a peer in a pull. Normally `reach(have, waiting)`. When the last
+/// pull from this peer applied nothing (`stalled`, with the peer's have-vector), ask only for
+/// the origins the waiting transactions miss: every other origin is asked from where the peer
+/// holds it, so the peer sends nothing of them. A peer that serves in causal order never causes
+/// this; one that does not (a bug, an old version) still cannot keep this node waiting for ever.
+pub fn ask_for(
+    have: &BTreeMap<Uuid, i64>,
+    me: Uuid,
+    waiting: &[Pending],
+    stalled: Option<&BTreeMap<Uuid, i64>>,
+) -> BTreeMap<Uuid, i64> {
+    let mut ask = reach(have, waiting);
+    let Some(theirs) = stalled else { return ask };
+    let missing = missing(have, me, waiting);
+    if missing.is_empty() {
+        return ask;
+    }
+    for (origin, n) in theirs {
+        if !missing.contains_key(origin) {
+            let a = ask.entry(*origin).or_insert(0);
+            *a = (*a).max(*n);
+        }
+    }
+    ask
 }
 
 #[cfg(test)]

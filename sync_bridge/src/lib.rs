@@ -15,6 +15,7 @@ pub mod event;
 pub mod hlc;
 pub mod log;
 pub mod resolve;
+pub mod serve;
 pub mod transport;
 
 pub use event::{Batch, BatchError, Event, FORMAT_VERSION, Op};
