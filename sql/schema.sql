@@ -132,10 +132,13 @@ CREATE TABLE sync_node_priorities (
 
 -- Received origin transactions not applied yet: waiting for an earlier one (error IS NULL),
 -- or failed to apply here (error set; see sync_apply_errors and sync_retry_errors()).
+-- Stored once: a node asks its peers past what it keeps here (see sync_bridge::delivery::reach),
+-- and an apply reads events only of the entries it can apply (prev and context say which).
 CREATE TABLE sync_inbox (
     origin      uuid NOT NULL,
     origin_seq  bigint NOT NULL,
     prev        bigint NOT NULL,
+    context     jsonb NOT NULL,
     events      jsonb NOT NULL,
     tables      text[] NOT NULL,
     sqlstate    text,

@@ -6,8 +6,8 @@ use crate::sequencer;
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgBuiltInOids, PgOid};
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
-use sync_bridge::{Batch, Event};
+use std::collections::{BTreeMap, HashMap};
+use sync_bridge::{Batch, Event, serve};
 use uuid::Uuid;
 
 /// This node's have-vector: for each origin, the highest number up to which it holds every
@@ -59,9 +59,9 @@ pub(crate) const EVENT_JSON: &str = "jsonb_build_object('origin', origin, 'seq',
      'xact', origin_xact, 'hlc', hlc, 'table', table_name, 'pk', pk, 'op', op, 'data', data, \
      'old', old, 'vclock', vclock, 'checksum', encode(checksum, 'hex'))";
 
-/// The events the caller lacks, given its have-vector `since`, as the batch's JSON text: per
-/// origin, oldest first, whole transactions only, about `max_events` in all (a transaction
-/// larger than that comes whole). With `node_have`, the batch also carries this node's whole
+/// The events the caller lacks, given its have-vector `since`, as the batch's JSON text: whole
+/// transactions, each after what it depends on, about `max_events` events in all (a
+/// transaction larger than that comes whole). With `node_have`, the batch also carries this node's whole
 /// have-vector (the worker's answer to a pull). `sync_changes(jsonb, int)` wraps it.
 ///
 /// The events are rebuilt from the `sync_log` rows in Rust (`sync_bridge::log`), not read from
@@ -92,18 +92,16 @@ fn _sync_changes_text(since: &str, max_events: i32, node_have: bool) -> SyncResu
     Ok(text)
 }
 
-/// Append the events of one `sync_log` row (read with the columns `batch` selects); returns
-/// how many.
+/// Append the events of one `sync_log` row (read with `LOG_COLUMNS`).
 fn push_events(
     events: &mut Vec<Event>,
     origin: Uuid,
     seq: i64,
     row: &pgrx::spi::SpiHeapTupleData,
-) -> Result<i64, SyncError> {
+) -> Result<(), SyncError> {
     let log = read_log_row(origin, seq, row)?;
-    let before = events.len();
     events.extend(log.events().map_err(|e| unreadable(origin, seq, e))?);
-    Ok((events.len() - before) as i64)
+    Ok(())
 }
 
 /// The columns of `sync_log` that `read_log_row` reads, in its order (from column 1).
@@ -154,91 +152,111 @@ COMMENT ON FUNCTION sync_changes(jsonb, integer) IS
     requires = [_sync_changes_text],
 );
 
-/// The batch of events in `(since, have]` per origin, about `max_events` of them.
+/// The batch of events in `(since, have]` per origin, about `max_events` of them, each
+/// transaction after what it depends on (`sync_bridge::serve`).
 pub(crate) fn batch(
     since: &BTreeMap<Uuid, i64>,
     have: &BTreeMap<Uuid, i64>,
     max_events: i64,
 ) -> Result<Batch, SyncError> {
     let ext = clock::ext();
-    let mut budget = max_events;
-    let (mut from, mut upto) = (BTreeMap::new(), BTreeMap::new());
-    let mut events: Vec<Event> = Vec::new();
-    let mut more = false;
-    let cols = LOG_COLUMNS;
+    let windows = windows(&ext.schema, since, have, max_events)?;
+    let cut = serve::cut(since, &windows, max_events);
+    let mut txns = read_transactions(&ext.schema, &cut)?;
+    let mut events: Vec<Event> = Vec::with_capacity(txns.values().map(Vec::len).sum());
+    for key in &cut.order {
+        events.extend(txns.remove(key).unwrap_or_default());
+    }
+    Ok(Batch {
+        format: sync_bridge::FORMAT_VERSION,
+        source: ext.node_id,
+        from: cut.from,
+        have: cut.have,
+        events,
+        more: cut.more,
+    })
+}
+
+/// Per origin this node holds beyond `since`: its first transactions (at most `max_events`,
+/// since each has at least one event) with their sizes, clocks and contexts; not their images.
+fn windows(
+    schema: &str,
+    since: &BTreeMap<Uuid, i64>,
+    have: &BTreeMap<Uuid, i64>,
+    max_events: i64,
+) -> Result<Vec<serve::Window>, SyncError> {
     Spi::connect(|client| {
         let uuid = PgOid::BuiltIn(PgBuiltInOids::UUIDOID);
         let int8 = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
-        // Every log row holds at least one event, so `budget` rows are enough.
-        let range = client.prepare(
+        let heads = client.prepare(
             &format!(
-                "SELECT {cols} FROM {}.sync_log WHERE origin = $1 AND origin_seq > $2 AND origin_seq <= $3 \
-                 ORDER BY origin_seq, first_idx LIMIT $4",
-                ext.schema
+                "SELECT origin_seq, sum(n)::bigint, max(hlc), array_agg(vclock::text) FROM {schema}.sync_log \
+                  WHERE origin = $1 AND origin_seq > $2 AND origin_seq <= $3 \
+                  GROUP BY origin_seq ORDER BY origin_seq LIMIT $4"
             ),
             &[uuid, int8, int8, int8],
         )?;
-        let rest = client.prepare(
+        let mut out = Vec::new();
+        for (origin, &top) in have {
+            let from = since.get(origin).copied().unwrap_or(0);
+            if top <= from {
+                continue;
+            }
+            let o = pgrx::Uuid::from_bytes(*origin.as_bytes());
+            let rows = client.select(&heads, None, &[o.into(), from.into(), top.into(), max_events.into()])?;
+            let mut offers = Vec::with_capacity(rows.len());
+            for row in rows {
+                let seq: i64 = row.get(1)?.expect("origin_seq");
+                let mut context: BTreeMap<Uuid, i64> = BTreeMap::new();
+                for text in row.get::<Vec<String>>(4)?.unwrap_or_default() {
+                    let v: BTreeMap<Uuid, i64> =
+                        serde_json::from_str(&text).map_err(|e| unreadable(*origin, seq, e.to_string()))?;
+                    for (k, n) in v {
+                        let c = context.entry(k).or_insert(n);
+                        *c = (*c).max(n);
+                    }
+                }
+                offers.push(serve::Offer {
+                    seq,
+                    events: row.get(2)?.unwrap_or(1),
+                    hlc: row.get(3)?.unwrap_or(0),
+                    context,
+                });
+            }
+            let complete = (offers.len() as i64) < max_events;
+            out.push(serve::Window { origin: *origin, from, top, offers, complete });
+        }
+        Ok(out)
+    })
+}
+
+/// The events of the transactions `cut` chose, by transaction.
+fn read_transactions(schema: &str, cut: &serve::Cut) -> Result<HashMap<(Uuid, i64), Vec<Event>>, SyncError> {
+    // What each origin contributes is a run of its transactions from the caller's position.
+    let mut last: BTreeMap<Uuid, i64> = BTreeMap::new();
+    for (origin, seq) in &cut.order {
+        last.insert(*origin, *seq);
+    }
+    let mut out: HashMap<(Uuid, i64), Vec<Event>> = HashMap::with_capacity(cut.order.len());
+    Spi::connect(|client| {
+        let uuid = PgOid::BuiltIn(PgBuiltInOids::UUIDOID);
+        let int8 = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+        let range = client.prepare(
             &format!(
-                "SELECT {cols} FROM {}.sync_log WHERE origin = $1 AND origin_seq = $2 AND first_idx > $3 \
-                 ORDER BY first_idx",
-                ext.schema
+                "SELECT {LOG_COLUMNS} FROM {schema}.sync_log \
+                  WHERE origin = $1 AND origin_seq > $2 AND origin_seq <= $3 ORDER BY origin_seq, first_idx"
             ),
             &[uuid, int8, int8],
         )?;
-        for (origin, &top) in have {
-            let start = since.get(origin).copied().unwrap_or(0);
-            if top <= start {
-                continue;
-            }
-            if budget <= 0 {
-                more = true;
-                break;
-            }
+        for (origin, upto) in last {
+            let from = cut.from.get(&origin).copied().unwrap_or(0);
             let o = pgrx::Uuid::from_bytes(*origin.as_bytes());
-            let limit = budget;
-            let rows = client.select(&range, None, &[o.into(), start.into(), top.into(), limit.into()])?;
-            let read = rows.len() as i64;
-            let (mut current, mut last_first) = (None::<i64>, 0i64);
-            let mut complete = start;
-            let mut cut = false;
-            for row in rows {
+            for row in client.select(&range, None, &[o.into(), from.into(), upto.into()])? {
                 let seq: i64 = row.get(1)?.expect("origin_seq");
-                if current != Some(seq) {
-                    // A new transaction: the one before it is complete.
-                    if let Some(done) = current {
-                        complete = done;
-                    }
-                    if budget <= 0 {
-                        cut = true;
-                        break;
-                    }
-                    current = Some(seq);
-                }
-                last_first = row.get(2)?.expect("first_idx");
-                budget -= push_events(&mut events, *origin, seq, &row)?;
+                push_events(out.entry((origin, seq)).or_default(), origin, seq, &row)?;
             }
-            let reached = if cut {
-                complete
-            } else if read < limit {
-                // Every row of (start, top] was read (the numbers of rolled-back transactions
-                // have none).
-                top
-            } else {
-                // The limit may have cut the last transaction's rows: complete it.
-                let seq = current.expect("the limit is at least 1");
-                for row in client.select(&rest, None, &[o.into(), seq.into(), last_first.into()])? {
-                    budget -= push_events(&mut events, *origin, seq, &row)?;
-                }
-                seq
-            };
-            if reached < top {
-                more = true;
-            }
-            from.insert(*origin, start);
-            upto.insert(*origin, reached);
         }
         Ok::<_, SyncError>(())
     })?;
-    Ok(Batch { format: sync_bridge::FORMAT_VERSION, source: ext.node_id, from, have: upto, events, more })
+    Ok(out)
 }

@@ -131,7 +131,8 @@ impl SyncError {
                 "Pass the JSON document sync_changes() returned, unchanged; nothing was applied.".into()
             }
             SyncError::BatchFormat(_) => format!(
-                "This node reads batch format {}; upgrade pg_peersync on the older node. Nothing was applied.",
+                "This node reads batch formats {} to {}; upgrade pg_peersync on the older node. Nothing was applied.",
+                sync_bridge::event::OLDEST_FORMAT,
                 sync_bridge::FORMAT_VERSION
             ),
             SyncError::Checksum(_) => {

@@ -449,6 +449,62 @@ mod tests {
         assert_eq!(out["transactions"], json!(0));
     }
 
+    /// A received transaction that waits (here for events of another origin) is stored once:
+    /// the same batch again leaves its inbox row as it was, and the worker asks its peers past
+    /// it, and after a stall only for what it misses.
+    #[pg_test]
+    fn a_waiting_transaction_is_kept_once_and_asked_past() {
+        use std::collections::BTreeMap;
+        use sync_bridge::{Batch, Event, Op};
+        use uuid::Uuid;
+        shop();
+        run("SELECT sync_track_table('items')");
+        let (x, y) = (Uuid::from_u128(0xa1), Uuid::from_u128(0xb2));
+        let mut e = Event {
+            origin: x,
+            seq: 1,
+            idx: 1,
+            xact: 1,
+            hlc: 1 << 20,
+            table: "public.items".into(),
+            pk: json!({"id": 1}),
+            op: Op::Insert,
+            data: Some(json!({"id": 1, "name": "a"})),
+            old: None,
+            // X had seen Y's first five transactions, which this node lacks.
+            vclock: BTreeMap::from([(x, 1), (y, 5)]),
+            checksum: String::new(),
+        };
+        e.checksum = e.compute_checksum();
+        let batch = Batch {
+            format: sync_bridge::FORMAT_VERSION,
+            source: x,
+            from: BTreeMap::from([(x, 0)]),
+            have: BTreeMap::from([(x, 1)]),
+            events: vec![e],
+            more: false,
+        };
+        let text = serde_json::to_string(&batch).unwrap();
+        let apply = || {
+            Spi::get_one_with_args::<JsonB>("SELECT sync_apply($1::text)", &[text.clone().into()]).unwrap().unwrap().0
+        };
+        let out = apply();
+        assert_eq!((out["waiting"].clone(), out["missing"].clone()), (json!(1), json!({y.to_string(): 5})), "{out}");
+        let stored = || one::<String>("SELECT xmin::text || '/' || waiting_for FROM sync_inbox");
+        let first = stored();
+        assert!(first.contains(&format!("origin {y} up to 5")), "{first}");
+        let again = apply();
+        assert_eq!(again["waiting"], json!(1), "{again}");
+        assert_eq!(stored(), first, "the inbox row was written again");
+        // Asked past what the inbox keeps; after a stall, only for Y (X at the peer's position).
+        let request = crate::apply::pull_request(None).unwrap();
+        assert_eq!(request["ask"][x.to_string()], json!(1), "{request}");
+        assert!(request["have"].get(x.to_string()).is_none(), "{request}");
+        let peer = BTreeMap::from([(x, 40), (y, 9)]);
+        let request = crate::apply::pull_request(Some(&peer)).unwrap();
+        assert_eq!((request["ask"][x.to_string()].clone(), request["ask"].get(y.to_string())), (json!(40), None));
+    }
+
     /// The arrays apply builds in one pass hold what pgrx's conversion would: NULLs, empty and
     /// non-ASCII strings, lengths that need padding between elements, and no elements at all.
     #[pg_test]

@@ -10,7 +10,9 @@
 //!    applied blind, without the row registers; `fold` brings them up to date when needed.
 //! 3. A transaction that cannot be applied here (type, constraint, missing column) is rolled
 //!    back alone and kept in `sync_inbox` with the reason; what depends on it waits there too,
-//!    until `sync_retry_errors()` or a later batch makes it appliable.
+//!    until `sync_retry_errors()` or a later batch makes it appliable. Every apply tries again
+//!    those that failed for a reason that passes (a race with a local writer, a deadlock).
+//!    Nothing in the inbox is read whole unless it can be applied now, nor stored twice.
 //!
 //! While applying, the capture trigger stands aside (`applying()`): received changes are
 //! stored once, with their origin, never re-captured as local ones.
@@ -150,24 +152,21 @@ pub(crate) struct Txn {
     pub origin: Uuid,
     pub seq: i64,
     pub prev: i64,
+    /// The greatest of its events' causal contexts.
+    pub context: BTreeMap<Uuid, i64>,
+    /// Empty for an inbox entry until it is about to be applied (`store::load_events`).
     pub events: Vec<Event>,
     pub in_inbox: bool,
 }
 
 impl Txn {
     fn pending(&self) -> Pending {
-        let mut context = BTreeMap::new();
-        for e in &self.events {
-            for (o, n) in &e.vclock {
-                let c = context.entry(*o).or_insert(*n);
-                *c = (*c).max(*n);
-            }
-        }
-        Pending { origin: self.origin, seq: self.seq, prev: self.prev, context }
+        Pending { origin: self.origin, seq: self.seq, prev: self.prev, context: self.context.clone() }
     }
 }
 
-/// Group a checked batch's events into origin transactions, dropping this node's own events.
+/// Group a checked batch's events into origin transactions, in batch order, dropping this
+/// node's own events.
 fn transactions(events: Vec<Event>, from: &BTreeMap<Uuid, i64>, me: Uuid) -> Vec<Txn> {
     let mut txns: Vec<Txn> = Vec::new();
     for e in events {
@@ -175,16 +174,30 @@ fn transactions(events: Vec<Event>, from: &BTreeMap<Uuid, i64>, me: Uuid) -> Vec
             continue;
         }
         match txns.last_mut() {
+            // A transaction's events are together (checked by validate()).
             Some(t) if t.origin == e.origin && t.seq == e.seq => t.events.push(e),
-            last => {
-                // Events come grouped by origin, oldest first (checked by validate()).
-                let prev = match last {
-                    Some(t) if t.origin == e.origin => t.seq,
-                    _ => from.get(&e.origin).copied().unwrap_or(0),
-                };
-                txns.push(Txn { origin: e.origin, seq: e.seq, prev, events: vec![e], in_inbox: false });
+            _ => txns.push(Txn {
+                origin: e.origin,
+                seq: e.seq,
+                prev: 0,
+                context: BTreeMap::new(),
+                events: vec![e],
+                in_inbox: false,
+            }),
+        }
+    }
+    for t in &mut txns {
+        for e in &t.events {
+            for (o, n) in &e.vclock {
+                let c = t.context.entry(*o).or_insert(*n);
+                *c = (*c).max(*n);
             }
         }
+    }
+    let mut pending: Vec<Pending> = txns.iter().map(Txn::pending).collect();
+    delivery::link(from, &mut pending);
+    for (t, p) in txns.iter_mut().zip(pending) {
+        t.prev = p.prev;
     }
     txns
 }
@@ -219,6 +232,8 @@ struct Run {
     have: BTreeMap<Uuid, i64>,
     /// Per other origin, the highest number applied so far (delivery keeps each a prefix).
     applied: BTreeMap<Uuid, i64>,
+    /// The transactions left waiting in the inbox.
+    waiting: Vec<Pending>,
     counts: Counts,
 }
 
@@ -243,6 +258,7 @@ impl Run {
             unfolded,
             applied: have.clone(),
             have,
+            waiting: Vec::new(),
             counts: Counts::default(),
         })
     }
@@ -267,8 +283,8 @@ impl Run {
         blind
     }
 
-    fn inbox(&self, failed_too: bool) -> Result<Vec<Txn>, SyncError> {
-        store::inbox(&self.schema, failed_too)
+    fn inbox(&self, which: store::Held) -> Result<Vec<Txn>, SyncError> {
+        store::inbox(&self.schema, which)
     }
 
     /// Apply what can be applied of `txns`, keep the rest in the inbox.
@@ -287,9 +303,10 @@ impl Run {
             }
         }
         let mut txns = fresh;
-        // A transaction already held in the inbox arrived again: keep the inbox copy.
-        txns.sort_by_key(|t| (t.origin, t.seq, !t.in_inbox));
-        txns.dedup_by_key(|t| (t.origin, t.seq));
+        // A transaction already held in the inbox arrived again: keep the inbox copy (the
+        // inbox's entries come first).
+        let mut seen = std::collections::HashSet::new();
+        txns.retain(|t| seen.insert((t.origin, t.seq)));
         let pending: Vec<Pending> = txns.iter().map(Txn::pending).collect();
         let mut max_hlc = 0i64;
         // Fast path: many small transactions (a node catching up) cost mostly per-statement
@@ -298,6 +315,9 @@ impl Run {
         // through the careful path below, one origin transaction at a time.
         let mut chunked: BTreeSet<usize> = BTreeSet::new();
         let order = delivery::plan(&mut self.have.clone(), self.me, &pending, |_| true);
+        // Inbox entries that still cannot be applied stay there unread.
+        let inboxed: Vec<usize> = order.iter().copied().filter(|&i| txns[i].in_inbox).collect();
+        store::load_events(&self.schema, &mut txns, &inboxed)?;
         let mut k = 0;
         while k < order.len() {
             let mut end = k + 1;
@@ -321,7 +341,7 @@ impl Run {
             }
             k = end;
         }
-        let rest: Vec<usize> = (0..txns.len()).filter(|i| !chunked.contains(i)).collect();
+        let rest: Vec<usize> = order.iter().copied().filter(|i| !chunked.contains(i)).collect();
         let rest_pending: Vec<Pending> = rest.iter().map(|&i| pending[i].clone()).collect();
         let mut failures: HashMap<usize, subxact::Failure> = HashMap::new();
         let mut have = self.have.clone();
@@ -369,6 +389,7 @@ impl Run {
                 store::hold(&self.schema, t, Some(f), None)?;
             } else {
                 self.counts.waiting += 1;
+                self.waiting.push(pending[i].clone());
                 let why = match delivery::check(&self.have, self.me, &pending[i]) {
                     Err(Wait::Predecessor { origin, need, have } | Wait::Context { origin, need, have }) => {
                         format!("events of origin {origin} up to {need} (this node has {have})")
@@ -409,21 +430,10 @@ impl Run {
         Ok(())
     }
 
-    /// A batch covers each origin's `(from, have]` whole: once everything in it is held, so is
-    /// the batch's `have` (numbers of rolled-back transactions are never used). `last` is the
+    /// A batch covers each origin's `(from, have]` whole: see `delivery::raise`. `last` is the
     /// greatest number of each origin's events in the batch.
     fn raise_to_batch(&mut self, from: &BTreeMap<Uuid, i64>, top: &BTreeMap<Uuid, i64>, last: &BTreeMap<Uuid, i64>) {
-        for (origin, &top) in top {
-            if *origin == self.me {
-                continue;
-            }
-            let held = self.have.get(origin).copied().unwrap_or(0);
-            let from = from.get(origin).copied().unwrap_or(0);
-            let last = last.get(origin).copied().unwrap_or(from);
-            if held >= from && held >= last && top > held {
-                self.have.insert(*origin, top);
-            }
-        }
+        delivery::raise(&mut self.have, self.me, from, top, last);
     }
 
     fn finish(self, before: BTreeMap<Uuid, i64>) -> Result<JsonB, SyncError> {
@@ -452,6 +462,11 @@ impl Run {
         if !missing.is_empty() {
             out["ignored_columns"] = json!(missing);
         }
+        // What the waiting transactions need that no waiting one supplies: a peer should send it.
+        let lacking = delivery::missing(&self.have, self.me, &self.waiting);
+        if !lacking.is_empty() {
+            out["missing"] = Value::Object(lacking.iter().map(|(o, n)| (o.to_string(), json!(n))).collect());
+        }
         Ok(JsonB(out))
     }
 }
@@ -478,7 +493,7 @@ fn _sync_apply_text(batch: &str) -> SyncResult<JsonB> {
     for e in &batch.events {
         last.insert(e.origin, e.seq);
     }
-    let mut txns = run.inbox(false)?;
+    let mut txns = run.inbox(store::Held::Retryable)?;
     txns.extend(transactions(batch.events, &batch.from, run.me));
     run.deliver(txns)?;
     run.raise_to_batch(&batch.from, &batch.have, &last);
@@ -527,7 +542,21 @@ fn sync_retry_errors() -> SyncResult<JsonB> {
     sequencer::require_read_committed("sync_retry_errors()")?;
     let mut run = Run::start(true)?;
     let before = run.have.clone();
-    let txns = run.inbox(true)?;
+    let txns = run.inbox(store::Held::All)?;
     run.deliver(txns)?;
     Ok(run.finish(before)?)
+}
+
+/// What the worker sends a peer it pulls from: this node's have-vector, and the vector to ask
+/// with (`delivery::ask_for`: raised over what the inbox keeps; with `stalled`, the peer's
+/// have-vector after a pull that applied nothing, only the origins the inbox waits for), as
+/// `{"have": {...}, "ask": {...}}`.
+pub fn pull_request(stalled: Option<&BTreeMap<Uuid, i64>>) -> Result<Value, SyncError> {
+    sequencer::require_read_committed("the worker's pull")?;
+    let ext = clock::ext();
+    let have = have_vector()?;
+    let kept: Vec<Pending> = store::inbox(&ext.schema, store::Held::All)?.iter().map(Txn::pending).collect();
+    let ask = delivery::ask_for(&have, ext.node_id, &kept, stalled);
+    let vector = |m: &BTreeMap<Uuid, i64>| -> Value { m.iter().map(|(k, v)| (k.to_string(), json!(v))).collect() };
+    Ok(json!({"have": vector(&have), "ask": vector(&ask)}))
 }

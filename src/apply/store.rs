@@ -5,6 +5,7 @@ use super::Txn;
 use super::subxact::Failure;
 use crate::error::SyncError;
 use pgrx::prelude::*;
+use pgrx::{PgBuiltInOids, PgOid};
 use serde_json::{Value, json};
 use sync_bridge::{Event, Op};
 use uuid::Uuid;
@@ -86,32 +87,98 @@ fn log_row(schema: &str, events: &[Event]) -> Result<(), SyncError> {
     Ok(())
 }
 
-/// The held transactions: waiting ones, and with `failed_too` also those that failed.
-pub fn inbox(schema: &str, failed_too: bool) -> Result<Vec<Txn>, SyncError> {
+/// Which held transactions to read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Waiting ones, and those that failed for a reason that passes by itself (a
+    /// serialization failure or race with a local writer, a deadlock, a lock timeout): every
+    /// apply tries those again.
+    Retryable,
+    /// Every one (`sync_retry_errors()`, and what a node asks its peers past).
+    All,
+}
+
+/// SQLSTATEs of failures that pass by themselves: class 40 (transaction rollback:
+/// serialization failure, deadlock) and lock_not_available.
+const TRANSIENT: &str = "(sqlstate LIKE '40%' OR sqlstate = '55P03')";
+
+/// The held transactions, without their events (see `load_events`).
+pub fn inbox(schema: &str, which: Held) -> Result<Vec<Txn>, SyncError> {
     Spi::connect_mut(|client| {
         let rows = client.update(
             &format!(
-                "SELECT prev, events::text FROM {schema}.sync_inbox WHERE $1 OR error IS NULL ORDER BY origin, origin_seq"
+                "SELECT origin, origin_seq, prev, context::text FROM {schema}.sync_inbox \
+                  WHERE $1 OR error IS NULL OR {TRANSIENT} ORDER BY origin, origin_seq"
             ),
             None,
-            &[failed_too.into()],
+            &[(which == Held::All).into()],
         )?;
         let mut out = Vec::new();
         for row in rows {
-            let prev: i64 = row.get(1)?.expect("prev");
-            let text: String = row.get(2)?.expect("events");
-            let events: Vec<Event> = serde_json::from_str(&text)
-                .map_err(|e| SyncError::BadBatch(format!("a sync_inbox entry is unreadable: {e}")))?;
-            let head = events.first().ok_or_else(|| SyncError::BadBatch("an empty sync_inbox entry".into()))?;
-            let (origin, seq) = (head.origin, head.seq);
-            out.push(Txn { origin, seq, prev, events, in_inbox: true });
+            let origin = Uuid::from_bytes(*row.get::<pgrx::Uuid>(1)?.expect("origin").as_bytes());
+            let seq: i64 = row.get(2)?.expect("origin_seq");
+            let context: String = row.get(4)?.expect("context");
+            let context = serde_json::from_str(&context)
+                .map_err(|e| SyncError::BadBatch(format!("sync_inbox entry {origin}/{seq} is unreadable: {e}")))?;
+            out.push(Txn {
+                origin,
+                seq,
+                prev: row.get(3)?.expect("prev"),
+                context,
+                events: Vec::new(),
+                in_inbox: true,
+            });
         }
         Ok(out)
     })
 }
 
-/// Keep a transaction in the inbox: failed (with the error) or waiting (with what for).
+/// Read the events of the inbox entries `txns[i]` for each `i` of `which` (only those about to
+/// be applied: the others stay in the inbox unread).
+pub fn load_events(schema: &str, txns: &mut [Txn], which: &[usize]) -> Result<(), SyncError> {
+    Spi::connect(|client| {
+        let stmt = client.prepare(
+            &format!("SELECT events::text FROM {schema}.sync_inbox WHERE origin = $1 AND origin_seq = $2"),
+            &[PgOid::BuiltIn(PgBuiltInOids::UUIDOID), PgOid::BuiltIn(PgBuiltInOids::INT8OID)],
+        )?;
+        for &i in which {
+            let t = &mut txns[i];
+            let text: Option<String> =
+                client.select(&stmt, Some(1), &[uuid(t.origin).into(), t.seq.into()])?.first().get(1)?;
+            let text =
+                text.ok_or_else(|| SyncError::BadBatch(format!("sync_inbox entry {}/{} vanished", t.origin, t.seq)))?;
+            t.events = serde_json::from_str(&text).map_err(|e| {
+                SyncError::BadBatch(format!("sync_inbox entry {}/{} is unreadable: {e}", t.origin, t.seq))
+            })?;
+        }
+        Ok(())
+    })
+}
+
+/// Keep a transaction in the inbox: failed (with the error) or waiting (with what for). One
+/// already there keeps its events as stored; only its state changes, and only when it does.
 pub fn hold(schema: &str, t: &Txn, failure: Option<&Failure>, waiting_for: Option<&str>) -> Result<(), SyncError> {
+    let failed = failure.map(|f| (f.sqlstate.clone(), f.message.clone()));
+    let (sqlstate, error) = (failed.as_ref().map(|f| f.0.clone()), failed.as_ref().map(|f| f.1.clone()));
+    if t.in_inbox {
+        Spi::run_with_args(
+            &format!(
+                "UPDATE {schema}.sync_inbox SET sqlstate = $3, error = $4, waiting_for = $5, \
+                        attempts = attempts + (CASE WHEN $4 IS NULL THEN 0 ELSE 1 END), \
+                        failed_at = CASE WHEN $4 IS NULL THEN failed_at ELSE now() END \
+                  WHERE origin = $1 AND origin_seq = $2 \
+                    AND ($4 IS NOT NULL OR (sqlstate, error, waiting_for) IS DISTINCT FROM ($3, $4, $5))"
+            ),
+            &[
+                uuid(t.origin).into(),
+                t.seq.into(),
+                sqlstate.into(),
+                error.into(),
+                waiting_for.map(str::to_owned).into(),
+            ],
+        )?;
+        return Ok(());
+    }
     let tables: Vec<String> = {
         let mut v: Vec<String> = t.events.iter().map(|e| e.table.clone()).collect();
         v.dedup();
@@ -119,22 +186,21 @@ pub fn hold(schema: &str, t: &Txn, failure: Option<&Failure>, waiting_for: Optio
     };
     Spi::run_with_args(
         &format!(
-            "INSERT INTO {schema}.sync_inbox AS i (origin, origin_seq, prev, events, tables, sqlstate, error, waiting_for, \
-                                                  attempts, failed_at) \
-             VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, CASE WHEN $7 IS NULL THEN 0 ELSE 1 END, \
-                     CASE WHEN $7 IS NULL THEN NULL ELSE now() END) \
-             ON CONFLICT (origin, origin_seq) DO UPDATE SET \
-               sqlstate = EXCLUDED.sqlstate, error = EXCLUDED.error, waiting_for = EXCLUDED.waiting_for, \
-               attempts = i.attempts + EXCLUDED.attempts, failed_at = coalesce(EXCLUDED.failed_at, i.failed_at)"
+            "INSERT INTO {schema}.sync_inbox (origin, origin_seq, prev, context, events, tables, sqlstate, error, \
+                                              waiting_for, attempts, failed_at) \
+             VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9, CASE WHEN $8 IS NULL THEN 0 ELSE 1 END, \
+                     CASE WHEN $8 IS NULL THEN NULL ELSE now() END) \
+             ON CONFLICT (origin, origin_seq) DO NOTHING"
         ),
         &[
             uuid(t.origin).into(),
             t.seq.into(),
             t.prev.into(),
+            serde_json::to_string(&t.context).expect("serialises").into(),
             serde_json::to_string(&t.events).expect("serialises").into(),
             tables.into(),
-            failure.map(|f| f.sqlstate.clone()).into(),
-            failure.map(|f| f.message.clone()).into(),
+            sqlstate.into(),
+            error.into(),
             waiting_for.map(str::to_owned).into(),
         ],
     )?;

@@ -303,7 +303,9 @@ fn start_network(schema: &std::sync::Arc<std::sync::Mutex<String>>) -> Option<ne
 fn answer(ask: net::Ask) {
     let batch = gucs::batch_size();
     let (reply, result) = match ask {
-        net::Ask::Have(reply) => (reply, query("SELECT @.sync_have()::text", None, None)),
+        net::Ask::Pull(stalled, reply) => {
+            (reply, call(|| crate::apply::pull_request(stalled.as_ref()).map(|v| v.to_string())))
+        }
         // What a peer may know of this node: who it is and what it holds (no data, no settings).
         net::Ask::Status(reply) => (
             reply,
@@ -329,6 +331,16 @@ fn answer(ask: net::Ask) {
     unsafe {
         libc::malloc_trim(1 << 20);
     }
+}
+
+/// Run `f` in a transaction of its own; an error rolls it back and goes back to the asker.
+fn call(f: impl FnOnce() -> Result<String, crate::error::SyncError>) -> Result<String, String> {
+    // A PostgreSQL error inside `f` is caught by the subtransaction, not unwound through here.
+    let f = std::panic::AssertUnwindSafe(f);
+    BackgroundWorker::transaction(move || match crate::apply::subxact::run(|| f().unwrap_or_else(|e| e.report())) {
+        Ok(text) => Ok(text),
+        Err(f) => Err(format!("{} ({})", f.message, f.sqlstate)),
+    })
 }
 
 /// Run one statement (`@.` in `sql` stands for the extension's schema) and return its text

@@ -13,6 +13,7 @@ use sync_bridge::auth::{Announcement, Keys};
 use sync_bridge::discovery::{self, DiscoveryStatus, Exchanged, Identity, Observed, Roster};
 use sync_bridge::transport::{self, Client, Counters, Node, NodeFuture, now_ms};
 use tokio::sync::{Notify, oneshot, watch};
+use uuid::Uuid;
 
 /// The main thread's answer: JSON text.
 pub type Reply = oneshot::Sender<Result<String, String>>;
@@ -20,7 +21,9 @@ pub type Reply = oneshot::Sender<Result<String, String>>;
 /// A question for the main thread. Batches stay JSON text all the way from one node's
 /// `sync_changes` to the other's apply: never parsed whole in between.
 pub enum Ask {
-    Have(Reply),
+    /// What to send a peer in a pull (`apply::pull_request`); with the peer's have-vector after
+    /// a pull that applied nothing.
+    Pull(Option<BTreeMap<Uuid, i64>>, Reply),
     Status(Reply),
     Changes(Value, Reply),
     Apply(String, Reply),
@@ -287,6 +290,12 @@ impl Net {
                     "schema_matches": p.schema.as_ref().map(|s| s == own_schema),
                     "pulls": p.pulls,
                     "events_received": p.events_received,
+                    "stall": p.stall.as_ref().map(|st| json!({
+                        "since_s_ago": now.saturating_sub(st.since_ms) / 1000,
+                        "missing": st.missing,
+                        "hint": "batches from this peer bring only transactions that wait for the events \
+                                 listed (origin: number); this node now asks for those first",
+                    })),
                 })
             })
             .collect();
@@ -350,7 +359,7 @@ async fn admit(
 fn spawn_puller(handle: &tokio::runtime::Handle, shared: &Arc<Shared>, key: String) {
     let wake = Arc::new(Notify::new());
     shared.wakes.lock().expect("wakes").insert(key.clone(), wake.clone());
-    handle.spawn(Puller { key, shared: shared.clone(), wake }.run());
+    handle.spawn(Puller { key, shared: shared.clone(), wake, stalled: None }.run());
 }
 
 struct Puller {
@@ -358,10 +367,13 @@ struct Puller {
     shared: Arc<Shared>,
     /// Notified when the peer says it has new changes.
     wake: Arc<Notify>,
+    /// The peer's have-vector when its last batch applied nothing: the next pull asks only for
+    /// what the waiting transactions miss (`delivery::ask_for`).
+    stalled: Option<BTreeMap<Uuid, i64>>,
 }
 
 impl Puller {
-    async fn run(self) {
+    async fn run(mut self) {
         let mut stop = self.shared.stop.clone();
         // After a failure, try again soon, backing off up to a minute (or the interval).
         let mut backoff = Duration::from_secs(1);
@@ -406,7 +418,7 @@ impl Puller {
     }
 
     /// Pull until the peer has nothing more for us (bounded); recorded in `sync_sessions`.
-    async fn exchange(&self) -> Result<Exchanged, String> {
+    async fn exchange(&mut self) -> Result<Exchanged, String> {
         let started = (now_ms(), Instant::now());
         let target = self.address();
         // Shown by name when the peer announced one, else as configured.
@@ -434,32 +446,49 @@ impl Puller {
         result
     }
 
-    async fn pull_all(&self, addr: SocketAddr, session: &mut Session) -> Result<Exchanged, String> {
+    async fn pull_all(&mut self, addr: SocketAddr, session: &mut Session) -> Result<Exchanged, String> {
         let mut x = Exchanged::default();
         for _ in 0..1000 {
-            let have = ask(&self.shared.tx, Ask::Have).await?;
-            let have: Value = serde_json::from_str(&have).map_err(|e| e.to_string())?;
-            let (batch, traffic) = self.shared.client.pull(addr, &have).await.map_err(|e| e.to_string())?;
+            let stalled = self.stalled.clone();
+            let request = ask(&self.shared.tx, |r| Ask::Pull(stalled, r)).await?;
+            let request: Value = serde_json::from_str(&request).map_err(|e| e.to_string())?;
+            let (batch, traffic) = self.shared.client.pull(addr, &request["ask"]).await.map_err(|e| e.to_string())?;
             session.bytes_out += traffic.sent;
             session.bytes_in += traffic.received;
             let head: Head = serde_json::from_str(&batch).map_err(|e| format!("malformed batch: {e}"))?;
             let n = head.events.len() as u64;
             let mut progress = false;
             let mut complete = true;
+            let mut missing = BTreeMap::new();
             if n > 0 {
                 let counts = ask(&self.shared.tx, |r| Ask::Apply(batch, r)).await?;
                 let counts: Value = serde_json::from_str(&counts).map_err(|e| e.to_string())?;
                 progress = counts["transactions"].as_i64().unwrap_or(0) > 0;
                 complete = counts["errors"].as_i64() == Some(0) && counts["waiting"].as_i64() == Some(0);
+                missing = vector(&counts["missing"]);
                 x.events += n;
             }
             // What each side holds now: the peer's have-vector, and ours raised by the batch.
             x.theirs = head.node_have;
-            x.ours = vector(&have);
+            x.ours = vector(&request["have"]);
             if complete {
                 for (o, n) in head.have {
-                    let e = x.ours.entry(o).or_default();
+                    let e = x.ours.entry(o).or_insert(0);
                     *e = (*e).max(n);
+                }
+            }
+            // A batch that brought only transactions waiting for what it did not bring: ask
+            // again at once, for what they miss (once; then at the next interval).
+            let was_stalled = self.stalled.is_some();
+            if progress || missing.is_empty() {
+                self.stalled = None;
+                x.stall = None;
+            } else {
+                self.stalled =
+                    Some(x.theirs.iter().filter_map(|(o, n)| Some((Uuid::parse_str(o).ok()?, *n))).collect());
+                x.stall = Some(missing);
+                if !was_stalled {
+                    continue;
                 }
             }
             // Stop when the peer has no more, or nothing more could be applied yet.

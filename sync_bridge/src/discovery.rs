@@ -57,6 +57,17 @@ pub struct Peer {
     pub caught_up_ms: Option<u64>,
     pub pulls: u64,
     pub events_received: u64,
+    /// Set while batches from this peer bring nothing this node can apply.
+    pub stall: Option<Stall>,
+}
+
+/// Batches from a peer bring only transactions that wait for events they do not bring.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Stall {
+    /// When it was first seen (epoch ms).
+    pub since_ms: u64,
+    /// Per origin, the number this node must reach for the waiting transactions to apply.
+    pub missing: BTreeMap<String, i64>,
 }
 
 impl Peer {
@@ -77,6 +88,7 @@ impl Peer {
             caught_up_ms: None,
             pulls: 0,
             events_received: 0,
+            stall: None,
         }
     }
 
@@ -184,6 +196,8 @@ impl Roster {
                     p.caught_up_ms = Some(now_ms);
                 }
                 p.their_have = x.theirs;
+                p.stall =
+                    x.stall.map(|missing| Stall { since_ms: p.stall.as_ref().map_or(now_ms, |s| s.since_ms), missing });
             }
             Err(e) => p.last_error = Some(e),
         }
@@ -217,6 +231,8 @@ pub struct Exchanged {
     /// Have-vectors (origin → transactions held) of this node and the peer, after it.
     pub ours: BTreeMap<String, i64>,
     pub theirs: BTreeMap<String, i64>,
+    /// What the waiting transactions miss, when the last batch applied nothing.
+    pub stall: Option<BTreeMap<String, i64>>,
 }
 
 /// Transactions `have` holds that `other` lacks.
@@ -461,20 +477,42 @@ mod tests {
         let key = id.to_string();
         r.observe(&announcement(id, &["10.0.0.2"], 8765), "10.0.0.2".parse().unwrap(), 1_000);
         let have = |pairs: &[(&str, i64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        let x = Exchanged { events: 7, ours: have(&[("a", 5), ("b", 1)]), theirs: have(&[("a", 3), ("b", 4)]) };
+        let missing = have(&[("b", 4)]);
+        let x = Exchanged {
+            events: 7,
+            ours: have(&[("a", 5), ("b", 1)]),
+            theirs: have(&[("a", 3), ("b", 4)]),
+            stall: Some(missing),
+        };
         r.exchanged(&key, Ok(x), 2_000);
         let p = r.get(&key).unwrap();
         assert_eq!((p.state(2_000, T), p.it_lacks, p.we_lack, p.events_received), ("up", Some(2), Some(3), 7));
         assert_eq!(p.lag_s(2_000), None, "never caught up yet");
+        // A stall is dated from when it was first seen, and named until a pull applies again.
+        let x = Exchanged {
+            events: 7,
+            ours: have(&[("a", 5), ("b", 1)]),
+            theirs: have(&[("a", 3), ("b", 4)]),
+            stall: Some(have(&[("b", 4)])),
+        };
+        r.exchanged(&key, Ok(x), 2_500);
+        let stall = r.get(&key).unwrap().stall.clone().expect("a stall");
+        assert_eq!((stall.since_ms, stall.missing), (2_000, have(&[("b", 4)])));
         r.exchanged(&key, Err("unreachable: connection refused".into()), 3_000);
         assert_eq!(r.get(&key).unwrap().state(3_000, T), "unreachable");
         // Silent for longer than the timeout: down; heard again: back.
         assert_eq!(r.get(&key).unwrap().state(2_000 + 121_000, T), "down");
         r.observe(&announcement(id, &["10.0.0.2"], 8765), "10.0.0.2".parse().unwrap(), 200_000);
-        let x = Exchanged { events: 0, ours: have(&[("a", 5), ("b", 4)]), theirs: have(&[("a", 5), ("b", 4)]) };
+        let x = Exchanged {
+            events: 0,
+            ours: have(&[("a", 5), ("b", 4)]),
+            theirs: have(&[("a", 5), ("b", 4)]),
+            stall: None,
+        };
         r.exchanged(&key, Ok(x), 200_500);
         let p = r.get(&key).unwrap();
         assert_eq!((p.state(200_500, T), p.we_lack, p.lag_s(200_500)), ("up", Some(0), Some(0)));
+        assert_eq!(p.stall, None);
     }
 
     #[test]

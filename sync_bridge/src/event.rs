@@ -10,8 +10,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use uuid::Uuid;
 
-/// The batch format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The batch format this code writes. Format 2 orders events causally across origins (see
+/// `serve`); format 1 listed origins one after another. Both are read.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest batch format this code reads.
+pub const OLDEST_FORMAT: u32 = 1;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -118,7 +121,8 @@ pub struct Batch {
     pub from: BTreeMap<Uuid, i64>,
     /// Per origin, the position the caller reaches once the batch is applied.
     pub have: BTreeMap<Uuid, i64>,
-    /// Events, grouped by origin, each origin's oldest first; transactions are never split.
+    /// Events, each transaction's together and in `idx` order, each origin's oldest first, and
+    /// every transaction after those it depends on (`serve::cut`); transactions are never split.
     pub events: Vec<Event>,
     /// True when the source holds more events than fitted in this batch.
     pub more: bool,
@@ -126,7 +130,7 @@ pub struct Batch {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BatchError {
-    #[error("unsupported batch format {0} (this node reads format {FORMAT_VERSION})")]
+    #[error("unsupported batch format {0} (this node reads formats {OLDEST_FORMAT} to {FORMAT_VERSION})")]
     Format(u32),
     #[error("checksum mismatch on event {origin}/{seq}/{idx}")]
     Checksum { origin: Uuid, seq: i64, idx: i32 },
@@ -134,16 +138,24 @@ pub enum BatchError {
     OutOfRange { origin: Uuid, seq: i64, idx: i32, from: i64, have: i64 },
     #[error("events of origin {0} are not in (seq, idx) order")]
     Order(Uuid),
+    #[error("the events of transaction {origin}/{seq} are not together in the batch")]
+    Split { origin: Uuid, seq: i64 },
 }
 
 impl Batch {
     /// Check everything that can be checked without a database: format, checksums, ranges, order.
     pub fn validate(&self) -> Result<(), BatchError> {
-        if self.format != FORMAT_VERSION {
+        if !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&self.format) {
             return Err(BatchError::Format(self.format));
         }
         let mut last: BTreeMap<Uuid, (i64, i32)> = BTreeMap::new();
-        for e in &self.events {
+        for (i, e) in self.events.iter().enumerate() {
+            // A transaction's events are together: the one before is of the same transaction,
+            // or this is the first of its transaction seen.
+            let follows = i > 0 && (self.events[i - 1].origin, self.events[i - 1].seq) == (e.origin, e.seq);
+            if !follows && last.get(&e.origin).is_some_and(|l| l.0 == e.seq) {
+                return Err(BatchError::Split { origin: e.origin, seq: e.seq });
+            }
             if !e.checksum_ok() {
                 return Err(BatchError::Checksum { origin: e.origin, seq: e.seq, idx: e.idx });
             }
@@ -237,6 +249,25 @@ mod tests {
         let mut b = batch(vec![]);
         b.format = 99;
         assert_eq!(b.validate(), Err(BatchError::Format(99)));
+    }
+
+    #[test]
+    fn a_transaction_split_by_another_is_refused() {
+        let mut other = event(1, 1);
+        other.origin = Uuid::from_u128(8);
+        other.vclock = BTreeMap::from([(other.origin, 1)]);
+        other.checksum = other.compute_checksum();
+        let mut b = batch(vec![event(1, 1), other.clone(), event(1, 2)]);
+        b.from.insert(other.origin, 0);
+        b.have.insert(other.origin, 1);
+        assert_eq!(b.validate(), Err(BatchError::Split { origin: Uuid::from_u128(7), seq: 1 }));
+        // Interleaved whole transactions are fine (format 2).
+        let mut b = batch(vec![event(1, 1), event(1, 2), other, event(2, 1)]);
+        b.from.insert(Uuid::from_u128(8), 0);
+        b.have.insert(Uuid::from_u128(8), 1);
+        assert_eq!(b.validate(), Ok(()));
+        b.format = 1;
+        assert_eq!(b.validate(), Ok(()));
     }
 
     #[test]

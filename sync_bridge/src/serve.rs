@@ -80,9 +80,7 @@ pub fn cut(since: &BTreeMap<Uuid, i64>, windows: &[Window], budget: i64) -> Cut 
             .iter()
             .enumerate()
             .filter_map(|(w, win)| win.offers.get(next[w]).map(|head| (w, win, head)))
-            .filter(|(_, win, head)| {
-                head.context.iter().all(|(o, need)| *o == win.origin || covered(&next, o, *need))
-            })
+            .filter(|(_, win, head)| head.context.iter().all(|(o, need)| *o == win.origin || covered(&next, o, *need)))
             .min_by_key(|(_, win, head)| (head.hlc, win.origin));
         let Some((w, win, head)) = ready else { break };
         order.push((win.origin, head.seq));

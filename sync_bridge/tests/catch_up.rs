@@ -82,7 +82,13 @@ impl Node {
                     .map(|(_, t)| Offer { seq: t.seq, events: t.events, hlc: t.hlc, context: t.context.clone() })
                     .collect();
                 let complete = all.len() as i64 <= budget;
-                Window { origin: *o, from, top: *top, offers: all.into_iter().take(budget as usize).collect(), complete }
+                Window {
+                    origin: *o,
+                    from,
+                    top: *top,
+                    offers: all.into_iter().take(budget as usize).collect(),
+                    complete,
+                }
             })
             .collect();
         let cut = if causal {
