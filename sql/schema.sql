@@ -24,7 +24,9 @@ CREATE TABLE sync_tables (
     -- For strategy 'custom': f(local jsonb, remote jsonb, info jsonb) returns jsonb.
     resolver        regprocedure,
     -- Columns received from peers that this table lacks (ignored on apply).
-    missing_columns text[] NOT NULL DEFAULT '{}'
+    missing_columns text[] NOT NULL DEFAULT '{}',
+    -- Counter columns (see sync_set_counters()): concurrent changes add up.
+    counters        text[] NOT NULL DEFAULT '{}'
 );
 
 -- The change log: one row per committed local transaction that changed tracked tables (or per
@@ -156,6 +158,8 @@ SELECT origin, origin_seq, tables, jsonb_array_length(events) AS events, sqlstat
   FROM sync_inbox WHERE error IS NOT NULL;
 
 -- Every true conflict (concurrent versions with different content) and how it was decided.
+-- kind: 'update' (concurrent changes of one row), or 'same_key' (two nodes inserted different
+-- rows under one key: two entities got one id; always left for review).
 -- local: the row as this node had it, with the versions behind it; remote: the incoming
 -- version; result: the row now visible (NULL when deleted). The three are json (kept as
 -- written; cast to jsonb to compare them): recording a conflict then costs no jsonb parsing.
@@ -168,6 +172,7 @@ CREATE TABLE sync_conflicts (
     remote      json NOT NULL,
     result      json,
     winner      text NOT NULL CHECK (winner IN ('local', 'remote', 'merged')),
+    kind        text NOT NULL DEFAULT 'update' CHECK (kind IN ('update', 'same_key')),
     detected_at timestamptz NOT NULL DEFAULT now(),
     review      text NOT NULL DEFAULT 'none' CHECK (review IN ('none', 'pending', 'resolved')),
     resolved_at timestamptz,

@@ -56,6 +56,12 @@ pub enum SyncError {
     BadChoice(i64, String),
     #[error("a local transaction wrote the same rows while they were being applied")]
     ConcurrentLocalWrite,
+    #[error("column \"{column}\" of table {table} cannot be a counter: it is {kind}")]
+    BadCounter { table: String, column: String, kind: String },
+    #[error("peersync.node_number is not set on this node")]
+    NoNodeNumber,
+    #[error("no primary-key column of table {0} is fed by a sequence")]
+    NoKeySequence(String),
     #[error("pg_peersync internal SPI error: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
 }
@@ -65,6 +71,9 @@ impl SyncError {
         use PgSqlErrorCode::*;
         match self {
             SyncError::NotPreloaded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SyncError::NoNodeNumber => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SyncError::BadCounter { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            SyncError::NoKeySequence(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             SyncError::NoPrimaryKey(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             SyncError::UnknownStrategy(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::UnknownColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
@@ -93,6 +102,16 @@ impl SyncError {
 
     pub fn hint(&self) -> Option<String> {
         Some(match self {
+            SyncError::BadCounter { .. } => "A counter is a smallint, integer, bigint or numeric column outside the \
+                 primary key; pick another column, or change its type first."
+                .into(),
+            SyncError::NoNodeNumber => "Give each node a different number from 1 to 1023: \
+                 peersync.node_number = N in postgresql.conf, then SELECT pg_reload_conf()."
+                .into(),
+            SyncError::NoKeySequence(t) => format!(
+                "Node-unique ids are for keys filled by serial, identity or DEFAULT nextval(...) columns; \
+                 {t}'s keys come from elsewhere (uuid keys need nothing)."
+            ),
             SyncError::NotPreloaded => "Add pg_peersync to shared_preload_libraries in postgresql.conf \
                  (shared_preload_libraries = 'pg_peersync') and restart PostgreSQL."
                 .into(),

@@ -11,6 +11,10 @@ static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Human-readable node name reported to peers and in `sync_status()`; empty means the host name.
 static NODE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// This node's number among its peers (1 to 1023, different on each), for node-unique ids
+/// (`sync_global_ids`); 0: not set.
+static NODE_NUMBER: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// Database the background worker connects to (the one where the extension is created).
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
@@ -134,6 +138,17 @@ pub fn init() {
         86400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"peersync.node_number",
+        c"This node's number among its peers, for node-unique ids (1 to 1023, different on each node).",
+        c"sync_global_ids() makes a table's key sequence hand out ids ending in this number (modulo 1024).",
+        &NODE_NUMBER,
+        0,
+        crate::capture::ids::SLOTS as i32 - 1,
+        // Per database too (ALTER DATABASE ... SET): each database with the extension is a node.
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"peersync.batch_size",
@@ -274,6 +289,11 @@ fn list(setting: &GucSetting<Option<CString>>) -> Vec<String> {
 
 pub fn sync_interval() -> std::time::Duration {
     std::time::Duration::from_secs(SYNC_INTERVAL.get().max(1) as u64)
+}
+
+/// This node's number for node-unique ids, if set.
+pub fn node_number() -> Option<i64> {
+    Some(NODE_NUMBER.get() as i64).filter(|n| *n > 0)
 }
 
 pub fn batch_size() -> i32 {

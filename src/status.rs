@@ -33,7 +33,8 @@ fn sync_status() -> SyncResult<JsonB> {
                         'errors', (SELECT count(*) FROM {s}.sync_inbox WHERE error IS NOT NULL),
                         'waiting', (SELECT count(*) FROM {s}.sync_inbox WHERE error IS NULL),
                         'conflicts', (SELECT count(*) FROM {s}.sync_conflicts),
-                        'conflicts_to_review', (SELECT count(*) FROM {s}.sync_conflicts WHERE review = 'pending')))"
+                        'conflicts_to_review', (SELECT count(*) FROM {s}.sync_conflicts WHERE review = 'pending'),
+                        'same_key_conflicts', (SELECT count(*) FROM {s}.sync_conflicts WHERE kind = 'same_key')))"
         ),
         &[pgrx::Uuid::from_bytes(*ext.node_id.as_bytes()).into()],
     )

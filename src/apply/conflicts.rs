@@ -56,6 +56,61 @@ fn sync_set_strategy(tbl: PgRelation, strategy: &str, resolver: default!(Option<
     Ok(())
 }
 
+/// Declare counter columns of a tracked table (stock levels, balances, points): a change that
+/// is concurrent with what a node holds adds its delta (new minus old) to that node's value,
+/// so concurrent `qty - 3` and `qty - 5` from 100 end at 92 on every node. Integer and
+/// `numeric` columns, not in the primary key. An empty array clears them. Set the same on
+/// every node.
+#[pg_extern]
+fn sync_set_counters(tbl: PgRelation, columns: Vec<String>) -> SyncResult<()> {
+    Ok(set_counters(tbl.oid(), columns)?)
+}
+
+fn set_counters(relid: pg_sys::Oid, columns: Vec<String>) -> Result<(), SyncError> {
+    let ext = clock::ext();
+    let name = display_name(relid)?;
+    for c in &columns {
+        // The column's type, and whether it is part of the primary key.
+        let found = Spi::connect(|client| {
+            let row = client
+                .select(
+                    "SELECT format_type(a.atttypid, NULL), \
+                            a.attnum = ANY (SELECT unnest(i.indkey) FROM pg_index i \
+                                             WHERE i.indrelid = a.attrelid AND i.indisprimary) \
+                       FROM pg_attribute a \
+                      WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+                    None,
+                    &[relid.into(), c.clone().into()],
+                )?
+                .first();
+            Ok::<_, SyncError>(if row.is_empty() { None } else { Some((row.get::<String>(1)?, row.get::<bool>(2)?)) })
+        })?;
+        match found {
+            None => return Err(SyncError::UnknownColumn { table: name, column: c.clone() }),
+            Some((Some(ty), in_key)) => {
+                let kind = if in_key == Some(true) { "in the primary key".to_string() } else { ty };
+                if !["smallint", "integer", "bigint", "numeric"].contains(&kind.as_str()) {
+                    return Err(SyncError::BadCounter { table: name, column: c.clone(), kind });
+                }
+            }
+            Some((None, _)) => return Err(SyncError::UnknownColumn { table: name, column: c.clone() }),
+        }
+    }
+    let updated = Spi::get_one_with_args::<bool>(
+        &format!(
+            "WITH u AS (UPDATE {}.sync_tables SET counters = $2 WHERE relid = $1 RETURNING 1) \
+             SELECT count(*) > 0 FROM u",
+            ext.schema
+        ),
+        &[relid.into(), columns.into()],
+    )?
+    .unwrap_or(false);
+    if !updated {
+        return Err(SyncError::NotTracked(name));
+    }
+    Ok(())
+}
+
 /// Set a node's priority for strategy 'node_priority' (greater wins; nodes not listed have 0).
 /// Set the same priorities on every node: they must agree for the nodes to converge.
 #[pg_extern]

@@ -99,6 +99,18 @@ pub(crate) struct Table {
     pub exclude: Vec<String>,
     pub resolver: Option<String>,
     pub columns: BTreeSet<String>,
+    /// Columns each node computes (`GENERATED ALWAYS AS (...) STORED`): never written.
+    pub generated: BTreeSet<String>,
+    /// `GENERATED ALWAYS AS IDENTITY` columns: written with the value that travelled
+    /// (`OVERRIDING SYSTEM VALUE`), never updated.
+    pub identity_always: BTreeSet<String>,
+    /// Counter columns (`sync_set_counters`): a change concurrent with what this node holds adds
+    /// its delta to the value here.
+    pub counters: BTreeSet<String>,
+    /// Columns fed by a sequence (serial, identity, a `DEFAULT nextval(...)`): column -> sequence.
+    pub sequences: BTreeMap<String, String>,
+    /// Per such column, the greatest value this apply wrote (see `rows::advance_sequences`).
+    pub written_max: BTreeMap<String, i64>,
     /// Received columns this table lacks: already recorded, and newly met.
     pub missing: BTreeSet<String>,
     pub new_missing: BTreeSet<String>,
@@ -119,10 +131,20 @@ fn load_tables(schema: &str) -> Result<HashMap<String, Table>, SyncError> {
         let rows = client.update(
             &format!(
                 "SELECT t.relid::oid, t.table_name, t.strategy, t.pk_columns, t.exclude_columns, \
-                        t.resolver::oid::regproc::text, t.missing_columns, \
+                        t.resolver::oid::regproc::text, t.missing_columns, t.counters, \
                         ARRAY(SELECT a.attname::text FROM pg_attribute a \
-                               WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped) \
-                   FROM {schema}.sync_tables t"
+                               WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped), \
+                        ARRAY(SELECT a.attname::text FROM pg_attribute a \
+                               WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped \
+                                 AND a.attgenerated = 's'), \
+                        ARRAY(SELECT a.attname::text FROM pg_attribute a \
+                               WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped \
+                                 AND a.attidentity = 'a'), \
+                        (SELECT coalesce(json_object_agg(a.attname, q.seq), '{{}}')::text FROM pg_attribute a, \
+                           LATERAL (SELECT {seq} AS seq) q \
+                          WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped AND q.seq IS NOT NULL) \
+                   FROM {schema}.sync_tables t",
+                seq = crate::capture::ids::sequence_of("t.relid", "a.attname")
             ),
             None,
             &[],
@@ -137,7 +159,12 @@ fn load_tables(schema: &str) -> Result<HashMap<String, Table>, SyncError> {
                 exclude: row.get(5)?.unwrap_or_default(),
                 resolver: row.get(6)?,
                 missing: row.get::<Vec<String>>(7)?.unwrap_or_default().into_iter().collect(),
-                columns: row.get::<Vec<String>>(8)?.unwrap_or_default().into_iter().collect(),
+                counters: row.get::<Vec<String>>(8)?.unwrap_or_default().into_iter().collect(),
+                columns: row.get::<Vec<String>>(9)?.unwrap_or_default().into_iter().collect(),
+                generated: row.get::<Vec<String>>(10)?.unwrap_or_default().into_iter().collect(),
+                identity_always: row.get::<Vec<String>>(11)?.unwrap_or_default().into_iter().collect(),
+                sequences: serde_json::from_str(&row.get::<String>(12)?.unwrap_or_default()).unwrap_or_default(),
+                written_max: BTreeMap::new(),
                 new_missing: BTreeSet::new(),
             };
             tables.insert(name, t);
@@ -157,6 +184,9 @@ pub(crate) struct Txn {
     /// Empty for an inbox entry until it is about to be applied (`store::load_events`).
     pub events: Vec<Event>,
     pub in_inbox: bool,
+    /// Held after it failed, and counted by the have-vector (stored in `sync_log`, relayed):
+    /// later transactions went on without it.
+    pub passed: bool,
 }
 
 impl Txn {
@@ -183,6 +213,7 @@ fn transactions(events: Vec<Event>, from: &BTreeMap<Uuid, i64>, me: Uuid) -> Vec
                 context: BTreeMap::new(),
                 events: vec![e],
                 in_inbox: false,
+                passed: false,
             }),
         }
     }
@@ -289,10 +320,37 @@ impl Run {
 
     /// Apply what can be applied of `txns`, keep the rest in the inbox.
     fn deliver(&mut self, txns: Vec<Txn>) -> Result<(), SyncError> {
-        let mut fresh = Vec::new();
+        let (late, mut txns) = self.sort_out(txns)?;
+        self.apply_late(late)?;
+        let pending: Vec<Pending> = txns.iter().map(Txn::pending).collect();
+        let order = delivery::plan(&mut self.have.clone(), self.me, &pending, |_| true);
+        // Inbox entries that still cannot be applied stay there unread.
+        let inboxed: Vec<usize> = order.iter().copied().filter(|&i| txns[i].in_inbox).collect();
+        store::load_events(&self.schema, &mut txns, &inboxed)?;
+        let mut max_hlc = 0i64;
+        let chunked = self.apply_chunks(&txns, &order, &mut max_hlc);
+        let rest: Vec<usize> = order.iter().copied().filter(|i| !chunked.contains(i)).collect();
+        let (applied, failures) = self.apply_one_by_one(&txns, &pending, &rest, &mut max_hlc);
+        if max_hlc > 0 {
+            clock::observe(Hlc::from_i64(max_hlc));
+        }
+        let applied: BTreeSet<usize> = applied.into_iter().chain(chunked).collect();
+        self.keep_the_rest(&txns, &pending, &applied, &failures)
+    }
+
+    /// Drop what this node already holds (a copy left in the inbox goes) and repeats (the
+    /// inbox's copy, which comes first, stays); set aside the inbox entries that failed but
+    /// that the have-vector already counts (`passed`), to be tried out of order.
+    fn sort_out(&mut self, txns: Vec<Txn>) -> Result<(Vec<Txn>, Vec<Txn>), SyncError> {
+        let (mut late, mut fresh) = (Vec::new(), Vec::new());
+        let mut seen = std::collections::HashSet::new();
         for t in txns {
-            if self.have.get(&t.origin).is_some_and(|h| t.seq <= *h) {
-                // Already held: a copy left in the inbox goes, a repeated one is skipped.
+            if !seen.insert((t.origin, t.seq)) {
+                continue;
+            }
+            if t.passed {
+                late.push(t);
+            } else if self.have.get(&t.origin).is_some_and(|h| t.seq <= *h) {
                 if t.in_inbox {
                     store::remove_from_inbox(&self.schema, &t)?;
                 } else {
@@ -302,22 +360,34 @@ impl Run {
                 fresh.push(t);
             }
         }
-        let mut txns = fresh;
-        // A transaction already held in the inbox arrived again: keep the inbox copy (the
-        // inbox's entries come first).
-        let mut seen = std::collections::HashSet::new();
-        txns.retain(|t| seen.insert((t.origin, t.seq)));
-        let pending: Vec<Pending> = txns.iter().map(Txn::pending).collect();
-        let mut max_hlc = 0i64;
-        // Fast path: many small transactions (a node catching up) cost mostly per-statement
-        // overhead, so consecutive ones in delivery order are applied together, one
-        // subtransaction per chunk. A chunk that fails is rolled back whole and the rest goes
-        // through the careful path below, one origin transaction at a time.
-        let mut chunked: BTreeSet<usize> = BTreeSet::new();
-        let order = delivery::plan(&mut self.have.clone(), self.me, &pending, |_| true);
-        // Inbox entries that still cannot be applied stay there unread.
-        let inboxed: Vec<usize> = order.iter().copied().filter(|&i| txns[i].in_inbox).collect();
-        store::load_events(&self.schema, &mut txns, &inboxed)?;
+        Ok((late, fresh))
+    }
+
+    /// Held transactions the have-vector counts, tried again out of order: through the
+    /// registers, so a change that a later one (applied meanwhile) has seen changes nothing.
+    fn apply_late(&mut self, mut late: Vec<Txn>) -> Result<(), SyncError> {
+        let all: Vec<usize> = (0..late.len()).collect();
+        store::load_events(&self.schema, &mut late, &all)?;
+        for t in &late {
+            let blind = self.blind(std::slice::from_ref(t), &[0]);
+            match subxact::run(|| self.apply_chunk(std::slice::from_ref(t), &[0], blind).unwrap_or_else(|e| e.report()))
+            {
+                Ok(()) => store::remove_from_inbox(&self.schema, t)?,
+                Err(f) => {
+                    self.counts.failed += 1;
+                    store::hold(&self.schema, t, Some(&f), None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fast path: many small transactions (a node catching up) cost mostly per-statement
+    /// overhead, so consecutive ones in delivery order are applied together, one
+    /// subtransaction per chunk. A chunk that fails is rolled back whole and the rest goes
+    /// through the careful path, one origin transaction at a time. Returns what went in.
+    fn apply_chunks(&mut self, txns: &[Txn], order: &[usize], max_hlc: &mut i64) -> BTreeSet<usize> {
+        let mut chunked = BTreeSet::new();
         let mut k = 0;
         while k < order.len() {
             let mut end = k + 1;
@@ -330,32 +400,44 @@ impl Run {
             if chunk.len() < 2 {
                 break;
             }
-            let blind = self.blind(&txns, chunk);
-            if subxact::run(|| self.apply_chunk(&txns, chunk, blind).unwrap_or_else(|e| e.report())).is_err() {
+            let blind = self.blind(txns, chunk);
+            if subxact::run(|| self.apply_chunk(txns, chunk, blind).unwrap_or_else(|e| e.report())).is_err() {
                 break;
             }
             for &i in chunk {
                 self.have.insert(txns[i].origin, txns[i].seq);
-                max_hlc = max_hlc.max(txns[i].events.iter().map(|e| e.hlc).max().unwrap_or(0));
+                *max_hlc = (*max_hlc).max(txns[i].events.iter().map(|e| e.hlc).max().unwrap_or(0));
                 chunked.insert(i);
             }
             k = end;
         }
-        let rest: Vec<usize> = order.iter().copied().filter(|i| !chunked.contains(i)).collect();
+        chunked
+    }
+
+    /// Careful path: each of `rest` alone, in delivery order. One that fails is rolled back
+    /// alone (after a few tries when a local writer raced it) and held, and the stream goes on:
+    /// the have-vector counts it (`keep_the_rest` stores and relays it), so what follows it
+    /// applies, and it is tried again later (`apply_late`). Returns the applied and the failed.
+    fn apply_one_by_one(
+        &mut self,
+        txns: &[Txn],
+        pending: &[Pending],
+        rest: &[usize],
+        max_hlc: &mut i64,
+    ) -> (Vec<usize>, HashMap<usize, subxact::Failure>) {
         let rest_pending: Vec<Pending> = rest.iter().map(|&i| pending[i].clone()).collect();
         let mut failures: HashMap<usize, subxact::Failure> = HashMap::new();
         let mut have = self.have.clone();
         let delivered = delivery::plan(&mut have, self.me, &rest_pending, |j| {
             let i = rest[j];
             let t = &txns[i];
-            // Any error, ours or the data's, rolls back this origin transaction alone.
             for attempt in 1.. {
                 let blind = self.blind(std::slice::from_ref(t), &[0]);
                 match subxact::run(|| {
                     self.apply_chunk(std::slice::from_ref(t), &[0], blind).unwrap_or_else(|e| e.report())
                 }) {
                     Ok(()) => {
-                        max_hlc = max_hlc.max(t.events.iter().map(|e| e.hlc).max().unwrap_or(0));
+                        *max_hlc = (*max_hlc).max(t.events.iter().map(|e| e.hlc).max().unwrap_or(0));
                         return true;
                     }
                     // A local write to the same rows committed meanwhile: account for it, again.
@@ -368,24 +450,34 @@ impl Run {
                     }
                     Err(f) => {
                         failures.insert(i, f);
-                        return false;
+                        return true;
                     }
                 }
             }
             unreachable!("the loop returns")
         });
         self.have = have;
-        if max_hlc > 0 {
-            clock::observe(Hlc::from_i64(max_hlc));
-        }
-        let delivered: BTreeSet<usize> = delivered.into_iter().map(|j| rest[j]).chain(chunked).collect();
+        let applied = delivered.into_iter().map(|j| rest[j]).filter(|i| !failures.contains_key(i)).collect();
+        (applied, failures)
+    }
+
+    /// Record the outcome in the inbox: applied ones leave it, failed ones are held (stored in
+    /// `sync_log` too, since the have-vector counts them), the others wait.
+    fn keep_the_rest(
+        &mut self,
+        txns: &[Txn],
+        pending: &[Pending],
+        applied: &BTreeSet<usize>,
+        failures: &HashMap<usize, subxact::Failure>,
+    ) -> Result<(), SyncError> {
         for (i, t) in txns.iter().enumerate() {
-            if delivered.contains(&i) {
+            if applied.contains(&i) {
                 if t.in_inbox {
                     store::remove_from_inbox(&self.schema, t)?;
                 }
             } else if let Some(f) = failures.get(&i) {
                 self.counts.failed += 1;
+                store::log(&self.schema, &t.events)?;
                 store::hold(&self.schema, t, Some(f), None)?;
             } else {
                 self.counts.waiting += 1;
@@ -394,7 +486,7 @@ impl Run {
                     Err(Wait::Predecessor { origin, need, have } | Wait::Context { origin, need, have }) => {
                         format!("events of origin {origin} up to {need} (this node has {have})")
                     }
-                    _ => "an earlier transaction that failed".to_string(),
+                    _ => "an earlier transaction".to_string(),
                 };
                 store::hold(&self.schema, t, None, Some(&why))?;
             }
@@ -448,6 +540,7 @@ impl Run {
             HAVE_CHANGED.with(|h| h.set(true));
         }
         let missing = rows::persist_missing_columns(&self.schema, &self.tables)?;
+        rows::advance_sequences(&self.tables)?;
         let c = &self.counts;
         let have: serde_json::Map<String, Value> = self.have.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
         let mut out = json!({
@@ -532,6 +625,25 @@ pub fn fold_while_quiet() -> Result<bool, SyncError> {
     }
     let tables = load_tables(&ext.schema)?;
     fold::fold_some(&ext.schema, ext.node_id, &tables, 1)
+}
+
+/// Try again the held transactions that failed for a reason that passes by itself (a race with
+/// a local writer, a deadlock, a lock timeout), and what waits for them. The worker calls it
+/// now and then, so they apply without anyone calling `sync_retry_errors()`. Returns how many
+/// origin transactions went in.
+pub fn retry_transient() -> Result<i64, SyncError> {
+    sequencer::require_read_committed("the worker's retry")?;
+    let ext = clock::ext();
+    if !store::has_transient(&ext.schema)? {
+        return Ok(0);
+    }
+    let mut run = Run::start(false)?;
+    let before = run.have.clone();
+    let txns = run.inbox(store::Held::Retryable)?;
+    run.deliver(txns)?;
+    let applied = run.counts.transactions;
+    run.finish(before)?;
+    Ok(applied)
 }
 
 /// Try again every origin transaction held in `sync_apply_errors` (and what waits for them),

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use sync_bridge::canonical::jsonb_text;
-use sync_bridge::resolve::{self, Image, Register, Resolution, Row, Stored, Strategy, Version};
+use sync_bridge::resolve::{self, ConflictKind, Image, Register, Resolution, Row, Stored, Strategy, Version};
 use sync_bridge::{Event, Hlc, Op};
 use uuid::Uuid;
 
@@ -71,6 +71,7 @@ struct Conflict<'e> {
     /// The row now visible.
     result: Option<Image>,
     winner: &'static str,
+    kind: ConflictKind,
     review: &'static str,
     note: Option<String>,
 }
@@ -150,7 +151,8 @@ pub fn apply(
             .filter(|(k, i)| {
                 states.get(&(*table, **k)).is_some_and(|s| {
                     let v = &versions[**i];
-                    s.stored.iter().any(|w| w.needs_row() && !v.has_seen(&w.causal(me)))
+                    // A counter is added to the value the table holds, which no register keeps.
+                    s.stored.iter().any(|w| (w.needs_row() || !t.counters.is_empty()) && !v.has_seen(&w.causal(me)))
                 })
             })
             .map(|(k, _)| *k)
@@ -212,15 +214,16 @@ pub fn apply(
                 Some(row) => row.clone(),
                 None => decide(schema, t, &register, &priorities, &e.pk).0.row,
             };
-            let unseen: Vec<Dot> = register
-                .versions()
+            let concurrent: Vec<&Version> = register.versions().iter().filter(|w| !v.has_seen(w)).collect();
+            let kind = ConflictKind::of(&v, &concurrent);
+            let unseen: Vec<Dot> = concurrent
                 .iter()
-                .filter(|w| !v.has_seen(w))
                 .map(|w| Dot { origin: w.origin, seq: w.seq, idx: w.idx, hlc: w.hlc.as_i64() })
                 .collect();
             let remote = Remote { row: v.row.clone(), origin: v.origin, seq: v.seq, idx: v.idx, hlc: e.hlc };
             register.insert(v);
-            let (res, note) = decide(schema, t, &register, &priorities, &e.pk);
+            let (mut res, note) = decide(schema, t, &register, &priorities, &e.pk);
+            add_counters(t, e, before.as_ref(), &mut res.row);
             if res.conflict {
                 stats.conflicts += 1;
                 let winner = if res.row == remote.row {
@@ -238,7 +241,12 @@ pub fn apply(
                     remote,
                     result: res.row.clone(),
                     winner,
-                    review: if t.strategy == "manual" || note.is_some() { "pending" } else { "none" },
+                    kind,
+                    review: if t.strategy == "manual" || note.is_some() || kind == ConflictKind::SameKey {
+                        "pending"
+                    } else {
+                        "none"
+                    },
                     note,
                 });
             }
@@ -274,6 +282,27 @@ pub fn apply(
     }
     stats.keys = events.iter().zip(keys).map(|(e, k)| (e.table.clone(), k)).collect();
     Ok(stats)
+}
+
+/// Counter columns of a row decided from concurrent versions: the value this node holds plus
+/// what `e` (an UPDATE) changed it by; a column `e` did not change keeps this node's value.
+/// A row absent here (deleted, or never seen) takes the decided image's value.
+fn add_counters(t: &Table, e: &Event, before: Option<&Image>, row: &mut Option<Image>) {
+    let (Some(row), Some(before)) = (row.as_mut(), before) else { return };
+    for c in &t.counters {
+        let Some(here) = before.get(c) else { continue };
+        let changed = match (e.op, &e.data, &e.old) {
+            (Op::Update, Some(new), Some(old)) => new.get(c).zip(old.get(c)),
+            _ => None,
+        };
+        let value = match changed {
+            Some((new, old)) => sync_bridge::counter::add_delta(here, new, old),
+            None => Some(here.clone()),
+        };
+        if let Some(value) = value {
+            Arc::make_mut(row).insert(c.clone(), value);
+        }
+    }
 }
 
 /// The visible row for a register under the table's strategy, and a note when a custom
@@ -483,7 +512,9 @@ fn write_runs(tables: &mut HashMap<String, Table>, writes: &[Write]) -> Result<(
 fn upsert(t: &mut Table, sample: &Row, run: &[Write]) -> Result<(), SyncError> {
     let mut cols = Vec::new();
     for c in sample.keys() {
-        if t.columns.contains(c) {
+        if t.generated.contains(c) {
+            // Each node computes it from the row.
+        } else if t.columns.contains(c) {
             cols.push(c.as_str());
         } else if !t.missing.contains(c) {
             t.new_missing.insert(c.clone());
@@ -491,17 +522,26 @@ fn upsert(t: &mut Table, sample: &Row, run: &[Write]) -> Result<(), SyncError> {
     }
     let list = cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
     let pk = t.pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+    // An identity column that is ALWAYS generated takes the value that travelled, and is
+    // never updated (it cannot change).
     let set: Vec<String> = cols
         .iter()
-        .filter(|c| !t.pk.iter().any(|p| p == *c))
+        .filter(|c| !t.pk.iter().any(|p| p == *c) && !t.identity_always.contains(**c))
         .map(|c| format!("{q} = EXCLUDED.{q}", q = quote_ident(c)))
         .collect();
     let action = if set.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", set.join(", ")) };
+    let overriding = if cols.iter().any(|c| t.identity_always.contains(*c)) { "OVERRIDING SYSTEM VALUE " } else { "" };
     let rows: Vec<&Image> = run.iter().map(|w| w.row.as_ref().expect("an upsert run")).collect();
+    for c in t.sequences.keys() {
+        if let Some(top) = rows.iter().filter_map(|r| r.get(c).and_then(Value::as_i64)).max() {
+            let m = t.written_max.entry(c.clone()).or_insert(top);
+            *m = (*m).max(top);
+        }
+    }
     plans::run(
         &format!(
-            "INSERT INTO {tbl} ({list}) SELECT {list} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb) \
-             ON CONFLICT ({pk}) DO {action}",
+            "INSERT INTO {tbl} ({list}) {overriding}SELECT {list} \
+             FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb) ON CONFLICT ({pk}) DO {action}",
             tbl = t.name
         ),
         &[serde_json::to_string(&rows).expect("rows serialise").into()],
@@ -541,9 +581,11 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
     let column = |f: &dyn for<'c> Fn(&'c Conflict<'c>) -> Option<&'c str>| array(Of::Text, conflicts.iter().map(f));
     plans::run(
         &format!(
-            "INSERT INTO {schema}.sync_conflicts (table_name, pk, strategy, local, remote, result, winner, review, note) \
+            "INSERT INTO {schema}.sync_conflicts (table_name, pk, strategy, local, remote, result, winner, review, note, \
+                                                  kind) \
              SELECT unnest($1::text[]), unnest($2::text[])::jsonb, unnest($3::text[]), unnest($4::json[]), \
-                    unnest($5::json[]), unnest($6::json[]), unnest($7::text[]), unnest($8::text[]), unnest($9::text[])"
+                    unnest($5::json[]), unnest($6::json[]), unnest($7::text[]), unnest($8::text[]), unnest($9::text[]), \
+                    unnest($10::text[])"
         ),
         &[
             column(&|c| Some(c.table_name)),
@@ -555,8 +597,28 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
             column(&|c| Some(c.winner)),
             column(&|c| Some(c.review)),
             column(&|c| c.note.as_deref()),
+            column(&|c| Some(c.kind.as_str())),
         ],
     )?;
+    Ok(())
+}
+
+/// Keep each sequence that feeds a column ahead of the values that arrived in it, so this node
+/// never hands out an id a peer already used. Only sequences that step by 1: one set up for
+/// node-unique ids (see `sync_global_ids`) cannot meet a peer's values. `nextval` first, so the
+/// sequence never moves back below what a concurrent session was handed.
+pub fn advance_sequences(tables: &HashMap<String, Table>) -> Result<(), SyncError> {
+    for t in tables.values() {
+        for (column, top) in &t.written_max {
+            let Some(seq) = t.sequences.get(column) else { continue };
+            Spi::run_with_args(
+                "SELECT CASE WHEN $2 > coalesce(pg_sequence_last_value($1::regclass), 0) \
+                              AND (SELECT seqincrement FROM pg_sequence WHERE seqrelid = $1::regclass) = 1 \
+                         THEN CASE WHEN $2 > nextval($1::regclass) THEN setval($1::regclass, $2) END END",
+                &[seq.clone().into(), (*top).into()],
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -102,12 +102,20 @@ pub enum Held {
 /// serialization failure, deadlock) and lock_not_available.
 const TRANSIENT: &str = "(sqlstate LIKE '40%' OR sqlstate = '55P03')";
 
+/// Whether some held transaction failed for a reason that passes by itself.
+pub fn has_transient(schema: &str) -> Result<bool, SyncError> {
+    Ok(Spi::get_one::<bool>(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {schema}.sync_inbox WHERE error IS NOT NULL AND {TRANSIENT})"
+    ))?
+    .unwrap_or(false))
+}
+
 /// The held transactions, without their events (see `load_events`).
 pub fn inbox(schema: &str, which: Held) -> Result<Vec<Txn>, SyncError> {
     Spi::connect_mut(|client| {
         let rows = client.update(
             &format!(
-                "SELECT origin, origin_seq, prev, context::text FROM {schema}.sync_inbox \
+                "SELECT origin, origin_seq, prev, context::text, error IS NOT NULL FROM {schema}.sync_inbox \
                   WHERE $1 OR error IS NULL OR {TRANSIENT} ORDER BY origin, origin_seq"
             ),
             None,
@@ -127,6 +135,8 @@ pub fn inbox(schema: &str, which: Held) -> Result<Vec<Txn>, SyncError> {
                 context,
                 events: Vec::new(),
                 in_inbox: true,
+                // A failed one is held past: the have-vector counts it.
+                passed: row.get(5)?.unwrap_or(false),
             });
         }
         Ok(out)
@@ -184,6 +194,17 @@ pub fn hold(schema: &str, t: &Txn, failure: Option<&Failure>, waiting_for: Optio
         v.dedup();
         v
     };
+    if let Some(f) = failure {
+        // Once per held transaction; retries update its row quietly.
+        pgrx::warning!(
+            "pg_peersync: origin transaction {}/{} ({}) is held: {} ({}); see sync_apply_errors",
+            t.origin,
+            t.seq,
+            tables.join(", "),
+            f.message,
+            f.sqlstate
+        );
+    }
     Spi::run_with_args(
         &format!(
             "INSERT INTO {schema}.sync_inbox (origin, origin_seq, prev, context, events, tables, sqlstate, error, \

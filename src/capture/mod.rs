@@ -9,6 +9,7 @@
 //! - `plan`: kept SPI plans.
 
 mod fast;
+pub mod ids;
 mod plan;
 pub mod sql;
 mod track;

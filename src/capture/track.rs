@@ -225,6 +225,7 @@ fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Ve
         }
         Ok::<_, SyncError>(())
     })?;
+    super::ids::warn_if_shared(tbl, &name)?;
     Ok(())
 }
 

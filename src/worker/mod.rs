@@ -37,6 +37,8 @@ const EXTENSION_CHECK: Duration = Duration::from_secs(2);
 /// registers lack (`apply::fold_while_quiet`), and how often it looks while nothing is left;
 /// after an error it waits `FOLD_AFTER_ERROR`.
 const FOLD_WHEN_QUIET: Duration = Duration::from_secs(1);
+/// How often it tries again the held transactions that failed for a reason that passes.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
 const FOLD_AFTER_ERROR: Duration = Duration::from_secs(60);
 
 #[derive(Copy, Clone, Default, PartialEq, Eq, Debug)]
@@ -155,6 +157,7 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
     let mut quiet_since = std::time::Instant::now();
     // When to fold next (see FOLD_WHEN_QUIET).
     let mut next_fold = std::time::Instant::now();
+    let mut next_retry = std::time::Instant::now() + RETRY_EVERY;
     // wait_latch returns false on SIGTERM or postmaster death.
     while BackgroundWorker::wait_latch(Some(TICK)) {
         if BackgroundWorker::sighup_received() {
@@ -203,6 +206,10 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
                     Ok(false) => now + FOLD_WHEN_QUIET,
                     Err(()) => now + FOLD_AFTER_ERROR,
                 };
+            }
+            if now >= next_retry {
+                next_retry = now + RETRY_EVERY;
+                retry_transient();
             }
             continue;
         }
@@ -408,6 +415,17 @@ fn fold_while_quiet() -> Result<bool, ()> {
         libc::malloc_trim(1 << 20);
     }
     result
+}
+
+/// Apply the held transactions that failed for a reason that passes, if they now can.
+fn retry_transient() {
+    BackgroundWorker::transaction(|| {
+        match crate::apply::subxact::run(|| crate::apply::retry_transient().unwrap_or_else(|e| e.report())) {
+            Ok(n) if n > 0 => log!("pg_peersync worker: {n} held transaction(s) applied on retry"),
+            Ok(_) => {}
+            Err(f) => warning!("pg_peersync worker: cannot retry held transactions: {} ({})", f.message, f.sqlstate),
+        }
+    });
 }
 
 /// Now and then: refresh the schema fingerprint announced to peers, prune `sync_sessions`.

@@ -464,7 +464,8 @@ impl Puller {
                 let counts = ask(&self.shared.tx, |r| Ask::Apply(batch, r)).await?;
                 let counts: Value = serde_json::from_str(&counts).map_err(|e| e.to_string())?;
                 progress = counts["transactions"].as_i64().unwrap_or(0) > 0;
-                complete = counts["errors"].as_i64() == Some(0) && counts["waiting"].as_i64() == Some(0);
+                // Held failures count as held (see PROTOCOL.md, Applying a batch); waiting ones do not.
+                complete = counts["waiting"].as_i64() == Some(0);
                 missing = vector(&counts["missing"]);
                 x.events += n;
             }

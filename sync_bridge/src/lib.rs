@@ -9,10 +9,12 @@
 
 pub mod auth;
 pub mod canonical;
+pub mod counter;
 pub mod delivery;
 pub mod discovery;
 pub mod event;
 pub mod hlc;
+pub mod ids;
 pub mod log;
 pub mod resolve;
 pub mod serve;

@@ -140,6 +140,37 @@ pub struct Resolution {
     pub conflict: bool,
 }
 
+/// What concurrent versions of one row mean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConflictKind {
+    /// Concurrent changes of one row: the strategy decides.
+    Update,
+    /// Two nodes inserted different rows under one key without seeing each other: two entities
+    /// got one key. The strategy still decides what the row shows, but the other row is only
+    /// kept in the conflict record, which is always left for review.
+    SameKey,
+}
+
+impl ConflictKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictKind::Update => "update",
+            ConflictKind::SameKey => "same_key",
+        }
+    }
+
+    /// The kind of conflict `incoming` makes with the versions it has not seen (`concurrent`):
+    /// `SameKey` when it and one of them are inserts (a whole row written, not deleted).
+    pub fn of(incoming: &Version, concurrent: &[&Version]) -> ConflictKind {
+        let insert = |v: &Version| v.row.is_some() && v.written.is_none();
+        if insert(incoming) && concurrent.iter().any(|v| insert(v)) {
+            ConflictKind::SameKey
+        } else {
+            ConflictKind::Update
+        }
+    }
+}
+
 /// Decide the visible row from a register. `None` for an empty register.
 pub fn resolve(strategy: &Strategy, register: &Register) -> Option<Resolution> {
     let versions = register.versions();
@@ -297,6 +328,26 @@ mod tests {
                 assert_eq!(other.has_seen(&full), other.has_seen(&light));
             }
         }
+    }
+
+    /// Two inserts of one key that did not see each other are a key collision; an insert
+    /// concurrent with an update or a delete of an older row is an ordinary conflict.
+    #[test]
+    fn inserts_that_meet_are_a_same_key_conflict() {
+        let insert = |origin, hlc| {
+            let mut v = version(origin, 1, hlc, &[], Some(json!({"id": 1, "v": origin as i64})), &[]);
+            v.written = None;
+            v
+        };
+        let (a, b) = (insert(1, 10), insert(2, 11));
+        let update = version(3, 1, 12, &[], Some(json!({"id": 1, "v": 7})), &["v"]);
+        let delete = version(4, 1, 13, &[], None, &[]);
+        assert_eq!(ConflictKind::of(&b, &[&a]), ConflictKind::SameKey);
+        assert_eq!(ConflictKind::of(&b, &[&update, &a]), ConflictKind::SameKey);
+        assert_eq!(ConflictKind::of(&b, &[&update]), ConflictKind::Update);
+        assert_eq!(ConflictKind::of(&update, &[&a]), ConflictKind::Update);
+        assert_eq!(ConflictKind::of(&b, &[&delete]), ConflictKind::Update);
+        assert_eq!(ConflictKind::SameKey.as_str(), "same_key");
     }
 
     #[test]
