@@ -9,7 +9,7 @@ APT_PKGS   := postgresql-$(PGV) postgresql-server-dev-$(PGV) postgresql-contrib 
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup apt-deps install-pgrx pgrx-init build install test test-bridge test-pg test-e2e bench demo fmt clippy clean
+.PHONY: setup apt-deps install-pgrx pgrx-init build install test test-bridge test-pg test-e2e bench sysbench demo fmt clippy clean
 
 setup: apt-deps install-pgrx pgrx-init
 
@@ -56,6 +56,13 @@ bench: install
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-$(PGV)-pglogical)
 	cargo run -p pg_peersync_tests --release --bin bench
 	cargo run -p pg_peersync_tests --release --bin netbench
+
+# sysbench's oltp_write_only on two nodes at once, then convergence (Debian's sysbench,
+# installed here when missing).
+sysbench: install
+	@command -v sysbench >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sysbench)
+	cargo run -p pg_peersync_tests --release --bin sysbench
 
 demo: install
 	cargo run -p pg_peersync_tests --release --bin demo
