@@ -185,49 +185,46 @@ fn windows(
     have: &BTreeMap<Uuid, i64>,
     max_events: i64,
 ) -> Result<Vec<serve::Window>, SyncError> {
-    Spi::connect(|client| {
-        let uuid = PgOid::BuiltIn(PgBuiltInOids::UUIDOID);
-        let int8 = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
-        let heads = client.prepare(
-            &format!(
-                "SELECT origin_seq, sum(n)::bigint, max(hlc), array_agg(vclock::text) FROM {schema}.sync_log \
-                  WHERE origin = $1 AND origin_seq > $2 AND origin_seq <= $3 \
-                  GROUP BY origin_seq ORDER BY origin_seq LIMIT $4"
-            ),
-            &[uuid, int8, int8, int8],
-        )?;
-        let mut out = Vec::new();
-        for (origin, &top) in have {
-            let from = since.get(origin).copied().unwrap_or(0);
-            if top <= from {
-                continue;
-            }
-            let o = pgrx::Uuid::from_bytes(*origin.as_bytes());
-            let rows = client.select(&heads, None, &[o.into(), from.into(), top.into(), max_events.into()])?;
-            let mut offers = Vec::with_capacity(rows.len());
-            for row in rows {
-                let seq: i64 = row.get(1)?.expect("origin_seq");
-                let mut context: BTreeMap<Uuid, i64> = BTreeMap::new();
-                for text in row.get::<Vec<String>>(4)?.unwrap_or_default() {
-                    let v: BTreeMap<Uuid, i64> =
-                        serde_json::from_str(&text).map_err(|e| unreadable(*origin, seq, e.to_string()))?;
-                    for (k, n) in v {
-                        let c = context.entry(k).or_insert(n);
-                        *c = (*c).max(n);
-                    }
-                }
-                offers.push(serve::Offer {
-                    seq,
-                    events: row.get(2)?.unwrap_or(1),
-                    hlc: row.get(3)?.unwrap_or(0),
-                    context,
-                });
-            }
-            let complete = (offers.len() as i64) < max_events;
-            out.push(serve::Window { origin: *origin, from, top, offers, complete });
+    // Index range scans whatever the values: planned once per backend.
+    let heads = format!(
+        "SELECT origin_seq, sum(n)::bigint, max(hlc), array_agg(vclock::text) FROM {schema}.sync_log \
+          WHERE origin = $1 AND origin_seq > $2 AND origin_seq <= $3 \
+          GROUP BY origin_seq ORDER BY origin_seq LIMIT $4"
+    );
+    let mut out = Vec::new();
+    for (origin, &top) in have {
+        let from = since.get(origin).copied().unwrap_or(0);
+        if top <= from {
+            continue;
         }
-        Ok(out)
-    })
+        let o = pgrx::Uuid::from_bytes(*origin.as_bytes());
+        let offers =
+            crate::apply::plans::query(&heads, &[o.into(), from.into(), top.into(), max_events.into()], |rows| {
+                let mut offers = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let seq: i64 = row.get(1)?.expect("origin_seq");
+                    let mut context: BTreeMap<Uuid, i64> = BTreeMap::new();
+                    for text in row.get::<Vec<String>>(4)?.unwrap_or_default() {
+                        let v: BTreeMap<Uuid, i64> =
+                            serde_json::from_str(&text).map_err(|e| unreadable(*origin, seq, e.to_string()))?;
+                        for (k, n) in v {
+                            let c = context.entry(k).or_insert(n);
+                            *c = (*c).max(n);
+                        }
+                    }
+                    offers.push(serve::Offer {
+                        seq,
+                        events: row.get(2)?.unwrap_or(1),
+                        hlc: row.get(3)?.unwrap_or(0),
+                        context,
+                    });
+                }
+                Ok(offers)
+            })?;
+        let complete = (offers.len() as i64) < max_events;
+        out.push(serve::Window { origin: *origin, from, top, offers, complete });
+    }
+    Ok(out)
 }
 
 /// The events of the transactions `cut` chose, by transaction.

@@ -20,7 +20,7 @@
 pub(crate) mod arrays;
 pub mod conflicts;
 mod fold;
-mod plans;
+pub(crate) mod plans;
 mod rows;
 mod store;
 pub(crate) mod subxact;
@@ -157,32 +157,42 @@ fn load_tables(schema: &str) -> Result<HashMap<String, Table>, SyncError> {
             };
             tables.insert(name, t);
         }
-        // Per table, not in the query above: with the catalog subqueries once per tracked table,
-        // that query's estimated cost passed jit_above_cost, and each apply paid ~60 ms of JIT.
-        let columns = client.prepare(
-            &format!(
-                "SELECT a.attname::text, a.attgenerated = 's', a.attidentity = 'a', {seq} \
-                   FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
-                seq = crate::capture::ids::sequence_of("a.attrelid", "a.attname")
-            ),
-            &[pgrx::PgOid::BuiltIn(pgrx::PgBuiltInOids::OIDOID)],
-        )?;
+        Ok::<_, SyncError>(tables)
+    })
+    .and_then(|mut tables| {
         for t in tables.values_mut() {
-            for row in client.select(&columns, None, &[t.relid.into()])? {
-                let name: String = row.get(1)?.unwrap_or_default();
-                if row.get::<bool>(2)? == Some(true) {
-                    t.generated.insert(name.clone());
-                }
-                if row.get::<bool>(3)? == Some(true) {
-                    t.identity_always.insert(name.clone());
-                }
-                if let Some(seq) = row.get::<String>(4)? {
-                    t.sequences.insert(name.clone(), seq);
-                }
-                t.columns.insert(name);
-            }
+            table_columns(t)?;
         }
         Ok(tables)
+    })
+}
+
+/// A table's columns and which are generated, identity or fed by a sequence. Per table, not in
+/// `load_tables`' query: with the catalog subqueries once per tracked table, that query's
+/// estimated cost passed jit_above_cost, and each apply paid ~60 ms of JIT. Planned once per
+/// backend (`plans`).
+fn table_columns(t: &mut Table) -> Result<(), SyncError> {
+    let sql = format!(
+        "SELECT a.attname::text, a.attgenerated = 's', a.attidentity = 'a', \
+                CASE WHEN a.atthasdef OR a.attidentity <> '' THEN {seq} END \
+           FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+        seq = crate::capture::ids::sequence_of("a.attrelid", "a.attname")
+    );
+    plans::query(&sql, &[t.relid.into()], |rows| {
+        for row in rows {
+            let name: String = row.get(1)?.unwrap_or_default();
+            if row.get::<bool>(2)? == Some(true) {
+                t.generated.insert(name.clone());
+            }
+            if row.get::<bool>(3)? == Some(true) {
+                t.identity_always.insert(name.clone());
+            }
+            if let Some(seq) = row.get::<String>(4)? {
+                t.sequences.insert(name.clone(), seq);
+            }
+            t.columns.insert(name);
+        }
+        Ok(())
     })
 }
 
@@ -379,6 +389,9 @@ impl Run {
     /// Held transactions the have-vector counts, tried again out of order: through the
     /// registers, so a change that a later one (applied meanwhile) has seen changes nothing.
     fn apply_late(&mut self, mut late: Vec<Txn>) -> Result<(), SyncError> {
+        if late.is_empty() {
+            return Ok(());
+        }
         let all: Vec<usize> = (0..late.len()).collect();
         store::load_events(&self.schema, &mut late, &all)?;
         for t in &late {

@@ -112,15 +112,11 @@ pub fn has_transient(schema: &str) -> Result<bool, SyncError> {
 
 /// The held transactions, without their events (see `load_events`).
 pub fn inbox(schema: &str, which: Held) -> Result<Vec<Txn>, SyncError> {
-    Spi::connect_mut(|client| {
-        let rows = client.update(
-            &format!(
-                "SELECT origin, origin_seq, prev, context::text, error IS NOT NULL FROM {schema}.sync_inbox \
-                  WHERE $1 OR error IS NULL OR {TRANSIENT} ORDER BY origin, origin_seq"
-            ),
-            None,
-            &[(which == Held::All).into()],
-        )?;
+    let sql = format!(
+        "SELECT origin, origin_seq, prev, context::text, error IS NOT NULL FROM {schema}.sync_inbox \
+          WHERE $1 OR error IS NULL OR {TRANSIENT} ORDER BY origin, origin_seq"
+    );
+    super::plans::query(&sql, &[(which == Held::All).into()], |rows| {
         let mut out = Vec::new();
         for row in rows {
             let origin = Uuid::from_bytes(*row.get::<pgrx::Uuid>(1)?.expect("origin").as_bytes());
@@ -146,6 +142,9 @@ pub fn inbox(schema: &str, which: Held) -> Result<Vec<Txn>, SyncError> {
 /// Read the events of the inbox entries `txns[i]` for each `i` of `which` (only those about to
 /// be applied: the others stay in the inbox unread).
 pub fn load_events(schema: &str, txns: &mut [Txn], which: &[usize]) -> Result<(), SyncError> {
+    if which.is_empty() {
+        return Ok(());
+    }
     Spi::connect(|client| {
         let stmt = client.prepare(
             &format!("SELECT events::text FROM {schema}.sync_inbox WHERE origin = $1 AND origin_seq = $2"),
