@@ -216,6 +216,9 @@ pub fn apply(
             };
             let concurrent: Vec<&Version> = register.versions().iter().filter(|w| !v.has_seen(w)).collect();
             let kind = ConflictKind::of(&v, &concurrent);
+            // An insert (the row written whole, a new value for its counters) concurrent with
+            // this change: the strategy's row stands, counters included, on every node alike.
+            let reset = v.is_insert() || concurrent.iter().any(|w| w.is_insert());
             let unseen: Vec<Dot> = concurrent
                 .iter()
                 .map(|w| Dot { origin: w.origin, seq: w.seq, idx: w.idx, hlc: w.hlc.as_i64() })
@@ -223,7 +226,9 @@ pub fn apply(
             let remote = Remote { row: v.row.clone(), origin: v.origin, seq: v.seq, idx: v.idx, hlc: e.hlc };
             register.insert(v);
             let (mut res, note) = decide(schema, t, &register, &priorities, &e.pk);
-            add_counters(t, e, before.as_ref(), &mut res.row);
+            if !reset {
+                add_counters(t, e, before.as_ref(), &mut res.row);
+            }
             if res.conflict {
                 stats.conflicts += 1;
                 let winner = if res.row == remote.row {
@@ -284,9 +289,9 @@ pub fn apply(
     Ok(stats)
 }
 
-/// Counter columns of a row decided from concurrent versions: the value this node holds plus
-/// what `e` (an UPDATE) changed it by; a column `e` did not change keeps this node's value.
-/// A row absent here (deleted, or never seen) takes the decided image's value.
+/// Counter columns of a row decided from concurrent updates (no insert among them, see the
+/// caller): the value this node holds plus what `e` (an UPDATE) changed it by; a column `e`
+/// did not change keeps this node's value. A row absent here takes the decided image's value.
 fn add_counters(t: &Table, e: &Event, before: Option<&Image>, row: &mut Option<Image>) {
     let (Some(row), Some(before)) = (row.as_mut(), before) else { return };
     for c in &t.counters {

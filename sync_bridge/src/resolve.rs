@@ -58,6 +58,11 @@ pub struct Version {
 }
 
 impl Version {
+    /// A whole row written (an INSERT), not an update of some columns nor a delete.
+    pub fn is_insert(&self) -> bool {
+        self.row.is_some() && self.written.is_none()
+    }
+
     pub fn dot(&self) -> (Uuid, i64, i32) {
         (self.origin, self.seq, self.idx)
     }
@@ -162,8 +167,7 @@ impl ConflictKind {
     /// The kind of conflict `incoming` makes with the versions it has not seen (`concurrent`):
     /// `SameKey` when it and one of them are inserts (a whole row written, not deleted).
     pub fn of(incoming: &Version, concurrent: &[&Version]) -> ConflictKind {
-        let insert = |v: &Version| v.row.is_some() && v.written.is_none();
-        if insert(incoming) && concurrent.iter().any(|v| insert(v)) {
+        if incoming.is_insert() && concurrent.iter().any(|v| v.is_insert()) {
             ConflictKind::SameKey
         } else {
             ConflictKind::Update
