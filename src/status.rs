@@ -34,7 +34,17 @@ fn sync_status() -> SyncResult<JsonB> {
                         'waiting', (SELECT count(*) FROM {s}.sync_inbox WHERE error IS NULL),
                         'conflicts', (SELECT count(*) FROM {s}.sync_conflicts),
                         'conflicts_to_review', (SELECT count(*) FROM {s}.sync_conflicts WHERE review = 'pending'),
-                        'same_key_conflicts', (SELECT count(*) FROM {s}.sync_conflicts WHERE kind = 'same_key')))"
+                        'same_key_conflicts', (SELECT count(*) FROM {s}.sync_conflicts WHERE kind = 'same_key'),
+                        'held', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                                    'origin', h.origin, 'table', h.tbl, 'transactions', h.n,
+                                    'oldest_s', h.age, 'reason', h.reason) ORDER BY h.age DESC), '[]'::jsonb)
+                                   FROM (SELECT i.origin, t.tbl, count(*) AS n,
+                                                extract(epoch FROM now() - min(i.received_at))::bigint AS age,
+                                                (array_agg(coalesce(i.error || ' (' || i.sqlstate || ')',
+                                                                    'waiting for ' || i.waiting_for)
+                                                           ORDER BY i.received_at))[1] AS reason
+                                           FROM {s}.sync_inbox i, unnest(i.tables) AS t(tbl)
+                                          GROUP BY i.origin, t.tbl) h)))"
         ),
         &[pgrx::Uuid::from_bytes(*ext.node_id.as_bytes()).into()],
     )

@@ -205,6 +205,12 @@ fn unappliable_transactions_are_held_and_retried() {
     let a_id = node_id(&mut a[0]);
     assert_eq!(have(&mut b[0])[&a_id], have(&mut a[0])[&a_id]);
     assert_eq!(count(&mut b[0], "SELECT count(*) FROM sync_log"), 3);
+    // sync_status() names them per origin and table, with the oldest's age and reason.
+    let held: String = b[0].query_one("SELECT (sync_status() #> '{apply,held}')::text", &[]).unwrap().get(0);
+    let held: Value = serde_json::from_str(&held).unwrap();
+    assert_eq!((held[0]["origin"].as_str(), held[0]["table"].as_str()), (Some(a_id.as_str()), Some("public.items")));
+    assert_eq!(held[0]["transactions"], json!(3), "{held}");
+    assert!(held[0]["reason"].as_str().unwrap_or("").contains("site"), "{held}");
     // Pulling again brings nothing; still held, once.
     let (again, _) = pull_once(&mut a[0], &mut b[0], 1000);
     assert_eq!((again["applied"].clone(), again["errors"].clone()), (json!(0), json!(0)), "{again}");
