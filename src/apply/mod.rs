@@ -663,6 +663,11 @@ pub fn retry_transient() -> Result<i64, SyncError> {
     if !store::has_transient(&ext.schema)? {
         return Ok(0);
     }
+    // Never wait behind an apply (the worker answers its peers meanwhile): it retries them too.
+    let locked = Spi::get_one::<bool>(&format!("SELECT pg_try_advisory_xact_lock({APPLY_LOCK})"))?;
+    if locked != Some(true) {
+        return Ok(0);
+    }
     let mut run = Run::start(false)?;
     let before = run.have.clone();
     let txns = run.inbox(store::Held::Retryable)?;
