@@ -207,10 +207,7 @@ fn windows(
                     for text in row.get::<Vec<String>>(4)?.unwrap_or_default() {
                         let v: BTreeMap<Uuid, i64> =
                             serde_json::from_str(&text).map_err(|e| unreadable(*origin, seq, e.to_string()))?;
-                        for (k, n) in v {
-                            let c = context.entry(k).or_insert(n);
-                            *c = (*c).max(n);
-                        }
+                        sync_bridge::delivery::widen(&mut context, &v);
                     }
                     offers.push(serve::Offer {
                         seq,

@@ -242,10 +242,7 @@ fn transactions(events: Vec<Event>, from: &BTreeMap<Uuid, i64>, me: Uuid) -> Vec
     }
     for t in &mut txns {
         for e in &t.events {
-            for (o, n) in &e.vclock {
-                let c = t.context.entry(*o).or_insert(*n);
-                *c = (*c).max(*n);
-            }
+            delivery::widen(&mut t.context, &e.vclock);
         }
     }
     let mut pending: Vec<Pending> = txns.iter().map(Txn::pending).collect();

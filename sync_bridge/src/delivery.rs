@@ -36,6 +36,15 @@ pub enum Wait {
     Context { origin: Uuid, need: i64, have: i64 },
 }
 
+/// Widen `context` to cover `other` too (per origin the greater number): a transaction's
+/// context is the widest of its events' (one per `sync_log` row it was written in).
+pub fn widen(context: &mut BTreeMap<Uuid, i64>, other: &BTreeMap<Uuid, i64>) {
+    for (origin, n) in other {
+        let c = context.entry(*origin).or_insert(*n);
+        *c = (*c).max(*n);
+    }
+}
+
 /// `Ok` when `t` may be applied on node `me`, holding `have` (origin -> contiguous prefix).
 /// This node's own entry in a context is always held: it can only name committed local events.
 pub fn check(have: &BTreeMap<Uuid, i64>, me: Uuid, t: &Pending) -> Result<(), Wait> {
