@@ -66,6 +66,20 @@ impl Cluster {
         Self::start_with(name, &lines)
     }
 
+    /// A node whose worker listens on loopback `port` and syncs with the nodes listening on
+    /// `peers` (static peers), admitted by `key`; `extra` lines are appended to postgresql.conf.
+    pub fn start_peer(name: &str, key: &str, port: u16, peers: &[u16], extra: &[&str]) -> Cluster {
+        let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut conf = vec![
+            format!("peersync.registration_key = '{key}'"),
+            "peersync.listen_addresses = '127.0.0.1'".to_string(),
+            format!("peersync.port = {port}"),
+            format!("peersync.peers = '{}'", peers.join(",")),
+        ];
+        conf.extend(extra.iter().map(|s| s.to_string()));
+        Self::start(name, &conf.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
     /// A running cluster with exactly these postgresql.conf lines (plus socket settings).
     pub fn start_with(name: &str, conf: &[String]) -> Cluster {
         Self::start_in(None, name, conf)

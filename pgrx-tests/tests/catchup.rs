@@ -13,20 +13,9 @@ use std::time::{Duration, Instant};
 const BATCH: i64 = 50;
 
 fn node(name: &str, port: u16, peers: &[u16], batch: i64) -> Cluster {
-    let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let c = Cluster::start(
-        name,
-        &[
-            "fsync = off",
-            "peersync.registration_key = 'catch-up-lab-registration-key'",
-            "peersync.listen_addresses = '127.0.0.1'",
-            &format!("peersync.port = {port}"),
-            &format!("peersync.peers = '{}'", peers.join(",")),
-            "peersync.multicast_group = ''",
-            "peersync.sync_interval = 2",
-            &format!("peersync.batch_size = {batch}"),
-        ],
-    );
+    let batch = format!("peersync.batch_size = {batch}");
+    let extra = ["fsync = off", "peersync.multicast_group = ''", "peersync.sync_interval = 2", batch.as_str()];
+    let c = Cluster::start_peer(name, "catch-up-lab-registration-key", port, peers, &extra);
     c.connect()
         .batch_execute(
             "CREATE EXTENSION pg_peersync;

@@ -5,19 +5,8 @@ use pg_peersync_tests::{Cluster, digest, free_port, wait_for, worker_status};
 use std::time::Duration;
 
 fn node(name: &str, key: &str, port: u16, peers: &[u16]) -> Cluster {
-    let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let c = Cluster::start(
-        name,
-        &[
-            "fsync = off",
-            &format!("peersync.registration_key = '{key}'"),
-            "peersync.listen_addresses = '127.0.0.1'",
-            &format!("peersync.port = {port}"),
-            &format!("peersync.peers = '{}'", peers.join(",")),
-            // Long: what arrives quickly was pushed by a poke after the commit, not polled.
-            "peersync.sync_interval = 3600",
-        ],
-    );
+    // Long interval: what arrives quickly was pushed by a poke after the commit, not polled.
+    let c = Cluster::start_peer(name, key, port, peers, &["fsync = off", "peersync.sync_interval = 3600"]);
     c.connect()
         .batch_execute(
             "CREATE EXTENSION pg_peersync;

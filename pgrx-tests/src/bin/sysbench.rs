@@ -13,19 +13,8 @@ const ROWS: usize = 5000;
 const SECONDS: u64 = 20;
 
 fn node(name: &str, port: u16, peer: u16) -> Cluster {
-    Cluster::start(
-        name,
-        &[
-            "fsync = off",
-            "max_connections = 60",
-            "peersync.registration_key = 'sysbench-lab-registration-key'",
-            "peersync.listen_addresses = '127.0.0.1'",
-            &format!("peersync.port = {port}"),
-            &format!("peersync.peers = '127.0.0.1:{peer}'"),
-            "peersync.multicast_group = ''",
-            "peersync.sync_interval = 2",
-        ],
-    )
+    let extra = ["fsync = off", "max_connections = 60", "peersync.multicast_group = ''", "peersync.sync_interval = 2"];
+    Cluster::start_peer(name, "sysbench-lab-registration-key", port, &[peer], &extra)
 }
 
 /// sysbench against `c` (its Unix socket directory is the host), with `args` after the common ones.
