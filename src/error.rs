@@ -118,7 +118,9 @@ impl SyncError {
             SyncError::NoPrimaryKey(t) => format!(
                 "Peers identify rows by primary key: ALTER TABLE {t} ADD PRIMARY KEY (...), then track it again."
             ),
-            SyncError::UnknownStrategy(_) => "Use one of: lww, field_merge, node_priority, custom, manual.".into(),
+            SyncError::UnknownStrategy(_) => {
+                format!("Use one of: {}.", sync_bridge::resolve::Strategy::ALL.map(|s| s.name()).join(", "))
+            }
             SyncError::UnknownColumn { .. } => "Check the names in exclude_columns.".into(),
             SyncError::ExcludedKey { .. } => {
                 "Primary key columns identify the row on every node; remove them from exclude_columns.".into()

@@ -7,17 +7,18 @@ use crate::error::{SyncError, SyncResult};
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgRelation};
 use serde_json::Value;
+use sync_bridge::resolve::Strategy;
 
 /// Change a tracked table's conflict strategy. `resolver` names the function for 'custom':
 /// `f(local jsonb, remote jsonb, info jsonb) returns jsonb`. Every node should use the same
 /// strategy for a table.
 #[pg_extern]
 fn sync_set_strategy(tbl: PgRelation, strategy: &str, resolver: default!(Option<&str>, "NULL")) -> SyncResult<()> {
-    crate::capture::check_strategy(strategy)?;
+    let strategy = crate::capture::check_strategy(strategy)?;
     let ext = clock::ext();
     let name = display_name(tbl.oid())?;
     let resolver_oid: Option<pg_sys::Oid> = match (strategy, resolver) {
-        ("custom", None) => return Err(SyncError::NoResolver(name).into()),
+        (Strategy::Custom, None) => return Err(SyncError::NoResolver(name).into()),
         (_, Some(f)) => {
             // regprocedure input raises PostgreSQL's own error for an unknown function.
             let (oid, ok) = Spi::connect(|client| {
@@ -46,7 +47,7 @@ fn sync_set_strategy(tbl: PgRelation, strategy: &str, resolver: default!(Option<
                          WHERE relid = $1 RETURNING 1) SELECT count(*) > 0 FROM u",
             ext.schema
         ),
-        &[tbl.oid().into(), strategy.into(), resolver_oid.into()],
+        &[tbl.oid().into(), strategy.name().into(), resolver_oid.into()],
     )
     .map_err(SyncError::from)?
     .unwrap_or(false);

@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use sync_bridge::delivery::{self, Pending, Wait};
-use sync_bridge::resolve;
+use sync_bridge::resolve::{self, Strategy};
 use sync_bridge::{Batch, Event, Hlc};
 use uuid::Uuid;
 
@@ -94,7 +94,7 @@ pub(crate) struct Table {
     pub relid: pg_sys::Oid,
     /// Schema-qualified, quoted where needed: the name events carry, usable in SQL.
     pub name: String,
-    pub strategy: String,
+    pub strategy: Strategy,
     pub pk: Vec<String>,
     pub exclude: Vec<String>,
     pub resolver: Option<String>,
@@ -142,7 +142,8 @@ fn load_tables(schema: &str) -> Result<HashMap<String, Table>, SyncError> {
             let t = Table {
                 relid: row.get(1)?.expect("relid"),
                 name: name.clone(),
-                strategy: row.get(3)?.unwrap_or_default(),
+                // The column's CHECK allows only known names.
+                strategy: row.get::<String>(3)?.as_deref().and_then(Strategy::parse).unwrap_or(Strategy::Lww),
                 pk: row.get(4)?.unwrap_or_default(),
                 exclude: row.get(5)?.unwrap_or_default(),
                 resolver: row.get(6)?,

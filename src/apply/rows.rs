@@ -63,7 +63,7 @@ struct Conflict<'e> {
     table_name: &'e str,
     /// The key in jsonb's text form, which `sync_conflicts.pk` reads back without change.
     pk: &'e str,
-    strategy: &'e str,
+    strategy: Strategy,
     /// The row as this node had it, with the versions behind it.
     local: Local,
     /// The incoming version.
@@ -167,7 +167,7 @@ pub fn apply(
         }
     }
 
-    let priorities = if !blind && by_table.keys().any(|t| tables[*t].strategy == "node_priority") {
+    let priorities = if !blind && by_table.keys().any(|t| tables[*t].strategy == Strategy::NodePriority) {
         load_priorities(schema)?
     } else {
         BTreeMap::new()
@@ -241,13 +241,13 @@ pub fn apply(
                 conflicts.push(Conflict {
                     table_name: &t.name,
                     pk: &keys[i],
-                    strategy: &t.strategy,
+                    strategy: t.strategy,
                     local: Local { row: before, versions: unseen },
                     remote,
                     result: res.row.clone(),
                     winner,
                     kind,
-                    review: if t.strategy == "manual" || note.is_some() || kind == ConflictKind::SameKey {
+                    review: if t.strategy.reviewed() || note.is_some() || kind == ConflictKind::SameKey {
                         "pending"
                     } else {
                         "none"
@@ -319,13 +319,8 @@ fn decide(
     priorities: &BTreeMap<Uuid, i32>,
     pk: &Value,
 ) -> (Resolution, Option<String>) {
-    let strategy = match t.strategy.as_str() {
-        "field_merge" => Strategy::FieldMerge,
-        "node_priority" => Strategy::NodePriority(priorities.clone()),
-        _ => Strategy::Lww,
-    };
-    let res = resolve::resolve(&strategy, register).expect("register is not empty");
-    if t.strategy != "custom" || !res.conflict {
+    let res = resolve::resolve(t.strategy, priorities, register).expect("register is not empty");
+    if t.strategy != Strategy::Custom || !res.conflict {
         return (res, None);
     }
     let Some(resolver) = &t.resolver else {
@@ -595,7 +590,7 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
         &[
             column(&|c| Some(c.table_name)),
             column(&|c| Some(c.pk)),
-            column(&|c| Some(c.strategy)),
+            column(&|c| Some(c.strategy.name())),
             array(Of::Json, local.iter().map(|s| Some(s.as_str()))),
             array(Of::Json, remote.iter().map(|s| Some(s.as_str()))),
             array(Of::Json, result.iter().map(Option::as_deref)),

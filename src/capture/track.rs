@@ -10,8 +10,7 @@ use crate::clock;
 use crate::error::{SyncError, SyncResult};
 use pgrx::PgRelation;
 use pgrx::prelude::*;
-
-pub const STRATEGIES: [&str; 5] = ["lww", "field_merge", "node_priority", "custom", "manual"];
+use sync_bridge::resolve::Strategy;
 
 const TRIGGERS: [(&str, &str); 3] = [
     ("peersync_capture_insert", "AFTER INSERT ON {t} REFERENCING NEW TABLE AS __peersync_new"),
@@ -64,8 +63,8 @@ pub fn display_name(relid: pg_sys::Oid) -> Result<String, SyncError> {
     Ok(Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[relid.into()])?.unwrap_or_default())
 }
 
-pub fn check_strategy(strategy: &str) -> Result<(), SyncError> {
-    if STRATEGIES.contains(&strategy) { Ok(()) } else { Err(SyncError::UnknownStrategy(strategy.into())) }
+pub fn check_strategy(strategy: &str) -> Result<Strategy, SyncError> {
+    Strategy::parse(strategy).ok_or_else(|| SyncError::UnknownStrategy(strategy.into()))
 }
 
 /// Refuse what cannot be tracked: non-tables and the extension's own tables.
@@ -131,7 +130,7 @@ fn sync_track_table(
 }
 
 fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Vec<String>) -> SyncResult<()> {
-    check_strategy(strategy)?;
+    let strategy = check_strategy(strategy)?;
     let ext = clock::ext();
     let name = display_name(tbl)?;
     check_trackable(tbl, &name)?;
@@ -151,7 +150,7 @@ fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Ve
             // Fails with PostgreSQL's own error (syntax, unknown column, type) before anything changes.
             client.update(&format!("SELECT ({f})::boolean FROM {t} {ROW} LIMIT 0"), None, &[])?;
         }
-        if strategy == "custom" {
+        if strategy == Strategy::Custom {
             // The resolver is named with sync_set_strategy(); keep it if already set.
             let has: bool = client
                 .select(
@@ -191,7 +190,7 @@ fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Ve
             &[
                 tbl.into(),
                 t.clone().into(),
-                strategy.into(),
+                strategy.name().into(),
                 filter.clone().into(),
                 exclude.clone().into(),
                 spec.pk.clone().into(),

@@ -27,6 +27,8 @@
 //!   writes every column), or the last writer's value when none did.
 //! - `node_priority`: the versions in `M` from the highest-priority origin, then the last
 //!   writer among them; if it is a delete, the row is gone.
+//! - `custom`: as `lww` here; on a conflict the caller asks the table's resolver function.
+//! - `manual`: as `lww`, and every conflict is left for review.
 //!
 //! A delete concurrent with an update is therefore decided like any other pair of versions;
 //! an update the delete has seen can never bring the row back (it is not in `M`).
@@ -127,12 +129,42 @@ impl Register {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// A table's conflict strategy, as `sync_tables.strategy` and `sync_set_strategy()` name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
     Lww,
     FieldMerge,
-    /// Priority per origin (greater wins); origins not listed have priority 0.
-    NodePriority(BTreeMap<Uuid, i32>),
+    /// By the priority of each origin (greater wins; origins not listed have priority 0).
+    NodePriority,
+    /// A user function merges the concurrent rows; decided here as `Lww`, and the caller, which
+    /// can call SQL, asks the function on a conflict.
+    Custom,
+    /// Decided as `Lww`, and every conflict is left for review.
+    Manual,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 5] =
+        [Strategy::Lww, Strategy::FieldMerge, Strategy::NodePriority, Strategy::Custom, Strategy::Manual];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Lww => "lww",
+            Strategy::FieldMerge => "field_merge",
+            Strategy::NodePriority => "node_priority",
+            Strategy::Custom => "custom",
+            Strategy::Manual => "manual",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Strategy> {
+        Strategy::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Every conflict of this strategy is left for a person to review.
+    pub fn reviewed(self) -> bool {
+        self == Strategy::Manual
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -175,17 +207,18 @@ impl ConflictKind {
     }
 }
 
-/// Decide the visible row from a register. `None` for an empty register.
-pub fn resolve(strategy: &Strategy, register: &Register) -> Option<Resolution> {
+/// Decide the visible row from a register. `None` for an empty register. `priority` is read
+/// by `NodePriority` only.
+pub fn resolve(strategy: Strategy, priority: &BTreeMap<Uuid, i32>, register: &Register) -> Option<Resolution> {
     let versions = register.versions();
     let last = register.last_writer()?;
     let conflict = versions.iter().any(|v| v.row != last.row);
     let winner = match strategy {
-        Strategy::Lww | Strategy::FieldMerge => last,
-        Strategy::NodePriority(priority) => {
+        Strategy::NodePriority => {
             let rank = |v: &Version| priority.get(&v.origin).copied().unwrap_or(0);
             versions.iter().max_by_key(|v| (rank(v), v.lww_key())).expect("non-empty")
         }
+        Strategy::Lww | Strategy::FieldMerge | Strategy::Custom | Strategy::Manual => last,
     };
     let row = match (strategy, &winner.row) {
         (_, None) => None,
@@ -359,10 +392,10 @@ mod tests {
         let a = version(1, 1, 10, &[], Some(json!({"id": 1, "v": "A"})), &["id", "v"]);
         let c = version(3, 1, 20, &[(1, 1)], Some(json!({"id": 1, "v": "C"})), &["v"]);
         let b = version(2, 1, 30, &[], Some(json!({"id": 1, "v": "B"})), &["id", "v"]);
-        let strategy = Strategy::NodePriority(BTreeMap::from([(node(1), 10)]));
+        let priority = BTreeMap::from([(node(1), 10)]);
         for order in [[&a, &b, &c], [&a, &c, &b], [&b, &c, &a], [&c, &a, &b]] {
             let r = register(&order.map(|v| v.clone()));
-            let res = resolve(&strategy, &r).unwrap();
+            let res = resolve(Strategy::NodePriority, &priority, &r).unwrap();
             assert_eq!(res.row.unwrap()["v"], json!("B"), "order {:?}", order.map(|v| v.origin));
             assert!(res.conflict);
         }
@@ -372,7 +405,7 @@ mod tests {
     fn causally_later_write_is_not_a_conflict() {
         let a = version(1, 1, 10, &[], Some(json!({"id": 1, "v": 1})), &["id", "v"]);
         let b = version(2, 1, 5, &[(1, 1)], Some(json!({"id": 1, "v": 2})), &["v"]);
-        let res = resolve(&Strategy::Lww, &register(&[a, b])).unwrap();
+        let res = resolve(Strategy::Lww, &BTreeMap::new(), &register(&[a, b])).unwrap();
         assert_eq!(res.row.unwrap()["v"], json!(2));
         assert!(!res.conflict);
     }
@@ -381,7 +414,7 @@ mod tests {
     fn identical_concurrent_content_is_not_a_conflict() {
         let a = version(1, 1, 10, &[], Some(json!({"id": 1, "v": 1})), &["id", "v"]);
         let b = version(2, 1, 11, &[], Some(json!({"id": 1, "v": 1})), &["id", "v"]);
-        assert!(!resolve(&Strategy::Lww, &register(&[a, b])).unwrap().conflict);
+        assert!(!resolve(Strategy::Lww, &BTreeMap::new(), &register(&[a, b])).unwrap().conflict);
     }
 
     #[test]
@@ -389,7 +422,8 @@ mod tests {
         let base = version(1, 1, 10, &[], Some(json!({"id": 1, "a": 0, "b": 0})), &["id", "a", "b"]);
         let left = version(1, 2, 20, &[], Some(json!({"id": 1, "a": 1, "b": 0})), &["a"]);
         let right = version(2, 1, 15, &[(1, 1)], Some(json!({"id": 1, "a": 0, "b": 2})), &["b"]);
-        let row = resolve(&Strategy::FieldMerge, &register(&[base, left, right])).unwrap().row.unwrap();
+        let row =
+            resolve(Strategy::FieldMerge, &BTreeMap::new(), &register(&[base, left, right])).unwrap().row.unwrap();
         assert_eq!(json!(row), json!({"id": 1, "a": 1, "b": 2}));
     }
 
@@ -401,8 +435,8 @@ mod tests {
         let delete = version(1, 2, 40, &[(2, 1)], None, &[]);
         for order in [[&insert, &update, &delete], [&delete, &update, &insert], [&update, &delete, &insert]] {
             let r = register(&order.map(|v| v.clone()));
-            assert_eq!(resolve(&Strategy::Lww, &r).unwrap().row, None);
-            assert_eq!(resolve(&Strategy::FieldMerge, &r).unwrap().row, None);
+            assert_eq!(resolve(Strategy::Lww, &BTreeMap::new(), &r).unwrap().row, None);
+            assert_eq!(resolve(Strategy::FieldMerge, &BTreeMap::new(), &r).unwrap().row, None);
         }
     }
 
@@ -436,7 +470,7 @@ mod tests {
             let columns = ["a", "b", "c"];
             let written: Vec<&str> = if kind % 3 == 1 { columns.to_vec() } else { vec![columns[value as usize % 3]] };
             // The row this node sees now, with the written columns changed.
-            let current = resolve(&Strategy::Lww, &register(&held[a])).and_then(|r| r.row);
+            let current = resolve(Strategy::Lww, &BTreeMap::new(), &register(&held[a])).and_then(|r| r.row);
             let row = if value % 7 == 0 {
                 None
             } else {
@@ -535,9 +569,9 @@ mod tests {
             }
             let (r1, r2) = (register(&all), register(&shuffled));
             prop_assert_eq!(&r1, &r2);
-            let priority = Strategy::NodePriority(BTreeMap::from([(node(2), 5), (node(3), 1)]));
-            for strategy in [Strategy::Lww, Strategy::FieldMerge, priority] {
-                prop_assert_eq!(resolve(&strategy, &r1), resolve(&strategy, &r2));
+            let priority = BTreeMap::from([(node(2), 5), (node(3), 1)]);
+            for strategy in Strategy::ALL {
+                prop_assert_eq!(resolve(strategy, &priority, &r1), resolve(strategy, &priority, &r2));
             }
             // Applying a version twice changes nothing.
             let mut again = r1.clone();
