@@ -158,8 +158,10 @@ SELECT origin, origin_seq, tables, jsonb_array_length(events) AS events, sqlstat
   FROM sync_inbox WHERE error IS NOT NULL;
 
 -- Every true conflict (concurrent versions with different content) and how it was decided.
--- kind: 'update' (concurrent changes of one row), or 'same_key' (two nodes inserted different
--- rows under one key: two entities got one id; always left for review).
+-- kind: 'update' (concurrent changes of one row); 'same_key' (two nodes inserted different
+-- rows under one key: two entities got one id); 'unique' (two rows took one unique value: pk
+-- names the row removed); 'foreign_key' (a row whose parent a concurrent change deleted: pk
+-- names it, result is what became of it). All but 'update' are always left for review.
 -- local: the row as this node had it, with the versions behind it; remote: the incoming
 -- version; result: the row now visible (NULL when deleted). The three are json (kept as
 -- written; cast to jsonb to compare them): recording a conflict then costs no jsonb parsing.
@@ -172,7 +174,7 @@ CREATE TABLE sync_conflicts (
     remote      json NOT NULL,
     result      json,
     winner      text NOT NULL CHECK (winner IN ('local', 'remote', 'merged')),
-    kind        text NOT NULL DEFAULT 'update' CHECK (kind IN ('update', 'same_key')),
+    kind        text NOT NULL DEFAULT 'update' CHECK (kind IN ('update', 'same_key', 'unique', 'foreign_key')),
     detected_at timestamptz NOT NULL DEFAULT now(),
     review      text NOT NULL DEFAULT 'none' CHECK (review IN ('none', 'pending', 'resolved')),
     resolved_at timestamptz,

@@ -218,3 +218,115 @@ fn concurrent_changes_to_counters_add_up() {
     let qty: i32 = n[2].query_one("SELECT qty FROM stock", &[]).unwrap().get(0);
     assert_eq!(qty, 100);
 }
+
+/// Pull the other nodes' changes into each node in its own order, then settle everything.
+fn exchange_in_turns(n: &mut [Client]) {
+    for (to, first, second) in [(0, 1, 2), (1, 2, 0), (2, 0, 1)] {
+        for from in [first, second] {
+            let (f, t) = pg_peersync_tests::two(n, from, to);
+            pg_peersync_tests::pull(f, t);
+        }
+    }
+    exchange_all(n);
+}
+
+/// Two users sign up on two nodes with one e-mail address (and, on two others, one handle):
+/// every node keeps the later writer's row, the other is removed and kept whole in a `unique`
+/// conflict left for review, nothing is held, and the user brings it back under another value.
+#[test]
+fn a_unique_value_taken_on_two_nodes_settles_alike() {
+    let c = Cluster::start("schemas-unique", &["fsync = off"]);
+    let mut n = nodes(
+        &c,
+        3,
+        "CREATE EXTENSION pg_peersync;
+         CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, handle text UNIQUE, name text);
+         SELECT sync_track_table('users');",
+    );
+    // In clock order: ann, then bob with ann's e-mail; cy, then dee with cy's handle.
+    n[0].batch_execute("INSERT INTO users VALUES (1, 'ann@example.org', 'ann', 'Ann')").unwrap();
+    n[1].batch_execute("INSERT INTO users VALUES (2, 'ann@example.org', 'bob', 'Bob')").unwrap();
+    n[2].batch_execute("INSERT INTO users VALUES (3, 'cy@example.org', 'cy', 'Cy')").unwrap();
+    n[0].batch_execute("INSERT INTO users VALUES (4, 'dee@example.org', 'cy', 'Dee')").unwrap();
+    exchange_in_turns(&mut n);
+    converged(&mut n, &["users"]);
+    for (i, db) in n.iter_mut().enumerate() {
+        let ids: Vec<i32> =
+            db.query("SELECT id FROM users ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, [2, 4], "node{i}");
+    }
+    // Node 0 had ann: its record keeps her whole row, for review.
+    let (id, row): (i64, String) = n[0]
+        .query_one(
+            "SELECT id, local::jsonb ->> 'row' FROM sync_conflicts \
+              WHERE kind = 'unique' AND pk = '{\"id\": 1}' AND review = 'pending'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert!(row.contains("\"name\": \"Ann\""), "{row}");
+    n[0].execute(
+        "SELECT sync_resolve_conflict($1, (local::jsonb -> 'row') || '{\"email\": \"ann@example.net\"}') \
+           FROM sync_conflicts WHERE id = $1",
+        &[&id],
+    )
+    .unwrap();
+    exchange_all(&mut n);
+    converged(&mut n, &["users"]);
+    let ann: String = n[2].query_one("SELECT email FROM users WHERE id = 1", &[]).unwrap().get(0);
+    assert_eq!(ann, "ann@example.net");
+}
+
+/// A parent deleted on one node while a child of it is inserted, or pointed at it, on another:
+/// the delete wins and the child goes too (`NO ACTION` and `CASCADE`), or keeps its row without
+/// the reference (`SET NULL`). Every node ends alike, the races are recorded, nothing is held.
+#[test]
+fn a_parent_deleted_while_a_child_arrives_settles_alike() {
+    let c = Cluster::start("schemas-fk", &["fsync = off"]);
+    let mut n = nodes(
+        &c,
+        3,
+        "CREATE EXTENSION pg_peersync;
+         CREATE TABLE parents (id int PRIMARY KEY, name text);
+         CREATE TABLE kids (id int PRIMARY KEY, parent_id int REFERENCES parents);
+         CREATE TABLE kids_cascade (id int PRIMARY KEY, parent_id int REFERENCES parents ON DELETE CASCADE);
+         CREATE TABLE kids_null (id int PRIMARY KEY, parent_id int REFERENCES parents ON DELETE SET NULL);
+         SELECT sync_track_table('parents'); SELECT sync_track_table('kids');
+         SELECT sync_track_table('kids_cascade'); SELECT sync_track_table('kids_null');",
+    );
+    n[0].batch_execute(
+        "INSERT INTO parents SELECT g, 'p' || g FROM generate_series(1, 5) g; INSERT INTO kids VALUES (11, 5);",
+    )
+    .unwrap();
+    exchange_all(&mut n);
+    n[0].batch_execute("DELETE FROM parents WHERE id IN (1, 2, 3, 4)").unwrap();
+    n[1].batch_execute(
+        "INSERT INTO kids VALUES (10, 1); INSERT INTO kids_cascade VALUES (20, 2);
+         INSERT INTO kids_null VALUES (30, 3); UPDATE kids SET parent_id = 4 WHERE id = 11;",
+    )
+    .unwrap();
+    exchange_in_turns(&mut n);
+    converged(&mut n, &["parents", "kids", "kids_cascade", "kids_null"]);
+    for (i, db) in n.iter_mut().enumerate() {
+        let rows = |db: &mut Client, sql: &str| -> Vec<String> {
+            db.query(sql, &[]).unwrap().iter().map(|r| r.get::<_, String>(0)).collect()
+        };
+        assert_eq!(rows(db, "SELECT id::text FROM parents ORDER BY id"), ["5"], "node{i}");
+        assert!(rows(db, "SELECT id::text FROM kids").is_empty(), "node{i}");
+        assert!(rows(db, "SELECT id::text FROM kids_cascade").is_empty(), "node{i}");
+        assert_eq!(rows(db, "SELECT format('%s %s', id, parent_id) FROM kids_null"), ["30 "], "node{i}");
+    }
+    // Each node that met a race recorded it, with the row that went, for review.
+    for i in [0, 1] {
+        let recorded: i64 = n[i]
+            .query_one("SELECT count(*) FROM sync_conflicts WHERE kind = 'foreign_key' AND review = 'pending'", &[])
+            .unwrap()
+            .get(0);
+        assert!(recorded >= 1, "node{i}");
+    }
+    let kid: String = n[0]
+        .query_one("SELECT local::jsonb ->> 'row' FROM sync_conflicts WHERE table_name = 'public.kids' AND pk = '{\"id\": 10}'", &[])
+        .unwrap()
+        .get(0);
+    assert!(kid.contains("\"parent_id\": 1"), "{kid}");
+}

@@ -19,9 +19,11 @@
 
 pub(crate) mod arrays;
 pub mod conflicts;
+mod constraints;
 mod fold;
 pub(crate) mod plans;
 mod rows;
+use rows::Mode;
 mod store;
 pub(crate) mod subxact;
 
@@ -259,6 +261,9 @@ fn transactions(events: Vec<Event>, from: &BTreeMap<Uuid, i64>, me: Uuid) -> Vec
 const APPLY_LOCK: &str = "hashtext('pg_peersync.apply')";
 /// The SQLSTATE of `SyncError::ConcurrentLocalWrite` (serialization_failure).
 const RACED: &str = "40001";
+/// unique_violation and foreign_key_violation: races with another node's change, settled by
+/// `constraints` rather than held.
+const RACES: [&str; 2] = ["23505", "23503"];
 /// Events applied together at most, when consecutive origin transactions go in one chunk.
 const CHUNK_EVENTS: usize = 2000;
 
@@ -315,11 +320,11 @@ impl Run {
         })
     }
 
-    /// Whether `txns[i]` for each `i` of `chunk` can be applied blind (each change has seen
-    /// everything this node holds, counting those before it in the chunk); if not, fold what
-    /// the registers lack first, outside the chunk's subtransaction, so that a chunk rolled
-    /// back does not undo it.
-    fn blind(&mut self, txns: &[Txn], chunk: &[usize]) -> bool {
+    /// `Blind` when `txns[i]` for each `i` of `chunk` can be applied blind (each change has
+    /// seen everything this node holds, counting those before it in the chunk); if not, fold
+    /// what the registers lack first, outside the chunk's subtransaction, so that a chunk
+    /// rolled back does not undo it.
+    fn mode(&mut self, txns: &[Txn], chunk: &[usize]) -> Mode {
         let mut held = self.applied.clone();
         held.insert(self.me, self.local.high());
         let blind = chunk.iter().flat_map(|&i| &txns[i].events).all(|e| {
@@ -328,11 +333,32 @@ impl Run {
             *n = (*n).max(e.seq);
             seen
         });
-        if !blind && self.unfolded {
+        if blind {
+            return Mode::Blind;
+        }
+        self.fold_if_needed();
+        Mode::Registers
+    }
+
+    fn fold_if_needed(&mut self) {
+        if self.unfolded {
             fold::fold(&self.schema, self.me, &self.tables).unwrap_or_else(|e| e.report());
             self.unfolded = false;
         }
-        blind
+    }
+
+    /// Apply one transaction alone, in its own subtransaction. One that breaks a unique
+    /// constraint or a foreign key is tried again settling those races (`constraints`).
+    fn apply_alone(&mut self, t: &Txn) -> Result<(), subxact::Failure> {
+        let one = std::slice::from_ref(t);
+        let mode = self.mode(one, &[0]);
+        match subxact::run(|| self.apply_chunk(one, &[0], mode).unwrap_or_else(|e| e.report())) {
+            Err(f) if RACES.contains(&f.sqlstate.as_str()) => {
+                self.fold_if_needed();
+                subxact::run(|| self.apply_chunk(one, &[0], Mode::Settling).unwrap_or_else(|e| e.report()))
+            }
+            other => other,
+        }
     }
 
     fn inbox(&self, which: store::Held) -> Result<Vec<Txn>, SyncError> {
@@ -393,9 +419,7 @@ impl Run {
         let all: Vec<usize> = (0..late.len()).collect();
         store::load_events(&self.schema, &mut late, &all)?;
         for t in &late {
-            let blind = self.blind(std::slice::from_ref(t), &[0]);
-            match subxact::run(|| self.apply_chunk(std::slice::from_ref(t), &[0], blind).unwrap_or_else(|e| e.report()))
-            {
+            match self.apply_alone(t) {
                 Ok(()) => store::remove_from_inbox(&self.schema, t)?,
                 Err(f) => {
                     self.counts.failed += 1;
@@ -424,8 +448,8 @@ impl Run {
             if chunk.len() < 2 {
                 break;
             }
-            let blind = self.blind(txns, chunk);
-            if subxact::run(|| self.apply_chunk(txns, chunk, blind).unwrap_or_else(|e| e.report())).is_err() {
+            let mode = self.mode(txns, chunk);
+            if subxact::run(|| self.apply_chunk(txns, chunk, mode).unwrap_or_else(|e| e.report())).is_err() {
                 break;
             }
             for &i in chunk {
@@ -456,10 +480,7 @@ impl Run {
             let i = rest[j];
             let t = &txns[i];
             for attempt in 1.. {
-                let blind = self.blind(std::slice::from_ref(t), &[0]);
-                match subxact::run(|| {
-                    self.apply_chunk(std::slice::from_ref(t), &[0], blind).unwrap_or_else(|e| e.report())
-                }) {
+                match self.apply_alone(t) {
                     Ok(()) => {
                         *max_hlc = (*max_hlc).max(t.events.iter().map(|e| e.hlc).max().unwrap_or(0));
                         return true;
@@ -519,10 +540,11 @@ impl Run {
     }
 
     /// Apply `txns[i]` for each `i` of `chunk`, in that order, as one: their row writes in
-    /// origin order, the registers read and written once (`blind`: not at all, see `fold`).
-    fn apply_chunk(&mut self, txns: &[Txn], chunk: &[usize], blind: bool) -> Result<(), SyncError> {
+    /// origin order, the registers read and written once (`Blind`: not at all, see `fold`).
+    fn apply_chunk(&mut self, txns: &[Txn], chunk: &[usize], mode: Mode) -> Result<(), SyncError> {
+        let blind = mode == Mode::Blind;
         let events: Vec<&Event> = chunk.iter().flat_map(|&i| &txns[i].events).collect();
-        let stats = rows::apply(&self.schema, self.me, &mut self.tables, &events, blind)?;
+        let stats = rows::apply(&self.schema, self.me, &mut self.tables, &events, mode)?;
         if fold::raced(&self.schema, self.me, &self.local, &stats.keys)? {
             return Err(SyncError::ConcurrentLocalWrite);
         }

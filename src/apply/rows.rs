@@ -8,6 +8,7 @@
 
 use super::Table;
 use super::arrays::{Of, array};
+use super::constraints::{Settled, Settler};
 use super::plans;
 use super::subxact;
 use crate::error::SyncError;
@@ -40,12 +41,15 @@ struct RowState {
     dirty: bool,
 }
 
-struct Write<'e> {
-    table: &'e str,
-    key: &'e str,
+#[derive(Clone)]
+pub(super) struct Write<'e> {
+    pub table: &'e str,
+    pub key: &'e str,
     /// The row to upsert, or `None` to delete the row `pk` names.
-    row: Option<Image>,
-    pk: &'e Value,
+    pub row: Option<Image>,
+    pub pk: &'e Value,
+    /// The change it comes from (an index into the applied events).
+    pub event: usize,
 }
 
 /// A held version the incoming one had not seen, as `sync_conflicts.local` lists it.
@@ -109,16 +113,27 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Apply `events` (whole origin transactions, in delivery order). With `blind`, every one of
-/// them has seen everything this node holds (`fold` explains why that matters): no register
-/// is read or written, each change simply makes its row.
+/// How `apply` goes about its writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every change has seen everything this node holds (`fold` explains why that matters): no
+    /// register is read or written, each change simply makes its row.
+    Blind,
+    /// Registers decide, and writes go set-based.
+    Registers,
+    /// As `Registers`, but row by row, settling unique and foreign-key races (`constraints`).
+    Settling,
+}
+
+/// Apply `events` (whole origin transactions, in delivery order).
 pub fn apply(
     schema: &str,
     me: Uuid,
     tables: &mut HashMap<String, Table>,
     events: &[&Event],
-    blind: bool,
+    mode: Mode,
 ) -> Result<Stats, SyncError> {
+    let blind = mode == Mode::Blind;
     let mut stats = Stats::default();
     let keys: Vec<String> = events.iter().map(|e| jsonb_text(&e.pk)).collect();
     // Each event's version, built once (it shares the row image).
@@ -247,11 +262,7 @@ pub fn apply(
                     result: res.row.clone(),
                     winner,
                     kind,
-                    review: if t.strategy.reviewed() || note.is_some() || kind == ConflictKind::SameKey {
-                        "pending"
-                    } else {
-                        "none"
-                    },
+                    review: if t.strategy.reviewed() || note.is_some() || kind.reviewed() { "pending" } else { "none" },
                     note,
                 });
             }
@@ -266,13 +277,42 @@ pub fn apply(
         if repeated.contains(&(e.table.as_str(), keys[i].as_str())) {
             state.current = Some(target.clone());
         }
-        writes.push(Write { table: &e.table, key: &keys[i], row: target, pk: &e.pk });
+        writes.push(Write { table: &e.table, key: &keys[i], row: target, pk: &e.pk, event: i });
     }
 
     // Conflicts borrow their table's name; recorded first (all of it rolls back together).
     record_conflicts(schema, &conflicts)?;
     drop(conflicts);
-    {
+    if mode == Mode::Settling {
+        let settlement = Settler::new(schema, me, events).write_settling(tables, &writes)?;
+        stats.conflicts += settlement.settled.len() as i64;
+        record_settled(schema, tables, events, &settlement.settled)?;
+        let mut elsewhere: BTreeMap<&str, Vec<(&str, &Stored)>> = BTreeMap::new();
+        for r in &settlement.registers {
+            match states.iter_mut().find(|((t, k), _)| *t == r.table && *k == r.key) {
+                Some((_, state)) => {
+                    state.stored = vec![r.stored.clone()];
+                    state.dirty = true;
+                }
+                None => elsewhere.entry(r.table.as_str()).or_default().push((r.key.as_str(), &r.stored)),
+            }
+        }
+        for (table, regs) in elsewhere {
+            let relid = tables[table].relid;
+            let keys: Vec<&str> = regs.iter().map(|(k, _)| *k).collect();
+            let held = load_registers(schema, relid, &keys)?;
+            let rows: Vec<RegisterRow> = regs
+                .iter()
+                .zip(held)
+                .map(|((key, stored), h)| RegisterRow {
+                    key,
+                    stored: std::slice::from_ref(*stored),
+                    ctid: h.map(|h| h.ctid),
+                })
+                .collect();
+            store_registers(schema, relid, &rows)?;
+        }
+    } else {
         let _guard = super::Applying::start();
         write_runs(tables, &writes)?;
     }
@@ -445,12 +485,17 @@ pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[Register
     Ok(())
 }
 
+/// A row `x` of `t` as capture records it, as text; `$2` must be the excluded columns.
+pub(super) fn image_expr(t: &Table) -> &'static str {
+    if t.exclude.is_empty() { "row_to_json(x)::text" } else { "(to_jsonb(x) - $2::text[])::text" }
+}
+
 /// The table rows (captured columns) for these keys, by canonical key text.
 fn current_rows(t: &Table, pks: &[&Value]) -> Result<HashMap<String, Image>, SyncError> {
     // One index probe per key (see load_registers for why LIMIT 1). row_to_json prints the row
     // as capture does, and faster than going through jsonb; that is needed only to leave out
     // excluded columns.
-    let image = if t.exclude.is_empty() { "row_to_json(x)::text" } else { "(to_jsonb(x) - $2::text[])::text" };
+    let image = image_expr(t);
     let sql = format!(
         "SELECT {image} FROM json_populate_recordset(NULL::{tbl}, $1::json) k \
           CROSS JOIN LATERAL (SELECT * FROM {tbl} x WHERE {on} LIMIT 1) x",
@@ -509,7 +554,7 @@ fn write_runs(tables: &mut HashMap<String, Table>, writes: &[Write]) -> Result<(
     Ok(())
 }
 
-fn upsert(t: &mut Table, sample: &Row, run: &[Write]) -> Result<(), SyncError> {
+pub(super) fn upsert(t: &mut Table, sample: &Row, run: &[Write]) -> Result<(), SyncError> {
     let mut cols = Vec::new();
     for c in sample.keys() {
         if t.generated.contains(c) {
@@ -549,7 +594,7 @@ fn upsert(t: &mut Table, sample: &Row, run: &[Write]) -> Result<(), SyncError> {
     Ok(())
 }
 
-fn delete(t: &Table, run: &[Write]) -> Result<(), SyncError> {
+pub(super) fn delete(t: &Table, run: &[Write]) -> Result<(), SyncError> {
     let pk = t.pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
     let pks: Vec<&Value> = run.iter().map(|w| w.pk).collect();
     plans::run(
@@ -560,6 +605,34 @@ fn delete(t: &Table, run: &[Write]) -> Result<(), SyncError> {
         &[json!(pks).to_string().into()],
     )?;
     Ok(())
+}
+
+/// Record the races a settling apply settled (`constraints`), each left for review.
+fn record_settled(
+    schema: &str,
+    tables: &HashMap<String, Table>,
+    events: &[&Event],
+    settled: &[Settled],
+) -> Result<(), SyncError> {
+    let conflicts: Vec<Conflict> = settled
+        .iter()
+        .map(|s| {
+            let e = events[s.event];
+            Conflict {
+                table_name: &s.table,
+                pk: &s.key,
+                strategy: tables[&s.table].strategy,
+                local: Local { row: s.local.clone(), versions: Vec::new() },
+                remote: Remote { row: version_of(e).row, origin: e.origin, seq: e.seq, idx: e.idx, hlc: e.hlc },
+                result: s.result.clone(),
+                winner: s.winner,
+                kind: s.kind,
+                review: "pending",
+                note: Some(s.note.clone()),
+            }
+        })
+        .collect();
+    record_conflicts(schema, &conflicts)
 }
 
 fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncError> {

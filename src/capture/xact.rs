@@ -35,6 +35,10 @@ struct XactCapture {
     seq: i64,
     next_idx: i32,
     pending: Vec<Pending>,
+    /// Origin transactions this one has seen beyond what `sync_origins` said when it was last
+    /// read: the received ones a resolution change (`add_resolution`) answers, applied in this
+    /// same transaction.
+    seen: BTreeMap<uuid::Uuid, i64>,
 }
 
 thread_local! {
@@ -101,6 +105,7 @@ fn ensure_started(ext: &clock::Ext) -> Result<(), SyncError> {
             seq,
             next_idx: 1,
             pending: Vec::new(),
+            seen: BTreeMap::new(),
         })
     });
     Ok(())
@@ -113,11 +118,49 @@ pub fn add_parts(ext: &clock::Ext, table: &str, pk: &str, parts: Vec<Part>) -> R
         return Ok(0); // e.g. an UPDATE that matched no row: no number, no clock tick
     }
     ensure_started(ext)?;
+    Ok(push(table, pk, parts, clock::tick().as_i64()).1)
+}
+
+/// Where a change recorded by `add_resolution` is: this transaction's number, the change's
+/// index, its clock.
+pub struct Recorded {
+    pub seq: i64,
+    pub idx: i32,
+    pub hlc: i64,
+}
+
+/// Record a change the apply made to settle a constraint race (`apply::constraints`), as this
+/// node's own: it is numbered, logged and relayed like a captured one, and its causal context
+/// also counts `seen` (the received transactions it answers, applied in this transaction), so
+/// on every node it supersedes the versions it settled.
+pub fn add_resolution(
+    ext: &clock::Ext,
+    table: &str,
+    pk: &str,
+    part: Part,
+    seen: &[(uuid::Uuid, i64)],
+) -> Result<Recorded, SyncError> {
+    ensure_started(ext)?;
     let hlc = clock::tick().as_i64();
-    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    Ok(XACT.with(|x| {
+    let (idx, _) = push(table, pk, vec![part], hlc);
+    XACT.with(|x| {
         let mut x = x.borrow_mut();
         let x = x.as_mut().expect("started above");
+        for (o, n) in seen {
+            let e = x.seen.entry(*o).or_insert(0);
+            *e = (*e).max(*n);
+        }
+        Ok(Recorded { seq: x.seq, idx, hlc })
+    })
+}
+
+/// Queue parts on the started transaction; returns the first change's index and the count.
+fn push(table: &str, pk: &str, parts: Vec<Part>, hlc: i64) -> (i32, i32) {
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    XACT.with(|x| {
+        let mut x = x.borrow_mut();
+        let x = x.as_mut().expect("started by the caller");
+        let first = x.next_idx;
         let mut total = 0;
         for part in parts.into_iter().filter(|p| p.n > 0) {
             x.pending.push(Pending {
@@ -133,8 +176,8 @@ pub fn add_parts(ext: &clock::Ext, table: &str, pk: &str, parts: Vec<Part>) -> R
             x.next_idx += part.n;
             total += part.n;
         }
-        total
-    }))
+        (first, total)
+    })
 }
 
 /// The remote part of the causal context: what this node holds of every other origin. Read
@@ -206,6 +249,10 @@ pub fn flush() {
         }
     };
     let mut ctx = remote_context(&schema, origin).unwrap_or_else(|e| e.report());
+    for (o, n) in XACT.with(|x| x.borrow().as_ref().map(|x| x.seen.clone()).unwrap_or_default()) {
+        let e = ctx.entry(o.to_string()).or_insert(0);
+        *e = (*e).max(n);
+    }
     ctx.insert(origin.to_string(), seq);
     let vclock = serde_json::to_value(ctx).expect("a map of numbers serialises");
     let pending = XACT.with(|x| std::mem::take(&mut x.borrow_mut().as_mut().expect("checked above").pending));

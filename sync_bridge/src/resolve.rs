@@ -186,6 +186,11 @@ pub enum ConflictKind {
     /// got one key. The strategy still decides what the row shows, but the other row is only
     /// kept in the conflict record, which is always left for review.
     SameKey,
+    /// A row took a unique value (other than its key) that another row holds, each written on
+    /// a node that had not seen the other: see `unique_keeps`.
+    Unique,
+    /// A row refers to a parent that a change which had not seen the row deleted: see `orphan`.
+    ForeignKey,
 }
 
 impl ConflictKind {
@@ -193,7 +198,15 @@ impl ConflictKind {
         match self {
             ConflictKind::Update => "update",
             ConflictKind::SameKey => "same_key",
+            ConflictKind::Unique => "unique",
+            ConflictKind::ForeignKey => "foreign_key",
         }
+    }
+
+    /// Whether a conflict of this kind is left for a person to review whatever the strategy:
+    /// when a row was removed or two entities shared a key, only the record keeps the other.
+    pub fn reviewed(self) -> bool {
+        self != ConflictKind::Update
     }
 
     /// The kind of conflict `incoming` makes with the versions it has not seen (`concurrent`):
@@ -204,6 +217,50 @@ impl ConflictKind {
         } else {
             ConflictKind::Update
         }
+    }
+}
+
+/// Which of two rows keeps a unique value they both hold (constraint races).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keeps {
+    /// The incoming version's row keeps it; the row that held it here is removed.
+    Incoming,
+    /// The row that holds it here keeps it; the incoming version's row is removed.
+    Holder,
+}
+
+/// A unique value claimed by two rows that were written on nodes that had not seen each other
+/// (two users who signed up with one e-mail address): the row whose latest version is the last
+/// writer keeps it, and the other row is removed (kept whole in the conflict record, for
+/// review). `holder` is the last writer of the row that holds the value here, or `None` for a
+/// row no change of which this node holds (older than tracking), which every version beats.
+///
+/// Every node that meets the race compares the same two versions, and removes by a change of
+/// its own that has seen both, so the outcome travels with the data: a node that met no race
+/// (one of the rows changed its value first there) still ends with the same rows.
+pub fn unique_keeps(incoming: &Version, holder: Option<(Hlc, Uuid, i64, i32)>) -> Keeps {
+    match holder {
+        Some(h) if h > incoming.lww_key() => Keeps::Holder,
+        _ => Keeps::Incoming,
+    }
+}
+
+/// What a row whose parent was deleted by a change that had not seen it becomes, by its
+/// foreign key's `ON DELETE` action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Orphan {
+    /// The delete wins and the child goes too: `CASCADE` says so, and for `NO ACTION`,
+    /// `RESTRICT` and `SET DEFAULT` it is the one outcome every node reaches without asking
+    /// the parent's node (a parent brought back would undo a delete that user made).
+    Remove,
+    /// `SET NULL`: the child stays, without the reference.
+    SetNull,
+}
+
+impl Orphan {
+    /// From `pg_constraint.confdeltype`.
+    pub fn of(confdeltype: char) -> Orphan {
+        if confdeltype == 'n' { Orphan::SetNull } else { Orphan::Remove }
     }
 }
 
@@ -398,6 +455,26 @@ mod tests {
             let res = resolve(Strategy::NodePriority, &priority, &r).unwrap();
             assert_eq!(res.row.unwrap()["v"], json!("B"), "order {:?}", order.map(|v| v.origin));
             assert!(res.conflict);
+        }
+    }
+
+    #[test]
+    fn the_last_writer_keeps_a_unique_value() {
+        let v = version(2, 1, 20, &[], Some(json!({"id": 2, "email": "a@x"})), &[]);
+        assert_eq!(unique_keeps(&v, Some((Hlc(10), node(1), 1, 1))), Keeps::Incoming);
+        assert_eq!(unique_keeps(&v, Some((Hlc(30), node(1), 1, 1))), Keeps::Holder);
+        // One clock: the node id decides, as in lww.
+        assert_eq!(unique_keeps(&v, Some((Hlc(20), node(3), 1, 1))), Keeps::Holder);
+        assert_eq!(unique_keeps(&v, Some((Hlc(20), node(1), 9, 9))), Keeps::Incoming);
+        // A row no change of which is held here (older than tracking) always yields.
+        assert_eq!(unique_keeps(&v, None), Keeps::Incoming);
+    }
+
+    #[test]
+    fn only_set_null_keeps_an_orphan() {
+        assert_eq!(Orphan::of('n'), Orphan::SetNull);
+        for action in ['a', 'r', 'c', 'd'] {
+            assert_eq!(Orphan::of(action), Orphan::Remove, "{action}");
         }
     }
 
