@@ -5,7 +5,9 @@
 //! An origin transaction that fails with such an error (23505, 23503) is applied again, its
 //! row writes one at a time through `write_settling`, which settles each race by the rules of
 //! `sync_bridge::resolve` (`unique_keeps`, `Orphan`): the row that loses is removed, or loses
-//! its reference. Each such change is recorded as this node's own
+//! its reference. A received delete of a row that tracked rows still refer to deals with them
+//! first, on every path (`before_delete`): those its own transaction does not change are rows
+//! the deleting node had not seen. Each such change is recorded as this node's own
 //! (`capture::xact::add_resolution`), with a causal context that has seen the versions it
 //! settles, so that it reaches every node and supersedes them there: the outcome is the same
 //! whatever order the changes arrive in, and on nodes that never met the race. Each race is
@@ -49,8 +51,9 @@ struct Constraints {
     unique: Vec<Vec<String>>,
     /// Foreign keys from this table: the parents its rows need.
     parents: Vec<ForeignKey>,
-    /// Foreign keys to this table that refuse a delete (`NO ACTION`, `RESTRICT`).
-    refusing: Vec<ForeignKey>,
+    /// Foreign keys to this table from tracked tables: the children a delete here must deal
+    /// with first, so that what becomes of them is recorded.
+    children: Vec<ForeignKey>,
 }
 
 /// Why rows are removed, for their conflict records.
@@ -98,29 +101,25 @@ pub(super) struct Settler<'a> {
     schema: &'a str,
     me: Uuid,
     events: &'a [&'a Event],
-    /// The received transactions being applied, which every resolution change has seen.
-    seen: Vec<(Uuid, i64)>,
+    /// The received transactions being applied, which every resolution change has seen (made
+    /// on the first one).
+    seen: Option<Vec<(Uuid, i64)>>,
     constraints: HashMap<pg_sys::Oid, Rc<Constraints>>,
     out: Settlement,
 }
 
 impl<'a> Settler<'a> {
     pub fn new(schema: &'a str, me: Uuid, events: &'a [&'a Event]) -> Settler<'a> {
-        let mut seen: Vec<(Uuid, i64)> = events.iter().map(|e| (e.origin, e.seq)).collect();
-        seen.dedup();
-        // Resolution changes come after what they settle, in every node's clock order too.
-        if let Some(top) = events.iter().map(|e| e.hlc).max() {
-            clock::observe(Hlc::from_i64(top));
-        }
-        Settler { schema, me, events, seen, constraints: HashMap::new(), out: Settlement::default() }
+        Settler { schema, me, events, seen: None, constraints: HashMap::new(), out: Settlement::default() }
+    }
+
+    /// What the settling did.
+    pub fn finish(self) -> Settlement {
+        self.out
     }
 
     /// Execute `writes` in order, one at a time, settling the races they meet.
-    pub fn write_settling(
-        mut self,
-        tables: &mut HashMap<String, Table>,
-        writes: &[Write],
-    ) -> Result<Settlement, SyncError> {
+    pub fn write_settling(&mut self, tables: &mut HashMap<String, Table>, writes: &[Write]) -> Result<(), SyncError> {
         // Rows removed by the settling: later changes of them in these transactions went with
         // them (the removal has seen the whole transaction).
         let mut gone: BTreeSet<(String, String)> = BTreeSet::new();
@@ -130,7 +129,7 @@ impl<'a> Settler<'a> {
             }
             match &w.row {
                 None => {
-                    self.remove_children(tables, w.table, std::slice::from_ref(w.pk), w.event, 0)?;
+                    self.before_delete(tables, w.table, w.pk, w.event)?;
                     let _guard = Applying::start();
                     super::rows::delete(&tables[w.table], std::slice::from_ref(w))?;
                 }
@@ -141,7 +140,7 @@ impl<'a> Settler<'a> {
                 }
             }
         }
-        Ok(self.out)
+        Ok(())
     }
 
     /// Write one received row, settling a race it meets; returns the rows removed.
@@ -279,9 +278,24 @@ impl<'a> Settler<'a> {
         Ok(removed)
     }
 
-    /// Before rows `pks` of `table` are deleted: remove the rows of tracked tables that refer
-    /// to them through a foreign key that would refuse the delete. (`CASCADE` and `SET NULL`
-    /// keys need nothing: PostgreSQL acts on every node alike.)
+    /// Before a received delete of row `pk` of `table`: deal with the rows of tracked tables
+    /// that still refer to it (`remove_children`).
+    pub fn before_delete(
+        &mut self,
+        tables: &HashMap<String, Table>,
+        table: &str,
+        pk: &Value,
+        event: usize,
+    ) -> Result<(), SyncError> {
+        self.remove_children(tables, table, std::slice::from_ref(pk), event, 0).map(|_| ())
+    }
+
+    /// Before rows `pks` of `table` are deleted: the rows of tracked tables that refer to them
+    /// are removed, or lose the reference (`ON DELETE SET NULL`), as changes of this node's.
+    /// Children the deleting transaction changes itself are left to it (the deleting node
+    /// captured its cascade); the others are ones the delete had not seen. Leaving those to
+    /// PostgreSQL's cascade would change them on this node only, and a node that meets the
+    /// child after the parent was inserted again would keep it.
     fn remove_children(
         &mut self,
         tables: &HashMap<String, Table>,
@@ -296,9 +310,14 @@ impl<'a> Settler<'a> {
         if depth >= MAX_DEPTH {
             return Ok(removed);
         }
-        for fk in &c.refusing {
+        for fk in &c.children {
             let Some(child) = tables.get(&fk.child) else { continue };
-            let children = referring(t, child, fk, pks)?;
+            // The deleting transaction's own changes of these rows (its cascade, captured after
+            // the parent's delete) come next: they are not races.
+            let children: Vec<Row> = referring(t, child, fk, pks)?
+                .into_iter()
+                .filter(|image| !self.changed_by(event, &fk.child, &key_of(child, image)))
+                .collect();
             if children.is_empty() {
                 continue;
             }
@@ -308,14 +327,60 @@ impl<'a> Settler<'a> {
                 event,
                 winner: "remote",
             };
-            let mut more = self.remove(tables, &fk.child, &children, &why, depth + 1)?;
-            removed.append(&mut more);
+            match fk.orphan {
+                Orphan::Remove => {
+                    let keys: Vec<Value> = children.iter().map(|image| key_of(child, image)).collect();
+                    removed.append(&mut self.remove(tables, &fk.child, &keys, &why, depth + 1)?);
+                }
+                Orphan::SetNull => self.null_references(child, fk, children, &why)?,
+            }
         }
         Ok(removed)
     }
 
+    /// Whether the origin transaction of `events[event]` also changes row `pk` of `table`.
+    fn changed_by(&self, event: usize, table: &str, pk: &Value) -> bool {
+        let (origin, seq) = (self.events[event].origin, self.events[event].seq);
+        self.events.iter().any(|e| e.origin == origin && e.seq == seq && e.table == table && e.pk == *pk)
+    }
+
+    /// `ON DELETE SET NULL` children of a parent about to be deleted lose the reference.
+    fn null_references(&mut self, child: &Table, fk: &ForeignKey, rows: Vec<Row>, why: &Why) -> Result<(), SyncError> {
+        for old in rows {
+            let key = key_of(child, &old);
+            let mut nulled = old.clone();
+            let mut before = Row::new();
+            for c in &fk.child_columns {
+                if let Some(v) = nulled.insert(c.clone(), Value::Null) {
+                    before.insert(c.clone(), v);
+                }
+            }
+            {
+                let _guard = Applying::start();
+                set_null(child, &fk.child_columns, &key)?;
+            }
+            let nulled = Arc::new(nulled);
+            let rec = self.record(child, Op::Update, format!("[[{}, {}]]", json!(nulled), json!(before)))?;
+            let key = jsonb_text(&key);
+            let written = Some(before.keys().cloned().collect());
+            self.register(&fk.child, &key, &rec, Some((nulled.clone(), written)));
+            self.settled(why, &fk.child, &key, Some(Arc::new(old)), Some(nulled));
+        }
+        Ok(())
+    }
+
     /// Record a change of this node's (a part of one row) that settles a race.
-    fn record(&self, t: &Table, op: Op, rows: String) -> Result<Recorded, SyncError> {
+    fn record(&mut self, t: &Table, op: Op, rows: String) -> Result<Recorded, SyncError> {
+        let events = self.events;
+        let seen = self.seen.get_or_insert_with(|| {
+            // Resolution changes come after what they settle, in every node's clock order too.
+            if let Some(top) = events.iter().map(|e| e.hlc).max() {
+                clock::observe(Hlc::from_i64(top));
+            }
+            let mut seen: Vec<(Uuid, i64)> = events.iter().map(|e| (e.origin, e.seq)).collect();
+            seen.dedup();
+            seen
+        });
         let ext = clock::ext();
         let pk = serde_json::to_string(&t.pk).expect("strings serialise");
         let op = match op {
@@ -323,7 +388,7 @@ impl<'a> Settler<'a> {
             Op::Update => "UPDATE",
             Op::Delete => "DELETE",
         };
-        xact::add_resolution(&ext, &t.name, &pk, Part { op, n: 1, rows }, &self.seen)
+        xact::add_resolution(&ext, &t.name, &pk, Part { op, n: 1, rows }, seen)
     }
 
     /// The row's register is now this node's change alone (it has seen every version held).
@@ -473,8 +538,8 @@ fn delete_returning(t: &Table, pks: &[Value]) -> Result<Vec<Row>, SyncError> {
     })
 }
 
-/// The keys of `child`'s rows that refer through `fk` to rows `pks` of `parent`.
-fn referring(parent: &Table, child: &Table, fk: &ForeignKey, pks: &[Value]) -> Result<Vec<Value>, SyncError> {
+/// `child`'s rows (as capture records them) that refer through `fk` to rows `pks` of `parent`.
+fn referring(parent: &Table, child: &Table, fk: &ForeignKey, pks: &[Value]) -> Result<Vec<Row>, SyncError> {
     let join = fk
         .child_columns
         .iter()
@@ -494,11 +559,21 @@ fn referring(parent: &Table, child: &Table, fk: &ForeignKey, pks: &[Value]) -> R
         let mut out = Vec::new();
         for r in rows {
             let text: &str = r.get(1)?.expect("row");
-            let image: Row = serde_json::from_str(text).map_err(|e| SyncError::BadBatch(e.to_string()))?;
-            out.push(key_of(child, &image));
+            out.push(serde_json::from_str(text).map_err(|e| SyncError::BadBatch(e.to_string()))?);
         }
         Ok(out)
     })
+}
+
+/// Set `columns` of row `pk` of `t` to NULL.
+fn set_null(t: &Table, columns: &[String], pk: &Value) -> Result<(), SyncError> {
+    let set = columns.iter().map(|c| format!("{} = NULL", quote_ident(c))).collect::<Vec<_>>().join(", ");
+    let on = t.pk.iter().map(|c| format!("x.{q} = k.{q}", q = quote_ident(c))).collect::<Vec<_>>().join(" AND ");
+    let sql = format!(
+        "UPDATE {tbl} x SET {set} FROM jsonb_populate_record(NULL::{tbl}, $1::jsonb) k WHERE {on}",
+        tbl = t.name
+    );
+    plans::run(&sql, &[pk.to_string().into()])
 }
 
 /// A table's unique constraints and foreign keys, from the catalog. Tables are named as
@@ -548,15 +623,11 @@ fn load(t: &Table, tables: &HashMap<String, Table>) -> Result<Constraints, SyncE
                 parent_columns: r.get(4)?.unwrap_or_default(),
                 orphan: Orphan::of(action.chars().next().unwrap_or('a')),
             };
-            let refuses = action == "a" || action == "r";
-            let is_parent = fk.parent == t.name;
+            if fk.parent == t.name && tables.contains_key(&fk.child) {
+                c.children.push(fk.clone());
+            }
             if fk.child == t.name {
-                if is_parent && refuses {
-                    c.refusing.push(fk.clone());
-                }
                 c.parents.push(fk);
-            } else if is_parent && refuses && tables.contains_key(&fk.child) {
-                c.refusing.push(fk);
             }
         }
         Ok(())

@@ -106,6 +106,9 @@ pub(crate) struct Table {
     /// `GENERATED ALWAYS AS IDENTITY` columns: written with the value that travelled
     /// (`OVERRIDING SYSTEM VALUE`), never updated.
     pub identity_always: BTreeSet<String>,
+    /// Some foreign key refers to this table: a delete deals with the rows that still refer
+    /// to the deleted ones first (`constraints`).
+    pub referenced: bool,
     /// Counter columns (`sync_set_counters`): a change concurrent with what this node holds adds
     /// its delta to the value here.
     pub counters: BTreeSet<String>,
@@ -154,6 +157,7 @@ fn load_tables(schema: &str) -> Result<HashMap<String, Table>, SyncError> {
                 columns: BTreeSet::new(),
                 generated: BTreeSet::new(),
                 identity_always: BTreeSet::new(),
+                referenced: false,
                 sequences: BTreeMap::new(),
                 written_max: BTreeMap::new(),
                 new_missing: BTreeSet::new(),
@@ -170,14 +174,16 @@ fn load_tables(schema: &str) -> Result<HashMap<String, Table>, SyncError> {
     })
 }
 
-/// A table's columns and which are generated, identity or fed by a sequence. Per table, not in
+/// A table's columns and which are generated, identity or fed by a sequence, and whether a
+/// foreign key refers to the table. Per table, not in
 /// `load_tables`' query: with the catalog subqueries once per tracked table, that query's
 /// estimated cost passed jit_above_cost, and each apply paid ~60 ms of JIT. Planned once per
 /// backend (`plans`).
 fn table_columns(t: &mut Table) -> Result<(), SyncError> {
     let sql = format!(
         "SELECT a.attname::text, a.attgenerated = 's', a.attidentity = 'a', \
-                CASE WHEN a.atthasdef OR a.attidentity <> '' THEN {seq} END \
+                CASE WHEN a.atthasdef OR a.attidentity <> '' THEN {seq} END, \
+                (SELECT EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.confrelid = $1)) \
            FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
         seq = crate::capture::ids::sequence_of("a.attrelid", "a.attname")
     );
@@ -193,6 +199,7 @@ fn table_columns(t: &mut Table) -> Result<(), SyncError> {
             if let Some(seq) = row.get::<String>(4)? {
                 t.sequences.insert(name.clone(), seq);
             }
+            t.referenced = row.get::<bool>(5)? == Some(true);
             t.columns.insert(name);
         }
         Ok(())
@@ -328,7 +335,10 @@ impl Run {
         let mut held = self.applied.clone();
         held.insert(self.me, self.local.high());
         let blind = chunk.iter().flat_map(|&i| &txns[i].events).all(|e| {
-            let seen = resolve::saw_everything(e.origin, &e.vclock, &held);
+            // A delete may change rows that refer to it (`constraints`), whose registers must
+            // then be up to date.
+            let referenced = e.op == sync_bridge::Op::Delete && self.tables.get(&e.table).is_some_and(|t| t.referenced);
+            let seen = !referenced && resolve::saw_everything(e.origin, &e.vclock, &held);
             let n = held.entry(e.origin).or_insert(0);
             *n = (*n).max(e.seq);
             seen

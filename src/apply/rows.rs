@@ -8,7 +8,7 @@
 
 use super::Table;
 use super::arrays::{Of, array};
-use super::constraints::{Settled, Settler};
+use super::constraints::{Settled, Settlement, Settler};
 use super::plans;
 use super::subxact;
 use crate::error::SyncError;
@@ -125,7 +125,12 @@ pub enum Mode {
     Settling,
 }
 
-/// Apply `events` (whole origin transactions, in delivery order).
+/// Rows keyed by (table, canonical key text), both borrowed from the applied events.
+type States<'e> = HashMap<(&'e str, &'e str), RowState>;
+
+/// Apply `events` (whole origin transactions, in delivery order), in four phases: load the
+/// registers of the rows they touch, decide each change's row, write the rows, store the
+/// registers.
 pub fn apply(
     schema: &str,
     me: Uuid,
@@ -133,18 +138,56 @@ pub fn apply(
     events: &[&Event],
     mode: Mode,
 ) -> Result<Stats, SyncError> {
-    let blind = mode == Mode::Blind;
     let mut stats = Stats::default();
     let keys: Vec<String> = events.iter().map(|e| jsonb_text(&e.pk)).collect();
     // Each event's version, built once (it shares the row image).
     let versions: Vec<Version> = events.iter().map(|e| version_of(e)).collect();
-    let mut states: HashMap<(&str, &str), RowState> = HashMap::new();
+    let mut states = match mode {
+        Mode::Blind => HashMap::new(),
+        _ => load_states(schema, me, tables, events, &keys, &versions)?,
+    };
+    let priorities =
+        if mode != Mode::Blind && events.iter().any(|e| tables[&e.table].strategy == Strategy::NodePriority) {
+            load_priorities(schema)?
+        } else {
+            BTreeMap::new()
+        };
+    let (writes, conflicts) =
+        decide_all(schema, me, tables, events, &keys, versions, &mut states, &priorities, mode, &mut stats);
+    // Conflicts borrow their table's name; recorded first (all of it rolls back together).
+    record_conflicts(schema, &conflicts)?;
+    drop(conflicts);
+    let mut settler = Settler::new(schema, me, events);
+    if mode == Mode::Settling {
+        settler.write_settling(tables, &writes)?;
+    } else {
+        write_runs(tables, &writes, &mut settler)?;
+    }
+    settled(schema, tables, events, settler.finish(), &mut states, &mut stats)?;
+    if mode != Mode::Blind {
+        store_changed(schema, tables, &states)?;
+    }
+    stats.keys = events.iter().zip(keys).map(|(e, k)| (e.table.clone(), k)).collect();
+    Ok(stats)
+}
+
+/// Phase 1: the registers of the rows `events` touch, and the table row of those whose first
+/// incoming version is concurrent with a held one that keeps no image (that image is the
+/// table row) or whose counters must be added to.
+fn load_states<'e>(
+    schema: &str,
+    me: Uuid,
+    tables: &HashMap<String, Table>,
+    events: &[&'e Event],
+    keys: &'e [String],
+    versions: &[Version],
+) -> Result<States<'e>, SyncError> {
+    let mut states = States::new();
     let mut by_table: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, e) in events.iter().enumerate() {
         by_table.entry(e.table.as_str()).or_default().push(i);
     }
-    // Blind: no register is read (or written below).
-    for (table, idx) in by_table.iter().filter(|_| !blind) {
+    for (table, idx) in &by_table {
         let t = &tables[*table];
         let wanted: Vec<&str> = idx.iter().map(|&i| keys[i].as_str()).collect::<BTreeSet<_>>().into_iter().collect();
         for (key, held) in wanted.iter().zip(load_registers(schema, t.relid, &wanted)?) {
@@ -155,8 +198,6 @@ pub fn apply(
                 );
             }
         }
-        // Rows whose first incoming version is concurrent with a held one that keeps no image:
-        // that image is the table row.
         let mut first: BTreeMap<&str, usize> = BTreeMap::new();
         for &i in idx {
             first.entry(keys[i].as_str()).or_insert(i);
@@ -181,19 +222,32 @@ pub fn apply(
             }
         }
     }
+    Ok(states)
+}
 
-    let priorities = if !blind && by_table.keys().any(|t| tables[*t].strategy == Strategy::NodePriority) {
-        load_priorities(schema)?
-    } else {
-        BTreeMap::new()
-    };
-    let mut writes: Vec<Write> = Vec::new();
-    let mut conflicts: Vec<Conflict> = Vec::new();
+/// Phase 2: each change in order against its row's register: skipped when held or seen,
+/// the row alone when it has seen everything held, else resolved with the strategy (and
+/// recorded when a true conflict). Returns the writes, in origin order, and the conflicts.
+#[allow(clippy::too_many_arguments)]
+fn decide_all<'e: 't, 't>(
+    schema: &str,
+    me: Uuid,
+    tables: &'t HashMap<String, Table>,
+    events: &[&'e Event],
+    keys: &'e [String],
+    versions: Vec<Version>,
+    states: &mut States<'e>,
+    priorities: &BTreeMap<Uuid, i32>,
+    mode: Mode,
+    stats: &mut Stats,
+) -> (Vec<Write<'e>>, Vec<Conflict<'t>>) {
+    let blind = mode == Mode::Blind;
+    let (mut writes, mut conflicts) = (Vec::new(), Vec::new());
     // Rows changed more than once in this transaction: their latest image is kept in memory.
     let mut seen_keys = BTreeSet::new();
     let repeated: BTreeSet<(&str, &str)> = events
         .iter()
-        .zip(&keys)
+        .zip(keys)
         .filter_map(|(e, k)| {
             (!seen_keys.insert((e.table.as_str(), k.as_str()))).then_some((e.table.as_str(), k.as_str()))
         })
@@ -220,56 +274,12 @@ pub fn apply(
             }
             v.row
         } else {
-            let table_row = state.current.as_ref().and_then(|r| r.as_ref());
-            let mut register = Register::default();
-            for s in &state.stored {
-                register.insert(s.to_version(me, table_row));
-            }
-            let before = match &state.current {
-                Some(row) => row.clone(),
-                None => decide(schema, t, &register, &priorities, &e.pk).0.row,
-            };
-            let concurrent: Vec<&Version> = register.versions().iter().filter(|w| !v.has_seen(w)).collect();
-            let kind = ConflictKind::of(&v, &concurrent);
-            // An insert (the row written whole, a new value for its counters) concurrent with
-            // this change: the strategy's row stands, counters included, on every node alike.
-            let reset = v.is_insert() || concurrent.iter().any(|w| w.is_insert());
-            let unseen: Vec<Dot> = concurrent
-                .iter()
-                .map(|w| Dot { origin: w.origin, seq: w.seq, idx: w.idx, hlc: w.hlc.as_i64() })
-                .collect();
-            let remote = Remote { row: v.row.clone(), origin: v.origin, seq: v.seq, idx: v.idx, hlc: e.hlc };
-            register.insert(v);
-            let (mut res, note) = decide(schema, t, &register, &priorities, &e.pk);
-            if !reset {
-                add_counters(t, e, before.as_ref(), &mut res.row);
-            }
-            if res.conflict {
+            let (row, conflict) = resolve_concurrent(schema, me, t, e, &keys[i], v, state, priorities);
+            if let Some(c) = conflict {
                 stats.conflicts += 1;
-                let winner = if res.row == remote.row {
-                    "remote"
-                } else if res.row == before {
-                    "local"
-                } else {
-                    "merged"
-                };
-                conflicts.push(Conflict {
-                    table_name: &t.name,
-                    pk: &keys[i],
-                    strategy: t.strategy,
-                    local: Local { row: before, versions: unseen },
-                    remote,
-                    result: res.row.clone(),
-                    winner,
-                    kind,
-                    review: if t.strategy.reviewed() || note.is_some() || kind.reviewed() { "pending" } else { "none" },
-                    note,
-                });
+                conflicts.push(c);
             }
-            // The row the table holds after this: an image equal to it need not be kept,
-            // provided reading the table row back gives that image.
-            state.stored = resolve::store(&register, me, res.row.as_deref().filter(|r| t.captures_exactly(r)));
-            res.row
+            row
         };
         if state.current.as_ref() == Some(&target) {
             continue;
@@ -279,54 +289,128 @@ pub fn apply(
         }
         writes.push(Write { table: &e.table, key: &keys[i], row: target, pk: &e.pk, event: i });
     }
+    (writes, conflicts)
+}
 
-    // Conflicts borrow their table's name; recorded first (all of it rolls back together).
-    record_conflicts(schema, &conflicts)?;
-    drop(conflicts);
-    if mode == Mode::Settling {
-        let settlement = Settler::new(schema, me, events).write_settling(tables, &writes)?;
-        stats.conflicts += settlement.settled.len() as i64;
-        record_settled(schema, tables, events, &settlement.settled)?;
-        let mut elsewhere: BTreeMap<&str, Vec<(&str, &Stored)>> = BTreeMap::new();
-        for r in &settlement.registers {
-            match states.iter_mut().find(|((t, k), _)| *t == r.table && *k == r.key) {
-                Some((_, state)) => {
-                    state.stored = vec![r.stored.clone()];
-                    state.dirty = true;
-                }
-                None => elsewhere.entry(r.table.as_str()).or_default().push((r.key.as_str(), &r.stored)),
-            }
-        }
-        for (table, regs) in elsewhere {
-            let relid = tables[table].relid;
-            let keys: Vec<&str> = regs.iter().map(|(k, _)| *k).collect();
-            let held = load_registers(schema, relid, &keys)?;
-            let rows: Vec<RegisterRow> = regs
-                .iter()
-                .zip(held)
-                .map(|((key, stored), h)| RegisterRow {
-                    key,
-                    stored: std::slice::from_ref(*stored),
-                    ctid: h.map(|h| h.ctid),
-                })
-                .collect();
-            store_registers(schema, relid, &rows)?;
-        }
-    } else {
-        let _guard = super::Applying::start();
-        write_runs(tables, &writes)?;
+/// A change concurrent with versions held: add it to the register, decide the row with the
+/// table's strategy (counters adding their deltas), and describe the conflict if there is one.
+#[allow(clippy::too_many_arguments)]
+fn resolve_concurrent<'e>(
+    schema: &str,
+    me: Uuid,
+    t: &'e Table,
+    e: &Event,
+    key: &'e str,
+    v: Version,
+    state: &mut RowState,
+    priorities: &BTreeMap<Uuid, i32>,
+) -> (Option<Image>, Option<Conflict<'e>>) {
+    let table_row = state.current.as_ref().and_then(|r| r.as_ref());
+    let mut register = Register::default();
+    for s in &state.stored {
+        register.insert(s.to_version(me, table_row));
     }
+    let before = match &state.current {
+        Some(row) => row.clone(),
+        None => decide(schema, t, &register, priorities, &e.pk).0.row,
+    };
+    let concurrent: Vec<&Version> = register.versions().iter().filter(|w| !v.has_seen(w)).collect();
+    let kind = ConflictKind::of(&v, &concurrent);
+    // An insert (the row written whole, a new value for its counters) concurrent with this
+    // change: the strategy's row stands, counters included, on every node alike.
+    let reset = v.is_insert() || concurrent.iter().any(|w| w.is_insert());
+    let unseen: Vec<Dot> =
+        concurrent.iter().map(|w| Dot { origin: w.origin, seq: w.seq, idx: w.idx, hlc: w.hlc.as_i64() }).collect();
+    let remote = Remote { row: v.row.clone(), origin: v.origin, seq: v.seq, idx: v.idx, hlc: e.hlc };
+    register.insert(v);
+    let (mut res, note) = decide(schema, t, &register, priorities, &e.pk);
+    if !reset {
+        add_counters(t, e, before.as_ref(), &mut res.row);
+    }
+    // The row the table holds after this: an image equal to it need not be kept, provided
+    // reading the table row back gives that image.
+    state.stored = resolve::store(&register, me, res.row.as_deref().filter(|r| t.captures_exactly(r)));
+    if !res.conflict {
+        return (res.row, None);
+    }
+    let winner = if res.row == remote.row {
+        "remote"
+    } else if res.row == before {
+        "local"
+    } else {
+        "merged"
+    };
+    let review = if t.strategy.reviewed() || note.is_some() || kind.reviewed() { "pending" } else { "none" };
+    let conflict = Conflict {
+        table_name: &t.name,
+        pk: key,
+        strategy: t.strategy,
+        local: Local { row: before, versions: unseen },
+        remote,
+        result: res.row.clone(),
+        winner,
+        kind,
+        review,
+        note,
+    };
+    (res.row, Some(conflict))
+}
+
+/// After phase 3: the races the writes settled (`constraints`) recorded, and the registers
+/// the settling changed replaced.
+fn settled(
+    schema: &str,
+    tables: &HashMap<String, Table>,
+    events: &[&Event],
+    settlement: Settlement,
+    states: &mut States,
+    stats: &mut Stats,
+) -> Result<(), SyncError> {
+    if settlement.settled.is_empty() && settlement.registers.is_empty() {
+        return Ok(());
+    }
+    stats.conflicts += settlement.settled.len() as i64;
+    record_settled(schema, tables, events, &settlement.settled)?;
+    let mut elsewhere: BTreeMap<&str, Vec<(&str, &Stored)>> = BTreeMap::new();
+    for r in &settlement.registers {
+        match states.iter_mut().find(|((t, k), _)| *t == r.table && *k == r.key) {
+            Some((_, state)) => {
+                state.stored = vec![r.stored.clone()];
+                state.dirty = true;
+            }
+            None => elsewhere.entry(r.table.as_str()).or_default().push((r.key.as_str(), &r.stored)),
+        }
+    }
+    for (table, regs) in elsewhere {
+        let relid = tables[table].relid;
+        let keys: Vec<&str> = regs.iter().map(|(k, _)| *k).collect();
+        let held = load_registers(schema, relid, &keys)?;
+        let rows: Vec<RegisterRow> = regs
+            .iter()
+            .zip(held)
+            .map(|((key, stored), h)| RegisterRow {
+                key,
+                stored: std::slice::from_ref(*stored),
+                ctid: h.map(|h| h.ctid),
+            })
+            .collect();
+        store_registers(schema, relid, &rows)?;
+    }
+    Ok(())
+}
+
+/// Phase 4: write back the registers that changed.
+fn store_changed(schema: &str, tables: &HashMap<String, Table>, states: &States) -> Result<(), SyncError> {
     let mut dirty: BTreeMap<&str, Vec<RegisterRow<'_>>> = BTreeMap::new();
-    for ((table, key), s) in &states {
-        if s.dirty && !blind {
+    for ((table, key), s) in states {
+        if s.dirty {
             dirty.entry(table).or_default().push(RegisterRow { key, stored: &s.stored, ctid: s.ctid });
         }
     }
     for (table, regs) in dirty {
         store_registers(schema, tables[table].relid, &regs)?;
     }
-    stats.keys = events.iter().zip(keys).map(|(e, k)| (e.table.clone(), k)).collect();
-    Ok(stats)
+    Ok(())
 }
 
 /// Counter columns of a row decided from concurrent updates (no insert among them, see the
@@ -529,7 +613,9 @@ fn load_priorities(schema: &str) -> Result<BTreeMap<Uuid, i32>, SyncError> {
 }
 
 /// Execute the writes in origin order, grouping consecutive ones that one statement can do.
-fn write_runs(tables: &mut HashMap<String, Table>, writes: &[Write]) -> Result<(), SyncError> {
+/// Before a delete from a table that tracked tables refer to, `settler` deals with the rows
+/// that still refer to it.
+fn write_runs(tables: &mut HashMap<String, Table>, writes: &[Write], settler: &mut Settler) -> Result<(), SyncError> {
     let mut start = 0;
     while start < writes.len() {
         let first = &writes[start];
@@ -543,8 +629,14 @@ fn write_runs(tables: &mut HashMap<String, Table>, writes: &[Write]) -> Result<(
             }
             end += 1;
         }
-        let t = tables.get_mut(first.table).expect("checked tracked");
         let run = &writes[start..end];
+        if first.row.is_none() && tables[first.table].referenced {
+            for w in run {
+                settler.before_delete(tables, w.table, w.pk, w.event)?;
+            }
+        }
+        let _guard = super::Applying::start();
+        let t = tables.get_mut(first.table).expect("checked tracked");
         match &first.row {
             Some(row) => upsert(t, row, run)?,
             None => delete(t, run)?,
