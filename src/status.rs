@@ -7,6 +7,7 @@ use crate::gucs;
 use pgrx::JsonB;
 use pgrx::prelude::*;
 use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
 
 #[pg_extern]
 fn sync_status() -> SyncResult<JsonB> {
@@ -51,6 +52,14 @@ fn sync_status() -> SyncResult<JsonB> {
     .map_err(SyncError::from)?
     .map(|j| j.0)
     .unwrap_or(Value::Null);
+    let mut stored = stored;
+    let drift = column_drift(s, ext.node_id)?;
+    if let Some(tables) = stored["tables"].as_array_mut() {
+        for t in tables {
+            let differ = t["table"].as_str().and_then(|name| drift.get(name)).cloned().unwrap_or_default();
+            t["columns_differ"] = Value::Object(differ);
+        }
+    }
     let have: serde_json::Map<String, Value> =
         have_vector()?.into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
     Ok(JsonB(json!({
@@ -65,4 +74,57 @@ fn sync_status() -> SyncResult<JsonB> {
         "apply": stored["apply"],
         "worker": crate::worker::status(),
     })))
+}
+
+/// Per tracked table, per other origin whose columns differ from this table's: the columns its
+/// latest changes carry that this table lacks (`missing_here`), and the captured columns they
+/// lack (`missing_there`). Read from each origin's latest log rows (a bounded look back).
+fn column_drift(schema: &str, me: uuid::Uuid) -> Result<BTreeMap<String, serde_json::Map<String, Value>>, SyncError> {
+    let rows = Spi::connect(|client| {
+        let sql = format!(
+            "WITH latest AS (
+               SELECT DISTINCT ON (l.origin, p.tbl) l.origin, p.tbl,
+                      CASE p.op WHEN 'UPDATE' THEN p.rows::json -> 0 -> 0 ELSE p.rows::json -> 0 END AS image
+                 FROM {schema}.sync_origins o
+                CROSS JOIN LATERAL (SELECT * FROM {schema}.sync_log l WHERE l.origin = o.origin
+                                     ORDER BY l.origin_seq DESC LIMIT 200) l
+                CROSS JOIN LATERAL unnest(l.part_table, l.part_op, l.part_rows) AS p(tbl, op, rows)
+                WHERE o.origin <> $1
+                ORDER BY l.origin, p.tbl, l.origin_seq DESC)
+             SELECT t.table_name, x.origin::text,
+                    ARRAY(SELECT json_object_keys(x.image)),
+                    ARRAY(SELECT a.attname::text FROM pg_attribute a
+                           WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
+                             AND a.attname <> ALL (t.exclude_columns))
+               FROM {schema}.sync_tables t JOIN latest x ON x.tbl = t.table_name"
+        );
+        let mut out = Vec::new();
+        for row in client.select(&sql, None, &[pgrx::Uuid::from_bytes(*me.as_bytes()).into()])? {
+            out.push((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<String>(2)?.unwrap_or_default(),
+                row.get::<Vec<String>>(3)?.unwrap_or_default(),
+                row.get::<Vec<String>>(4)?.unwrap_or_default(),
+            ));
+        }
+        Ok::<_, SyncError>(out)
+    })?;
+    let mut drift: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
+    for (table, origin, theirs, ours) in rows {
+        let (here, there) = differ(&ours, &theirs);
+        if !here.is_empty() || !there.is_empty() {
+            drift.entry(table).or_default().insert(origin, json!({"missing_here": here, "missing_there": there}));
+        }
+    }
+    Ok(drift)
+}
+
+/// The columns `theirs` has and `ours` lacks, and those `ours` has and `theirs` lacks, sorted.
+fn differ(ours: &[String], theirs: &[String]) -> (Vec<String>, Vec<String>) {
+    let ours: BTreeSet<&String> = ours.iter().collect();
+    let theirs: BTreeSet<&String> = theirs.iter().collect();
+    (
+        theirs.difference(&ours).map(|c| c.to_string()).collect(),
+        ours.difference(&theirs).map(|c| c.to_string()).collect(),
+    )
 }

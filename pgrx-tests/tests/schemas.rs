@@ -330,3 +330,65 @@ fn a_parent_deleted_while_a_child_arrives_settles_alike() {
         .get(0);
     assert!(kid.contains("\"parent_id\": 1"), "{kid}");
 }
+
+/// A column added on one node first: its values, dropped on arrival at a node without it, are
+/// filled in from the log once that node adds it, and the digests agree again.
+#[test]
+fn a_column_added_later_gets_the_values_that_travelled() {
+    let c = Cluster::start("schemas-drift", &["fsync = off"]);
+    let mut n = nodes(
+        &c,
+        3,
+        "CREATE EXTENSION pg_peersync;
+         CREATE TABLE items (id int PRIMARY KEY, name text);
+         SELECT sync_track_table('items');",
+    );
+    n[0].batch_execute(
+        "ALTER TABLE items ADD COLUMN b int;
+         INSERT INTO items VALUES (1, 'one', 7), (2, 'two', 8);
+         UPDATE items SET b = 9 WHERE id = 2;",
+    )
+    .unwrap();
+    n[2].batch_execute("ALTER TABLE items ADD COLUMN b int").unwrap();
+    n[1].batch_execute("INSERT INTO items VALUES (3, 'three')").unwrap();
+    exchange_all(&mut n);
+    let ignored: String =
+        n[1].query_one("SELECT sync_status() -> 'tables' -> 0 ->> 'ignored_columns'", &[]).unwrap().get(0);
+    assert_eq!(ignored, "[\"b\"]");
+    // Per peer: node 0 and node 2 send b, which node 1 lacks; node 1 is missing it for node 0.
+    let id = |db: &mut Client| -> String { db.query_one("SELECT sync_node_id()::text", &[]).unwrap().get(0) };
+    let (id0, id1) = (id(&mut n[0]), id(&mut n[1]));
+    let differ = |db: &mut Client| -> serde_json::Value {
+        let text: String =
+            db.query_one("SELECT sync_status() -> 'tables' -> 0 ->> 'columns_differ'", &[]).unwrap().get(0);
+        serde_json::from_str(&text).unwrap()
+    };
+    let seen_by_1 = differ(&mut n[1]);
+    assert_eq!(seen_by_1[&id0], serde_json::json!({"missing_here": ["b"], "missing_there": []}), "{seen_by_1}");
+    let seen_by_0 = differ(&mut n[0]);
+    assert_eq!(seen_by_0[&id1], serde_json::json!({"missing_here": [], "missing_there": ["b"]}), "{seen_by_0}");
+    // Node 1 changes a row meanwhile: the change carries no b, which keeps its value.
+    n[1].batch_execute("UPDATE items SET name = 'ONE' WHERE id = 1").unwrap();
+    exchange_all(&mut n);
+    n[1].batch_execute("ALTER TABLE items ADD COLUMN b int").unwrap();
+    exchange_all(&mut n);
+    converged(&mut n, &["items"]);
+    for (i, db) in n.iter_mut().enumerate() {
+        let rows: Vec<String> = db
+            .query("SELECT format('%s %s %s', id, name, b) FROM items ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(rows, ["1 ONE 7", "2 two 9", "3 three "], "node{i}");
+        let ignored: String =
+            db.query_one("SELECT sync_status() -> 'tables' -> 0 ->> 'ignored_columns'", &[]).unwrap().get(0);
+        assert_eq!(ignored, "[]", "node{i}");
+    }
+    // Once node 1 writes again, its changes carry b: no peer differs any more.
+    n[1].batch_execute("UPDATE items SET name = 'THREE' WHERE id = 3").unwrap();
+    exchange_all(&mut n);
+    for (i, db) in n.iter_mut().enumerate() {
+        assert_eq!(differ(db), serde_json::json!({}), "node{i}");
+    }
+}

@@ -20,6 +20,7 @@
 pub(crate) mod arrays;
 pub mod conflicts;
 mod constraints;
+mod drift;
 mod fold;
 pub(crate) mod plans;
 mod rows;
@@ -299,6 +300,8 @@ struct Run {
     /// The transactions left waiting in the inbox.
     waiting: Vec<Pending>,
     counts: Counts,
+    /// Columns added here since peers sent them, filled in from the log (`drift`).
+    filled: Vec<String>,
 }
 
 impl Run {
@@ -307,7 +310,8 @@ impl Run {
         let ext = clock::ext();
         // One applier at a time per database: registers are read, resolved and written whole.
         Spi::run(&format!("SELECT pg_advisory_xact_lock({APPLY_LOCK})"))?;
-        let tables = load_tables(&ext.schema)?;
+        let mut tables = load_tables(&ext.schema)?;
+        let filled = drift::fill_in_added_columns(&ext.schema, &mut tables)?;
         let local = fold::local(&ext.schema, ext.node_id)?;
         if fold_now {
             fold::fold(&ext.schema, ext.node_id, &tables)?;
@@ -324,6 +328,7 @@ impl Run {
             have,
             waiting: Vec::new(),
             counts: Counts::default(),
+            filled,
         })
     }
 
@@ -595,7 +600,7 @@ impl Run {
             store::origins(&self.schema, &changed)?;
             HAVE_CHANGED.with(|h| h.set(true));
         }
-        let missing = rows::persist_missing_columns(&self.schema, &self.tables)?;
+        let missing = drift::persist_missing_columns(&self.schema, &self.tables)?;
         rows::advance_sequences(&self.tables)?;
         let c = &self.counts;
         let have: serde_json::Map<String, Value> = self.have.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
@@ -610,6 +615,9 @@ impl Run {
         });
         if !missing.is_empty() {
             out["ignored_columns"] = json!(missing);
+        }
+        if !self.filled.is_empty() {
+            out["filled_columns"] = json!(self.filled);
         }
         // What the waiting transactions need that no waiting one supplies: a peer should send it.
         let lacking = delivery::missing(&self.have, self.me, &self.waiting);

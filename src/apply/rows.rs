@@ -786,18 +786,3 @@ pub fn advance_sequences(tables: &HashMap<String, Table>) -> Result<(), SyncErro
     }
     Ok(())
 }
-
-/// Record received columns that tables lack (once per table and column); returns them as
-/// `table.column` for `sync_apply`'s answer.
-pub fn persist_missing_columns(schema: &str, tables: &HashMap<String, Table>) -> Result<Vec<String>, SyncError> {
-    let mut out = Vec::new();
-    for t in tables.values().filter(|t| !t.new_missing.is_empty()) {
-        let all: Vec<String> = t.missing.union(&t.new_missing).cloned().collect();
-        Spi::run_with_args(
-            &format!("UPDATE {schema}.sync_tables SET missing_columns = $2 WHERE relid = $1::oid::regclass"),
-            &[t.relid.into(), all.into()],
-        )?;
-        out.extend(t.new_missing.iter().map(|c| format!("{}.{}", t.name, c)));
-    }
-    Ok(out)
-}
