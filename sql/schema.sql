@@ -181,7 +181,17 @@ CREATE TABLE sync_conflicts (
     note        text
 );
 
+-- Every DDL run through sync_ddl(), here or on another node (see src/ddl.rs).
+CREATE TABLE sync_ddl_history (
+    id          uuid PRIMARY KEY,
+    origin      uuid NOT NULL,
+    command     text NOT NULL,
+    search_path text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
 -- Let pg_dump include the data (a restored dump keeps its history).
+SELECT pg_catalog.pg_extension_config_dump('sync_ddl_history', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_tables', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_log', '');
 SELECT pg_catalog.pg_extension_config_dump('sync_origins', '');

@@ -56,6 +56,8 @@ pub enum SyncError {
     BadChoice(i64, String),
     #[error("a local transaction wrote the same rows while they were being applied")]
     ConcurrentLocalWrite,
+    #[error("sync_ddl() runs its command on every node: only a superuser may call it")]
+    DdlNotAllowed,
     #[error("column \"{column}\" of table {table} cannot be a counter: it is {kind}")]
     BadCounter { table: String, column: String, kind: String },
     #[error("peersync.node_number is not set on this node")]
@@ -96,12 +98,16 @@ impl SyncError {
             SyncError::NoSuchConflict(_) => ERRCODE_NO_DATA_FOUND,
             SyncError::BadChoice(..) => ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::ConcurrentLocalWrite => ERRCODE_T_R_SERIALIZATION_FAILURE,
+            SyncError::DdlNotAllowed => ERRCODE_INSUFFICIENT_PRIVILEGE,
             SyncError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
 
     pub fn hint(&self) -> Option<String> {
         Some(match self {
+            SyncError::DdlNotAllowed => "Peers run the command as their own apply role; ask a superuser to run \
+                 sync_ddl(), or run the DDL on each node yourself."
+                .into(),
             SyncError::BadCounter { .. } => "A counter is a smallint, integer, bigint or numeric column outside the \
                  primary key; pick another column, or change its type first."
                 .into(),

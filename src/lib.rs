@@ -18,6 +18,7 @@ mod apply;
 mod capture;
 mod changes;
 mod clock;
+mod ddl;
 mod error;
 mod gucs;
 mod sequencer;

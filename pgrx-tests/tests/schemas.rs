@@ -392,3 +392,57 @@ fn a_column_added_later_gets_the_values_that_travelled() {
         assert_eq!(differ(db), serde_json::json!({}), "node{i}");
     }
 }
+
+/// `sync_ddl()` runs a statement on every node in its place in the origin's stream, also
+/// through a relay: the column exists before the rows that use it arrive, a table it creates
+/// and tracks is synced. A DDL that fails on a node holds its transaction with the reason, and
+/// applies once the cause is gone. Only superusers may call it.
+#[test]
+fn ddl_runs_on_every_node_in_order_with_the_data() {
+    let c = Cluster::start("schemas-ddl", &["fsync = off"]);
+    let mut n = nodes(
+        &c,
+        3,
+        "CREATE EXTENSION pg_peersync;
+         CREATE TABLE items (id int PRIMARY KEY, name text);
+         SELECT sync_track_table('items');",
+    );
+    c.connect().batch_execute("CREATE ROLE clerk").unwrap();
+    n[0].batch_execute(
+        "BEGIN;
+         SELECT sync_ddl('ALTER TABLE items ADD COLUMN b int');
+         INSERT INTO items VALUES (1, 'one', 5);
+         COMMIT;
+         SELECT sync_ddl($$CREATE TABLE extra (id int PRIMARY KEY, v text); SELECT sync_track_table('extra')$$);
+         INSERT INTO extra VALUES (1, 'e');",
+    )
+    .unwrap();
+    // Node 2 hears of it only through node 1.
+    let (a, b) = pg_peersync_tests::two(&mut n, 0, 1);
+    pg_peersync_tests::pull(a, b);
+    let (a, b) = pg_peersync_tests::two(&mut n, 1, 2);
+    pg_peersync_tests::pull(a, b);
+    exchange_all(&mut n);
+    converged(&mut n, &["items", "extra"]);
+    for (i, db) in n.iter_mut().enumerate() {
+        let b: i32 = db.query_one("SELECT b FROM items WHERE id = 1", &[]).unwrap().get(0);
+        assert_eq!(b, 5, "node{i}");
+        assert_eq!(count(db, "SELECT count(*) FROM extra"), 1, "node{i}");
+        assert_eq!(count(db, "SELECT count(*) FROM sync_ddl_history"), 2, "node{i}");
+    }
+    // Node 2 already has the column: its copy of the DDL fails and is held, with the reason.
+    n[2].batch_execute("ALTER TABLE items ADD COLUMN c int").unwrap();
+    n[0].batch_execute("SELECT sync_ddl('ALTER TABLE items ADD COLUMN c int'); UPDATE items SET c = 3").unwrap();
+    exchange_all(&mut n);
+    let (state, reason): (String, String) =
+        n[2].query_one("SELECT sqlstate, error FROM sync_apply_errors", &[]).map(|r| (r.get(0), r.get(1))).unwrap();
+    assert_eq!(state, "42701", "{reason}");
+    n[2].batch_execute("ALTER TABLE items DROP COLUMN c; SELECT sync_retry_errors();").unwrap();
+    exchange_all(&mut n);
+    converged(&mut n, &["items", "extra"]);
+    let c3: i32 = n[2].query_one("SELECT c FROM items WHERE id = 1", &[]).unwrap().get(0);
+    assert_eq!(c3, 3);
+    // Peers run it with their own role: a plain user may not.
+    let e = n[1].batch_execute("SET ROLE clerk; SELECT sync_ddl('DROP TABLE items')").unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "42501", "{e:?}");
+}

@@ -131,7 +131,7 @@ impl Table {
     }
 }
 
-fn load_tables(schema: &str) -> Result<HashMap<String, Table>, SyncError> {
+pub(crate) fn load_tables(schema: &str) -> Result<HashMap<String, Table>, SyncError> {
     Spi::connect_mut(|client| {
         let mut tables = HashMap::new();
         let rows = client.update(
@@ -642,7 +642,11 @@ fn _sync_apply_text(batch: &str) -> SyncResult<JsonB> {
     let batch: Batch = serde_json::from_str(batch).map_err(|e| SyncError::BadBatch(e.to_string()))?;
     batch.validate().map_err(SyncError::from)?;
     let mut run = Run::start(false)?;
-    if let Some(e) = batch.events.iter().find(|e| !run.tables.contains_key(&e.table)) {
+    // A table a DDL in the batch creates and tracks is known only once the DDL ran: then a
+    // change of a table still unknown holds its transaction instead.
+    if !batch.events.iter().any(crate::ddl::is_ddl)
+        && let Some(e) = batch.events.iter().find(|e| !run.tables.contains_key(&e.table))
+    {
         return Err(SyncError::UntrackedTable(e.table.clone()).into());
     }
     let before = run.have.clone();

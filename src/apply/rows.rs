@@ -138,6 +138,12 @@ pub fn apply(
     events: &[&Event],
     mode: Mode,
 ) -> Result<Stats, SyncError> {
+    if let Some(at) = events.iter().position(|e| crate::ddl::is_ddl(e)) {
+        return apply_around_ddl(schema, me, tables, events, at, mode);
+    }
+    if let Some(e) = events.iter().find(|e| !tables.contains_key(&e.table)) {
+        return Err(SyncError::UntrackedTable(e.table.clone()));
+    }
     let mut stats = Stats::default();
     let keys: Vec<String> = events.iter().map(|e| jsonb_text(&e.pk)).collect();
     // Each event's version, built once (it shares the row image).
@@ -168,6 +174,40 @@ pub fn apply(
         store_changed(schema, tables, &states)?;
     }
     stats.keys = events.iter().zip(keys).map(|(e, k)| (e.table.clone(), k)).collect();
+    Ok(stats)
+}
+
+/// The changes before a DDL event, the DDL, then the rest: the tables as the DDL left them
+/// (columns, new tracked tables) are read again before the rest is applied.
+fn apply_around_ddl(
+    schema: &str,
+    me: Uuid,
+    tables: &mut HashMap<String, Table>,
+    events: &[&Event],
+    at: usize,
+    mode: Mode,
+) -> Result<Stats, SyncError> {
+    let mut stats = apply(schema, me, tables, &events[..at], mode)?;
+    {
+        // Rows the command writes were captured after it on the origin: not captured again.
+        let _guard = super::Applying::start();
+        crate::ddl::apply(schema, events[at])?;
+    }
+    stats.applied += 1;
+    let mut fresh = super::load_tables(schema)?;
+    // What this apply has noted so far stays with the tables.
+    for (name, t) in tables.drain() {
+        if let Some(f) = fresh.get_mut(&name) {
+            f.written_max = t.written_max;
+            f.new_missing = t.new_missing;
+        }
+    }
+    *tables = fresh;
+    let rest = apply(schema, me, tables, &events[at + 1..], mode)?;
+    stats.applied += rest.applied;
+    stats.skipped += rest.skipped;
+    stats.conflicts += rest.conflicts;
+    stats.keys.extend(rest.keys);
     Ok(stats)
 }
 
