@@ -27,7 +27,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 use sync_bridge::canonical::jsonb_text;
-use sync_bridge::resolve::{self, ConflictKind, Image, Keeps, Orphan, Row, Stored, Version};
+use sync_bridge::resolve::{self, ConflictKind, Image, Keeps, Orphan, Row, Stored, Version, Winner};
 use sync_bridge::{Event, Hlc, Op};
 use uuid::Uuid;
 
@@ -62,8 +62,8 @@ struct Why {
     note: String,
     /// The incoming change that met the race (an index into the applied events).
     event: usize,
-    /// `"remote"`: the incoming change's outcome stands; `"local"`: the row here won.
-    winner: &'static str,
+    /// `Remote`: the incoming change's outcome stands; `Local`: the row here won.
+    winner: Winner,
 }
 
 /// A race settled: one row removed (or changed) and why, for `sync_conflicts`.
@@ -78,8 +78,8 @@ pub(super) struct Settled {
     pub event: usize,
     /// What became of the row (`None`: removed).
     pub result: Option<Image>,
-    /// `"remote"` when the incoming change's outcome stands, `"local"` when the row here won.
-    pub winner: &'static str,
+    /// `Remote` when the incoming change's outcome stands, `Local` when the row here won.
+    pub winner: Winner,
     pub note: String,
 }
 
@@ -157,7 +157,7 @@ impl<'a> Settler<'a> {
                 kind: ConflictKind::ForeignKey,
                 note: format!("its parent in {} was deleted by a change that had not seen it", fk.parent),
                 event: w.event,
-                winner: "local",
+                winner: Winner::Local,
             };
             return match fk.orphan {
                 Orphan::Remove => self.drop_incoming(tables, w, row, why),
@@ -188,13 +188,13 @@ impl<'a> Settler<'a> {
                     tables,
                     w,
                     row,
-                    Why { kind: ConflictKind::Unique, note, event: w.event, winner: "local" },
+                    Why { kind: ConflictKind::Unique, note, event: w.event, winner: Winner::Local },
                 )
             }
             Keeps::Incoming => {
                 let pks: Vec<Value> = holders.iter().map(|(_, image)| key_of(t, image)).collect();
                 let note = format!("the row with key {} took the unique value", w.key);
-                let why = Why { kind: ConflictKind::Unique, note, event: w.event, winner: "remote" };
+                let why = Why { kind: ConflictKind::Unique, note, event: w.event, winner: Winner::Remote };
                 let removed = self.remove(tables, w.table, &pks, &why, 0)?;
                 let _guard = Applying::start();
                 upsert(tables.get_mut(w.table).expect("tracked"), row, std::slice::from_ref(w))?;
@@ -325,7 +325,7 @@ impl<'a> Settler<'a> {
                 kind: ConflictKind::ForeignKey,
                 note: format!("its parent in {} was deleted by a change that had not seen it", fk.parent),
                 event,
-                winner: "remote",
+                winner: Winner::Remote,
             };
             match fk.orphan {
                 Orphan::Remove => {

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use sync_bridge::canonical::jsonb_text;
-use sync_bridge::resolve::{self, ConflictKind, Image, Register, Resolution, Row, Stored, Strategy, Version};
+use sync_bridge::resolve::{self, ConflictKind, Image, Register, Resolution, Row, Stored, Strategy, Version, Winner};
 use sync_bridge::{Event, Hlc, Op};
 use uuid::Uuid;
 
@@ -74,7 +74,7 @@ struct Conflict<'e> {
     remote: Remote,
     /// The row now visible.
     result: Option<Image>,
-    winner: &'static str,
+    winner: Winner,
     kind: ConflictKind,
     review: &'static str,
     note: Option<String>,
@@ -373,13 +373,7 @@ fn resolve_concurrent<'e>(
     if !res.conflict {
         return (res.row, None);
     }
-    let winner = if res.row == remote.row {
-        "remote"
-    } else if res.row == before {
-        "local"
-    } else {
-        "merged"
-    };
+    let winner = Winner::of(res.row.as_deref(), remote.row.as_deref(), before.as_deref());
     let review = if t.strategy.reviewed() || note.is_some() || kind.reviewed() { "pending" } else { "none" };
     let conflict = Conflict {
         table_name: &t.name,
@@ -799,7 +793,7 @@ fn record_conflicts(schema: &str, conflicts: &[Conflict]) -> Result<(), SyncErro
             array(Of::Json, local.iter().map(|s| Some(s.as_str()))),
             array(Of::Json, remote.iter().map(|s| Some(s.as_str()))),
             array(Of::Json, result.iter().map(Option::as_deref)),
-            column(&|c| Some(c.winner)),
+            column(&|c| Some(c.winner.as_str())),
             column(&|c| Some(c.review)),
             column(&|c| c.note.as_deref()),
             column(&|c| Some(c.kind.as_str())),

@@ -220,6 +220,39 @@ impl ConflictKind {
     }
 }
 
+/// Whose outcome a conflict's resulting row is, as `sync_conflicts.winner` records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Winner {
+    /// The incoming change's.
+    Remote,
+    /// What this node had.
+    Local,
+    /// Neither alone (`field_merge`, a counter, a custom resolver).
+    Merged,
+}
+
+impl Winner {
+    /// Name the outcome: `result` is the row decided, `incoming` the incoming change's row,
+    /// `before` the row this node had (each `None` when absent).
+    pub fn of(result: Option<&Row>, incoming: Option<&Row>, before: Option<&Row>) -> Winner {
+        if result == incoming {
+            Winner::Remote
+        } else if result == before {
+            Winner::Local
+        } else {
+            Winner::Merged
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Winner::Remote => "remote",
+            Winner::Local => "local",
+            Winner::Merged => "merged",
+        }
+    }
+}
+
 /// Which of two rows keeps a unique value they both hold (constraint races).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Keeps {
@@ -468,6 +501,18 @@ mod tests {
         assert_eq!(unique_keeps(&v, Some((Hlc(20), node(1), 9, 9))), Keeps::Incoming);
         // A row no change of which is held here (older than tracking) always yields.
         assert_eq!(unique_keeps(&v, None), Keeps::Incoming);
+    }
+
+    #[test]
+    fn the_winner_names_whose_row_stands() {
+        let row = |v: i64| json!({"id": 1, "v": v}).as_object().unwrap().clone();
+        let (a, b, c) = (row(1), row(2), row(3));
+        assert_eq!(Winner::of(Some(&a), Some(&a), Some(&b)), Winner::Remote);
+        assert_eq!(Winner::of(Some(&b), Some(&a), Some(&b)), Winner::Local);
+        assert_eq!(Winner::of(Some(&c), Some(&a), Some(&b)), Winner::Merged);
+        // A delete that wins is the remote outcome; one that loses to a row kept, local.
+        assert_eq!(Winner::of(None, None, Some(&b)), Winner::Remote);
+        assert_eq!(Winner::of(Some(&b), None, Some(&b)), Winner::Local);
     }
 
     #[test]
