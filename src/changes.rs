@@ -2,6 +2,7 @@
 
 use crate::clock;
 use crate::error::{SyncError, SyncResult};
+use crate::log::unreadable;
 use crate::sequencer;
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgBuiltInOids, PgOid};
@@ -92,52 +93,16 @@ fn _sync_changes_text(since: &str, max_events: i32, node_have: bool) -> SyncResu
     Ok(text)
 }
 
-/// Append the events of one `sync_log` row (read with `LOG_COLUMNS`).
+/// Append the events of one `sync_log` row (read with `log::READ_COLUMNS`).
 fn push_events(
     events: &mut Vec<Event>,
     origin: Uuid,
     seq: i64,
     row: &pgrx::spi::SpiHeapTupleData,
 ) -> Result<(), SyncError> {
-    let log = read_log_row(origin, seq, row)?;
+    let log = crate::log::read_row(origin, seq, row)?;
     events.extend(log.events().map_err(|e| unreadable(origin, seq, e))?);
     Ok(())
-}
-
-/// The columns of `sync_log` that `read_log_row` reads, in its order (from column 1).
-pub(crate) const LOG_COLUMNS: &str = "origin_seq, first_idx, origin_xact, vclock::text, part_hlc, part_table, \
-                                      part_op, part_pk, part_first, part_rows";
-
-pub(crate) fn unreadable(origin: Uuid, seq: i64, what: String) -> SyncError {
-    SyncError::BadBatch(format!("sync_log row {origin}/{seq} is unreadable: {what}"))
-}
-
-/// One `sync_log` row, read with `LOG_COLUMNS`.
-pub(crate) fn read_log_row(
-    origin: Uuid,
-    seq: i64,
-    row: &pgrx::spi::SpiHeapTupleData,
-) -> Result<sync_bridge::log::LogRow, SyncError> {
-    let text = |i: usize| -> Result<Vec<String>, SyncError> { Ok(row.get::<Vec<String>>(i)?.unwrap_or_default()) };
-    let (tables, ops, pks, rows) = (text(6)?, text(7)?, text(8)?, text(10)?);
-    let hlcs: Vec<i64> = row.get(5)?.unwrap_or_default();
-    let firsts: Vec<i32> = row.get(9)?.unwrap_or_default();
-    let vclock: &str = row.get(4)?.expect("vclock");
-    // The part arrays are parallel; their texts move into the parts (row images can be large).
-    let mut parts = Vec::with_capacity(tables.len());
-    for ((((table, op), pk_columns), rows), (hlc, first)) in
-        tables.into_iter().zip(ops).zip(pks).zip(rows).zip(hlcs.into_iter().zip(firsts))
-    {
-        let op = sync_bridge::Op::parse(&op).ok_or_else(|| unreadable(origin, seq, format!("operation {op:?}")))?;
-        parts.push(sync_bridge::log::Part { hlc, table, op, pk_columns, first, rows });
-    }
-    Ok(sync_bridge::log::LogRow {
-        origin,
-        seq,
-        xact: row.get(3)?.expect("origin_xact"),
-        vclock: serde_json::from_str(vclock).map_err(|e| unreadable(origin, seq, e.to_string()))?,
-        parts,
-    })
 }
 
 extension_sql!(
@@ -235,9 +200,10 @@ fn read_transactions(schema: &str, cut: &serve::Cut) -> Result<HashMap<(Uuid, i6
     Spi::connect(|client| {
         let uuid = PgOid::BuiltIn(PgBuiltInOids::UUIDOID);
         let int8 = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+        let cols = crate::log::READ_COLUMNS;
         let range = client.prepare(
             &format!(
-                "SELECT {LOG_COLUMNS} FROM {schema}.sync_log \
+                "SELECT {cols} FROM {schema}.sync_log \
                   WHERE origin = $1 AND origin_seq > $2 AND origin_seq <= $3 ORDER BY origin_seq, first_idx"
             ),
             &[uuid, int8, int8],

@@ -21,8 +21,8 @@
 
 use super::Table;
 use super::rows::{RegisterRow, load_registers, store_registers};
-use crate::changes::{LOG_COLUMNS, read_log_row, unreadable};
 use crate::error::SyncError;
+use crate::log::{READ_COLUMNS, read_row, unreadable};
 use crate::sequencer;
 use pgrx::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -115,7 +115,7 @@ pub fn fold(schema: &str, me: Uuid, tables: &HashMap<String, Table>) -> Result<(
 /// `fold`, stopping after `slices` slices of blind transactions; the local writes are folded
 /// once none is left. Returns true when some are left.
 pub fn fold_some(schema: &str, me: Uuid, tables: &HashMap<String, Table>, slices: usize) -> Result<bool, SyncError> {
-    let cols = LOG_COLUMNS.split(", ").map(|c| format!("l.{c}")).collect::<Vec<_>>().join(", ");
+    let cols = READ_COLUMNS.split(", ").map(|c| format!("l.{c}")).collect::<Vec<_>>().join(", ");
     for slice in 0.. {
         // The next slice of blind transactions: about FOLD_EVENTS changes, at least one.
         let upto: Option<i64> = Spi::connect_mut(|c| {
@@ -166,7 +166,7 @@ pub fn fold_some(schema: &str, me: Uuid, tables: &HashMap<String, Table>, slices
     Ok(false)
 }
 
-/// Fold the changes of the `sync_log` rows `query` selects (`LOG_COLUMNS`, then the origin;
+/// Fold the changes of the `sync_log` rows `query` selects (`log::READ_COLUMNS`, then the origin;
 /// `$1` is `bound`, `$2` this node's id) into the registers.
 fn fold_rows(
     schema: &str,
@@ -183,7 +183,7 @@ fn fold_rows(
         for row in rows {
             let origin = Uuid::from_bytes(*row.get::<pgrx::Uuid>(11)?.expect("origin").as_bytes());
             let seq: i64 = row.get(1)?.expect("origin_seq");
-            let log = read_log_row(origin, seq, &row)?;
+            let log = read_row(origin, seq, &row)?;
             // The changes of one log row share its context.
             let context = Rc::new(log.vclock.clone());
             log.touches(|t| {

@@ -537,7 +537,7 @@ impl Run {
                 }
             } else if let Some(f) = failures.get(&i) {
                 self.counts.failed += 1;
-                store::log(&self.schema, &t.events)?;
+                crate::log::store_received(&self.schema, &t.events)?;
                 store::hold(&self.schema, t, Some(f), None)?;
             } else {
                 self.counts.waiting += 1;
@@ -564,7 +564,7 @@ impl Run {
             return Err(SyncError::ConcurrentLocalWrite);
         }
         for &i in chunk {
-            store::log(&self.schema, &txns[i].events)?;
+            crate::log::store_received(&self.schema, &txns[i].events)?;
         }
         if blind {
             let done: Vec<(Uuid, i64, i32)> =

@@ -1,5 +1,5 @@
-//! What apply keeps: received events in `sync_log` (original origin and numbers, so this
-//! node serves them to others), held transactions in `sync_inbox`, and `sync_origins`.
+//! What apply keeps besides the log (`crate::log::store_received`): held transactions in
+//! `sync_inbox`, and `sync_origins`.
 
 use super::Txn;
 use super::subxact::Failure;
@@ -7,84 +7,10 @@ use crate::error::SyncError;
 use pgrx::prelude::*;
 use pgrx::{PgBuiltInOids, PgOid};
 use serde_json::{Value, json};
-use sync_bridge::{Event, Op};
 use uuid::Uuid;
 
 fn uuid(u: Uuid) -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(*u.as_bytes())
-}
-
-/// Store one origin transaction's events as `sync_log` rows in the same layout capture
-/// writes: one row per run of events sharing a causal context (an origin writes one per
-/// `sync_flush`), parts per run of one statement's changes of one kind to one table.
-pub fn log(schema: &str, events: &[Event]) -> Result<(), SyncError> {
-    let mut start = 0;
-    while start < events.len() {
-        let mut end = start + 1;
-        while end < events.len()
-            && events[end].vclock == events[start].vclock
-            && events[end].idx == events[end - 1].idx + 1
-        {
-            end += 1;
-        }
-        log_row(schema, &events[start..end])?;
-        start = end;
-    }
-    Ok(())
-}
-
-fn log_row(schema: &str, events: &[Event]) -> Result<(), SyncError> {
-    let (mut hlc, mut table, mut op, mut pk, mut first, mut n, mut rows) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::<Vec<Value>>::new());
-    for (i, e) in events.iter().enumerate() {
-        let same_part = i > 0 && {
-            let p = &events[i - 1];
-            p.hlc == e.hlc && p.table == e.table && p.op == e.op
-        };
-        if !same_part {
-            hlc.push(e.hlc);
-            table.push(e.table.clone());
-            op.push(e.op.as_str().to_string());
-            let keys: Vec<&String> = e.pk.as_object().map(|o| o.keys().collect()).unwrap_or_default();
-            pk.push(json!(keys).to_string());
-            first.push(e.idx);
-            n.push(0i32);
-            rows.push(Vec::new());
-        }
-        *n.last_mut().expect("a part") += 1;
-        rows.last_mut().expect("a part").push(match e.op {
-            Op::Insert => e.data.clone().unwrap_or(Value::Null),
-            Op::Delete => e.old.clone().unwrap_or(Value::Null),
-            Op::Update => json!([e.data, e.old]),
-        });
-    }
-    let head = &events[0];
-    let rows: Vec<String> = rows.into_iter().map(|r| Value::Array(r).to_string()).collect();
-    super::plans::run(
-        &format!(
-            "INSERT INTO {schema}.sync_log (origin, origin_seq, first_idx, origin_xact, n, vclock, hlc, \
-               part_hlc, part_table, part_op, part_pk, part_first, part_n, part_rows) \
-             VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14) \
-             ON CONFLICT DO NOTHING"
-        ),
-        &[
-            uuid(head.origin).into(),
-            head.seq.into(),
-            (head.idx as i64).into(),
-            head.xact.into(),
-            (events.len() as i32).into(),
-            serde_json::to_string(&head.vclock).expect("serialises").into(),
-            hlc.iter().copied().max().unwrap_or(0).into(),
-            hlc.into(),
-            table.into(),
-            op.into(),
-            pk.into(),
-            first.into(),
-            n.into(),
-            rows.into(),
-        ],
-    )?;
-    Ok(())
 }
 
 /// Which held transactions to read.

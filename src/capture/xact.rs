@@ -209,23 +209,6 @@ fn remote_context(schema: &str, node: uuid::Uuid) -> Result<BTreeMap<String, i64
     Ok(ctx)
 }
 
-const FLUSH_PARAMS: [pg_sys::Oid; 14] = [
-    pg_sys::UUIDOID,
-    pg_sys::INT8OID,
-    pg_sys::INT8OID,
-    pg_sys::INT8OID,
-    pg_sys::INT4OID,
-    pg_sys::JSONBOID,
-    pg_sys::INT8OID,
-    pg_sys::INT8ARRAYOID,
-    pg_sys::TEXTARRAYOID,
-    pg_sys::TEXTARRAYOID,
-    pg_sys::TEXTARRAYOID,
-    pg_sys::INT4ARRAYOID,
-    pg_sys::INT4ARRAYOID,
-    pg_sys::TEXTARRAYOID,
-];
-
 fn datum<T: IntoDatum>(v: T) -> pg_sys::Datum {
     v.into_datum().expect("non-null argument")
 }
@@ -278,7 +261,10 @@ pub fn flush() {
         FLUSH_PLAN.with(|f| {
             let mut f = f.borrow_mut();
             if f.as_ref().is_none_or(|(s, _)| *s != schema) {
-                *f = Some((schema.clone(), CapturePlan::prepare(&flush_statement(&schema), &FLUSH_PARAMS)));
+                *f = Some((
+                    schema.clone(),
+                    CapturePlan::prepare(&crate::log::insert_statement(&schema, false), &crate::log::INSERT_TYPES),
+                ));
             }
             f.as_ref().expect("prepared above").1.execute(&mut args);
         })
@@ -286,17 +272,6 @@ pub fn flush() {
     if pushed {
         unsafe { pg_sys::PopActiveSnapshot() };
     }
-}
-
-/// `$1` origin, `$2` origin_seq, `$3` first change index, `$4` xid, `$5` change count,
-/// `$6` vclock, `$7` greatest hlc, then one array per part attribute: hlc, table, op, pk
-/// columns, first index, count, rows.
-fn flush_statement(schema: &str) -> String {
-    format!(
-        "INSERT INTO {schema}.sync_log (origin, origin_seq, first_idx, origin_xact, n, vclock, hlc, \
-           part_hlc, part_table, part_op, part_pk, part_first, part_n, part_rows) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-    )
 }
 
 /// Write the current transaction's captured changes now, so that it can read them in

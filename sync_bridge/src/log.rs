@@ -113,6 +113,97 @@ impl LogRow {
     }
 }
 
+impl LogRow {
+    /// Events of one origin transaction (in `idx` order) as log rows in the layout capture
+    /// writes: one row per run of events sharing a causal context and numbered without a gap
+    /// (an origin writes one per `sync_flush`), one part per run of changes of one kind to
+    /// one table from one statement (one clock). `events` read back gives them again.
+    pub fn from_events(events: &[Event]) -> Vec<LogRow> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < events.len() {
+            let mut end = start + 1;
+            while end < events.len()
+                && events[end].vclock == events[start].vclock
+                && events[end].idx == events[end - 1].idx + 1
+            {
+                end += 1;
+            }
+            out.push(LogRow::from_run(&events[start..end]));
+            start = end;
+        }
+        out
+    }
+
+    fn from_run(events: &[Event]) -> LogRow {
+        let mut parts: Vec<(Part, Vec<Value>)> = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            let same_part = i > 0 && {
+                let p = &events[i - 1];
+                p.hlc == e.hlc && p.table == e.table && p.op == e.op
+            };
+            if !same_part {
+                let keys: Vec<&String> = e.pk.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+                let part = Part {
+                    hlc: e.hlc,
+                    table: e.table.clone(),
+                    op: e.op,
+                    pk_columns: serde_json::to_string(&keys).expect("strings serialise"),
+                    first: e.idx,
+                    rows: String::new(),
+                };
+                parts.push((part, Vec::new()));
+            }
+            parts.last_mut().expect("a part").1.push(match e.op {
+                Op::Insert => e.data.clone().unwrap_or(Value::Null),
+                Op::Delete => e.old.clone().unwrap_or(Value::Null),
+                Op::Update => {
+                    Value::Array(vec![e.data.clone().unwrap_or(Value::Null), e.old.clone().unwrap_or(Value::Null)])
+                }
+            });
+        }
+        let head = &events[0];
+        LogRow {
+            origin: head.origin,
+            seq: head.seq,
+            xact: head.xact,
+            vclock: head.vclock.clone(),
+            parts: parts.into_iter().map(|(p, rows)| Part { rows: Value::Array(rows).to_string(), ..p }).collect(),
+        }
+    }
+
+    /// The number of changes in the row.
+    pub fn len(&self) -> i32 {
+        self.parts.iter().map(|p| p.len()).sum()
+    }
+
+    /// True when the row holds no change.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `origin_idx` of its first change.
+    pub fn first(&self) -> i32 {
+        self.parts.first().map_or(0, |p| p.first)
+    }
+
+    /// The greatest clock of its parts.
+    pub fn hlc(&self) -> i64 {
+        self.parts.iter().map(|p| p.hlc).max().unwrap_or(0)
+    }
+}
+
+impl Part {
+    /// The number of changes in the part (its row images).
+    pub fn len(&self) -> i32 {
+        serde_json::from_str::<Vec<&RawValue>>(&self.rows).map_or(0, |r| r.len() as i32)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// One change of a log row as far as row registers are concerned: which row, what kind of
 /// change, its place and clock, and the columns an UPDATE changed.
 #[derive(Clone, Debug, PartialEq)]
@@ -270,5 +361,53 @@ mod tests {
             })
             .collect();
         assert_eq!(touched, expected);
+        // Received events are stored back in the same layout, and read back unchanged.
+        let again = LogRow::from_events(&events);
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].len(), again[0].first(), again[0].hlc()), (3, 1, 11));
+        assert_eq!(again[0].parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(again[0].events().unwrap(), events);
+    }
+
+    #[test]
+    fn received_events_split_into_rows_where_the_context_or_numbering_changes() {
+        let origin = Uuid::from_u128(7);
+        let event = |idx: i32, hlc: i64, ctx: i64, table: &str, op: Op| {
+            let (data, old) = match op {
+                Op::Delete => (None, Some(serde_json::json!({"id": idx}))),
+                _ => (Some(serde_json::json!({"id": idx})), None),
+            };
+            let mut e = Event {
+                origin,
+                seq: 5,
+                idx,
+                xact: 1,
+                hlc,
+                table: table.into(),
+                pk: serde_json::json!({"id": idx}),
+                op,
+                data,
+                old,
+                vclock: BTreeMap::from([(origin, 5), (Uuid::from_u128(9), ctx)]),
+                checksum: String::new(),
+            };
+            e.checksum = e.compute_checksum();
+            e
+        };
+        let events = vec![
+            event(1, 10, 1, "public.a", Op::Insert),
+            event(2, 10, 1, "public.a", Op::Insert),
+            event(3, 10, 1, "public.b", Op::Insert),
+            event(4, 11, 1, "public.b", Op::Delete),
+            // A sync_flush: a later context.
+            event(5, 12, 2, "public.b", Op::Delete),
+        ];
+        let rows = LogRow::from_events(&events);
+        assert_eq!(
+            rows.iter().map(|r| (r.first(), r.len(), r.parts.len())).collect::<Vec<_>>(),
+            [(1, 4, 3), (5, 1, 1)]
+        );
+        let back: Vec<Event> = rows.iter().flat_map(|r| r.events().unwrap()).collect();
+        assert_eq!(back, events);
     }
 }
