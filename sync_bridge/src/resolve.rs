@@ -1,6 +1,7 @@
-//! Who wins: the one documented function that decides what a row looks like, given the
-//! versions of it a node holds. Pure, so that it can be property-tested without PostgreSQL;
-//! `sync_apply` will load a row's versions, call it, and write the result.
+//! Who wins: the documented rules that decide what a row looks like, given the versions of it
+//! a node holds (`resolve`), and how races on unique values and foreign keys end
+//! (`unique_keeps`, `Orphan`). Pure, so that they can be property-tested without PostgreSQL;
+//! `sync_apply` loads a row's versions, calls them, and writes the result.
 //!
 //! A **version** is one change to one row: its dot `(origin, seq, idx)`, its hybrid logical
 //! clock, and its causal context (what its origin held of every other origin when it wrote).
