@@ -7,7 +7,10 @@ CREATE TABLE sync_node (
     id         uuid NOT NULL DEFAULT gen_random_uuid(),
     created_at timestamptz NOT NULL DEFAULT now(),
     -- Local transactions up to this number are folded into sync_rows (see apply/fold.rs).
-    indexed_upto bigint NOT NULL DEFAULT 0
+    indexed_upto bigint NOT NULL DEFAULT 0,
+    -- Set when another node seems to use this identity (src/identity.rs): capture stops until
+    -- sync_new_identity().
+    identity_doubt text
 );
 INSERT INTO sync_node DEFAULT VALUES;
 

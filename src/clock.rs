@@ -47,11 +47,13 @@ pub fn current() -> Hlc {
 
 /// What this backend knows about the extension in the current database: its schema (quoted,
 /// ready to prefix table names) and this node's id. Cached per backend, forgotten when the
-/// relcache says `sync_node` changed (DROP/CREATE EXTENSION).
+/// relcache says `sync_node` changed (DROP/CREATE EXTENSION, a new identity, a doubt).
 #[derive(Clone)]
 pub struct Ext {
     pub schema: String,
     pub node_id: Uuid,
+    /// Why this identity is in doubt (another node seems to use it), if it is: capture stops.
+    pub doubt: Option<String>,
     node_rel: pg_sys::Oid,
 }
 
@@ -75,15 +77,27 @@ pub fn ext() -> Ext {
             .get_one::<String>()?
             .expect("pg_peersync is not installed in this database");
         let row = client
-            .select(&format!("SELECT id, '{schema}.sync_node'::regclass::oid FROM {schema}.sync_node"), None, &[])?
+            .select(
+                &format!("SELECT id, '{schema}.sync_node'::regclass::oid, identity_doubt FROM {schema}.sync_node"),
+                None,
+                &[],
+            )?
             .first();
         let id: pgrx::Uuid = row.get(1)?.expect("sync_node is empty");
         let rel: pg_sys::Oid = row.get(2)?.expect("sync_node oid");
-        Ok::<_, pgrx::spi::SpiError>(Ext { schema, node_id: Uuid::from_bytes(*id.as_bytes()), node_rel: rel })
+        let doubt: Option<String> = row.get(3)?;
+        Ok::<_, pgrx::spi::SpiError>(Ext { schema, node_id: Uuid::from_bytes(*id.as_bytes()), doubt, node_rel: rel })
     })
     .expect("reading pg_peersync's node identity");
     EXT.with(|c| *c.borrow_mut() = Some(e.clone()));
     e
+}
+
+/// Make every backend read `sync_node` again at its next transaction once this one commits
+/// (a new identity, a doubt): a row change alone does not invalidate their caches.
+pub fn identity_changed() {
+    let rel = ext().node_rel;
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(rel) };
 }
 
 /// Relcache invalidation hook: forget the cached identity when `sync_node` changes.

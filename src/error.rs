@@ -58,6 +58,10 @@ pub enum SyncError {
     ConcurrentLocalWrite,
     #[error("sync_ddl() runs its command on every node: only a superuser may call it")]
     DdlNotAllowed,
+    #[error("changes to tracked tables are refused: another node seems to use this node's identity ({0})")]
+    IdentityInDoubt(String),
+    #[error("sync_new_identity() renumbers this node: only a superuser may call it")]
+    IdentityNotAllowed,
     #[error("column \"{column}\" of table {table} cannot be a counter: it is {kind}")]
     BadCounter { table: String, column: String, kind: String },
     #[error("peersync.node_number is not set on this node")]
@@ -98,7 +102,8 @@ impl SyncError {
             SyncError::NoSuchConflict(_) => ERRCODE_NO_DATA_FOUND,
             SyncError::BadChoice(..) => ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::ConcurrentLocalWrite => ERRCODE_T_R_SERIALIZATION_FAILURE,
-            SyncError::DdlNotAllowed => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            SyncError::DdlNotAllowed | SyncError::IdentityNotAllowed => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            SyncError::IdentityInDoubt(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             SyncError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -107,6 +112,11 @@ impl SyncError {
         Some(match self {
             SyncError::DdlNotAllowed => "Peers run the command as their own apply role; ask a superuser to run \
                  sync_ddl(), or run the DDL on each node yourself."
+                .into(),
+            SyncError::IdentityNotAllowed => "Ask a superuser to run it.".into(),
+            SyncError::IdentityInDoubt(_) => "If this database is a copy or was restored from a backup, a superuser \
+                 runs SELECT sync_new_identity() here; if the other machine is the copy, stop it. See \
+                 sync_status() -> 'worker' -> 'identity' and the README, Copies and restores."
                 .into(),
             SyncError::BadCounter { .. } => "A counter is a smallint, integer, bigint or numeric column outside the \
                  primary key; pick another column, or change its type first."

@@ -21,6 +21,7 @@ mod clock;
 mod ddl;
 mod error;
 mod gucs;
+mod identity;
 mod log;
 mod sequencer;
 mod status;

@@ -124,6 +124,15 @@ fn ensure_loaded(schema: &str, node: Uuid) -> Result<(), SyncError> {
     Ok(())
 }
 
+/// Forget this database's counter: the next local transaction is numbered from the log again
+/// (after the node took a new identity, from 1).
+pub fn forget_numbering() {
+    let db = my_db();
+    if let Some(d) = SEQ.exclusive().dbs.iter_mut().find(|d| d.db == db) {
+        d.next = 0;
+    }
+}
+
 /// Give the current top-level transaction its number and hold it until `end_local_xact`.
 pub fn begin_local_xact(schema: &str, node: Uuid) -> Result<i64, SyncError> {
     let slot = my_slot()?;

@@ -187,6 +187,26 @@ mod tests {
     }
 
     #[pg_test]
+    fn capture_refuses_while_the_identity_is_in_doubt() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        crate::identity::record_doubt("a copy seen in a test").unwrap();
+        let caught = one::<JsonB>(
+            "DO $$ DECLARE s text; h text; BEGIN
+                 INSERT INTO items VALUES (90, 'numbered like a peer''s');
+             EXCEPTION WHEN others THEN
+                 GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, h = PG_EXCEPTION_HINT;
+                 PERFORM set_config('test.err', jsonb_build_object('state', s, 'hint', h)::text, true);
+             END $$; SELECT current_setting('test.err')::jsonb",
+        );
+        assert_eq!(caught.0["state"], json!("55000"));
+        assert!(caught.0["hint"].as_str().unwrap().contains("sync_new_identity()"));
+        run("SELECT sync_keep_identity()");
+        run("INSERT INTO items VALUES (90, 'captured again')");
+        assert_eq!(events("public.items").len(), 1);
+    }
+
+    #[pg_test]
     fn rolled_back_subtransaction_leaves_no_event() {
         shop();
         run("SELECT sync_track_table('items')");

@@ -157,6 +157,28 @@ impl Cluster {
         self.stopped = true;
     }
 
+    /// A cold copy of the stopped cluster's data directory, as a file-level backup makes it.
+    pub fn copy_data(&self, to: &Path) {
+        assert!(self.stopped, "copy a stopped cluster");
+        check(
+            "cp",
+            Command::new("cp").args(["-a", self.data_dir().to_str().unwrap(), to.to_str().unwrap()]).output().unwrap(),
+        );
+    }
+
+    /// Put back a copy made by `copy_data` (the cluster stopped): a restore of that backup.
+    pub fn restore_data(&mut self, from: &Path) {
+        assert!(self.stopped, "restore into a stopped cluster");
+        std::fs::remove_dir_all(self.data_dir()).unwrap();
+        check(
+            "cp",
+            Command::new("cp")
+                .args(["-a", from.to_str().unwrap(), self.data_dir().to_str().unwrap()])
+                .output()
+                .unwrap(),
+        );
+    }
+
     pub fn restart(&mut self, immediate: bool) {
         self.stop_server(immediate);
         self.start_server();

@@ -676,6 +676,16 @@ COMMENT ON FUNCTION sync_apply(text) IS 'Apply a batch from sync_changes() on an
     requires = [_sync_apply_text],
 );
 
+/// Hand this node's identity over (`identity::sync_new_identity`): under the apply lock, the
+/// registers brought up to date with everything captured under `old`, which from now on is
+/// another node's origin held up to `upto`.
+pub fn retire_identity(old: Uuid, upto: i64) -> Result<(), SyncError> {
+    let run = Run::start(true)?;
+    store::origins(&run.schema, &[(old, upto)])?;
+    HAVE_CHANGED.with(|h| h.set(true));
+    Ok(())
+}
+
 /// Fold one slice of what the row registers lack (see `fold`), unless an apply holds the apply
 /// lock. The background worker calls it once it has been quiet for a while, so that the apply
 /// that next needs the registers does not first fold a long one-way stream. Returns true when

@@ -96,6 +96,10 @@ fn ensure_started(ext: &clock::Ext) -> Result<(), SyncError> {
     if XACT.with(|x| x.borrow().as_ref().is_some_and(|s| s.xid == xid)) {
         return Ok(());
     }
+    if let Some(why) = &ext.doubt {
+        // Numbered under an identity another node may use, the change could be lost.
+        return Err(SyncError::IdentityInDoubt(why.clone()));
+    }
     let seq = sequencer::begin_local_xact(&ext.schema, ext.node_id)?;
     XACT.with(|x| {
         *x.borrow_mut() = Some(XactCapture {

@@ -158,6 +158,8 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
     // When to fold next (see FOLD_WHEN_QUIET).
     let mut next_fold = std::time::Instant::now();
     let mut next_retry = std::time::Instant::now() + RETRY_EVERY;
+    // Whether the sign that another node uses this identity was logged (once per start).
+    let mut identity_warned = false;
     // wait_latch returns false on SIGTERM or postmaster death.
     while BackgroundWorker::wait_latch(Some(TICK)) {
         if BackgroundWorker::sighup_received() {
@@ -170,6 +172,8 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
             network_tried = false;
             unpublish();
         }
+        // Set when this node's identity changed or its doubt was cleared: networking restarts.
+        let mut renew = false;
         if let Some(n) = &network {
             for ask in n.asks() {
                 quiet_since = std::time::Instant::now();
@@ -179,6 +183,10 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
             if !sessions.is_empty() {
                 record(&sessions);
             }
+            if !identity_warned && let Some(d) = n.identity_doubt() {
+                identity_warned = true;
+                warn_identity(&d);
+            }
             let now = (crate::sequencer::local_commits(), crate::sequencer::remote_have_generation());
             if now != seen {
                 seen = now;
@@ -187,10 +195,23 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
             ticks = ticks.wrapping_add(1);
             if ticks.is_multiple_of(HOUSEKEEPING_EVERY) {
                 housekeeping(&schema);
+                let (id, doubt) = BackgroundWorker::transaction(|| {
+                    let e = crate::clock::ext();
+                    (e.node_id, e.doubt.is_some())
+                });
+                // A new identity, or a doubt an operator cleared (`sync_keep_identity()`).
+                renew = id != n.node_id || (identity_warned && !doubt);
             }
             if ticks.is_multiple_of(PUBLISH_EVERY) {
                 publish(n, &schema.lock().expect("schema"));
             }
+        }
+        if renew && let Some(n) = network.take() {
+            log!("pg_peersync worker: this node's identity was settled; networking starts again");
+            n.stop();
+            network_tried = false;
+            identity_warned = false;
+            unpublish();
         }
         if state == State::Running {
             if network.is_none() && !network_tried {
@@ -373,6 +394,35 @@ fn query(sql: &str, text: Option<String>, int: Option<i32>) -> Result<String, St
             Err(f) => Err(format!("{} ({})", f.message, f.sqlstate)),
         }
     })
+}
+
+/// Say loudly, once, that another node seems to use this node's identity.
+fn warn_identity(d: &sync_bridge::discovery::Doubt) {
+    use sync_bridge::discovery::Doubt;
+    let what = match d {
+        Doubt::Twin { address, name, .. } => {
+            format!("another node announces this node's identity from {address} (named \"{name}\")")
+        }
+        Doubt::Behind { peer, theirs, ours, .. } => {
+            format!("peer {peer} holds this node's own transactions up to {theirs}, this node only up to {ours}")
+        }
+    };
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_WARNING,
+        format!("pg_peersync: {what}; changes to tracked tables are refused until this is settled"),
+        "pg_peersync",
+    )
+    .set_hint(format!(
+        "{}. On the copy (or the restored node), a superuser runs SELECT sync_new_identity(); \
+         see sync_status() -> 'worker' -> 'identity'.",
+        d.hint()
+    ))
+    .report(PgLogLevel::WARNING);
+    BackgroundWorker::transaction(|| {
+        if let Err(e) = crate::identity::record_doubt(&what) {
+            warning!("pg_peersync worker: cannot record the identity doubt: {e}");
+        }
+    });
 }
 
 /// Write finished exchanges into `sync_sessions`.

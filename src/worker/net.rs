@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 use sync_bridge::auth::{Announcement, Keys};
-use sync_bridge::discovery::{self, DiscoveryStatus, Exchanged, Identity, Observed, Roster};
+use sync_bridge::discovery::{self, DiscoveryStatus, Doubt, Exchanged, Identity, Observed, Roster};
 use sync_bridge::transport::{self, Client, Counters, Node, NodeFuture, now_ms};
 use tokio::sync::{Notify, oneshot, watch};
 use uuid::Uuid;
@@ -130,6 +130,8 @@ pub struct Settings {
 }
 
 pub struct Net {
+    /// The identity it announces and pulls as.
+    pub node_id: Uuid,
     runtime: tokio::runtime::Runtime,
     shared: Arc<Shared>,
     port: u16,
@@ -183,7 +185,8 @@ impl Net {
         }
         let (tx, asks) = mpsc::channel();
         let (shutdown, stop) = watch::channel(false);
-        let mut roster = Roster::new(s.identity.node_id);
+        let node_id = s.identity.node_id;
+        let mut roster = Roster::new(node_id);
         for p in &s.peers {
             // Resolved again before each exchange; this is only for matching pokes early.
             roster.add_static(p, p.to_socket_addrs().ok().and_then(|mut a| a.next()));
@@ -216,7 +219,17 @@ impl Net {
             runtime.spawn(discovery::run(cfg, s.identity, s.keys, shared.discovery.clone(), found_tx, stop.clone()));
             runtime.spawn(admit(shared.clone(), found, runtime.handle().clone()));
         }
-        Ok(Net { runtime, shared, port: s.port, asks, shutdown, listen, counters, multicast: s.multicast.is_some() })
+        Ok(Net {
+            node_id,
+            runtime,
+            shared,
+            port: s.port,
+            asks,
+            shutdown,
+            listen,
+            counters,
+            multicast: s.multicast.is_some(),
+        })
     }
 
     /// Tell every peer with a known address that this node has new changes (they pull at once).
@@ -304,13 +317,25 @@ impl Net {
         } else {
             json!("off: peersync.multicast_group is empty")
         };
+        let identity = self.identity_doubt().map(|d| {
+            let mut v = serde_json::to_value(&d).unwrap_or(Value::Null);
+            v["hint"] = json!(d.hint());
+            v
+        });
         json!({
+            "identity": identity,
             "listening": self.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "requests": requests,
             "rejected": rejected,
             "discovery": discovery,
             "peers": peers,
         })
+    }
+
+    /// The first sign, if any, that another node uses this node's identity.
+    pub fn identity_doubt(&self) -> Option<Doubt> {
+        let seen = self.shared.roster.lock().expect("roster").doubt().cloned();
+        seen.or_else(|| self.shared.discovery.lock().expect("discovery").twin.clone())
     }
 
     pub fn stop(self) {
@@ -473,7 +498,10 @@ impl Puller {
             x.theirs = head.node_have;
             x.ours = vector(&request["have"]);
             if complete {
-                for (o, n) in head.have {
+                // Not this node's own origin: what the peer holds of it says nothing of what this
+                // node has (see `discovery::Doubt::Behind`).
+                let own = self.shared.roster.lock().expect("roster").own_id().to_string();
+                for (o, n) in head.have.into_iter().filter(|(o, _)| *o != own) {
                     let e = x.ours.entry(o).or_insert(0);
                     *e = (*e).max(n);
                 }

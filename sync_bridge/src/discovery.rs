@@ -116,6 +116,37 @@ impl Peer {
     }
 }
 
+/// Evidence that another node uses this node's identity: a copy of its database (a base
+/// backup, a copied data directory or VM image started as a second machine) or a restore of
+/// an older backup of it. Both number transactions that peers may already hold under the same
+/// numbers, so the node says so loudly (`sync_status() -> 'worker' -> 'identity'` and a
+/// WARNING).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "seen", rename_all = "snake_case")]
+pub enum Doubt {
+    /// Announcements carrying this node's id that this node did not send.
+    Twin { address: String, name: String, since_ms: u64 },
+    /// A peer holds this node's own transactions beyond the last one this node has: this node
+    /// lost transactions it made (a restore), or another node numbered some under its id.
+    Behind { peer: String, theirs: i64, ours: i64, since_ms: u64 },
+}
+
+impl Doubt {
+    pub fn hint(&self) -> &'static str {
+        match self {
+            Doubt::Twin { .. } => {
+                "another machine runs a copy of this database with the same pg_peersync identity (a base backup, \
+                 copied data directory or VM image); stop one of them: their changes may be numbered alike"
+            }
+            Doubt::Behind { .. } => {
+                "a peer holds more of this node's own transactions than this node has: it was restored from an \
+                 older backup, or a copy of it wrote under its identity; new changes here may reuse numbers \
+                 the peers hold"
+            }
+        }
+    }
+}
+
 /// What `observe` made of an announcement.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Observed {
@@ -131,11 +162,32 @@ pub enum Observed {
 pub struct Roster {
     own_id: Uuid,
     peers: BTreeMap<String, Peer>,
+    /// The first sign that another node uses this node's identity, if any.
+    doubt: Option<Doubt>,
+    /// A peer that held more of this node's own transactions than this node's have-vector
+    /// said, as read before that exchange: `(peer, theirs)`. A local commit that the peer
+    /// pulled meanwhile explains that; still more than this node has at the next exchange does
+    /// not.
+    suspect: Option<(String, i64)>,
 }
 
 impl Roster {
     pub fn new(own_id: Uuid) -> Roster {
-        Roster { own_id, peers: BTreeMap::new() }
+        Roster { own_id, peers: BTreeMap::new(), doubt: None, suspect: None }
+    }
+
+    pub fn own_id(&self) -> Uuid {
+        self.own_id
+    }
+
+    /// The first sign, if any, that another node uses this node's identity.
+    pub fn doubt(&self) -> Option<&Doubt> {
+        self.doubt.as_ref()
+    }
+
+    /// Record a sign that another node uses this node's identity (the first one is kept).
+    pub fn doubt_identity(&mut self, d: Doubt) {
+        self.doubt.get_or_insert(d);
     }
 
     /// A peer from `peersync.peers`, resolved now if it can be.
@@ -186,6 +238,18 @@ impl Roster {
         p.pulls += 1;
         match outcome {
             Ok(x) => {
+                let own = self.own_id.to_string();
+                let (theirs, ours) = (x.theirs.get(&own).copied().unwrap_or(0), x.ours.get(&own).copied().unwrap_or(0));
+                // What a peer holds of this node was served by this node, or by one with its id.
+                if let Some((peer, seen)) = self.suspect.take()
+                    && seen > ours
+                {
+                    self.doubt.get_or_insert(Doubt::Behind { peer, theirs: seen, ours, since_ms: now_ms });
+                }
+                if theirs > ours {
+                    self.suspect = Some((key.to_string(), theirs));
+                }
+                let p = self.peers.get_mut(key).expect("found above");
                 p.last_heard_ms = Some(now_ms);
                 p.last_ok_ms = Some(now_ms);
                 p.last_error = None;
@@ -290,6 +354,27 @@ pub struct DiscoveryStatus {
     /// The last socket error, if any (a network that drops multicast shows here or as
     /// `received` staying at `sent`'s echo only).
     pub last_error: Option<String>,
+    /// Announcements with this node's id that it did not send (see `Doubt::Twin`).
+    pub twin: Option<Doubt>,
+}
+
+/// The nonces of the last announcements this node sent (a few intervals' worth).
+#[derive(Default)]
+struct SentNonces(std::collections::VecDeque<String>);
+
+impl SentNonces {
+    const KEPT: usize = 256;
+
+    fn push(&mut self, nonce: String) {
+        if self.0.len() == Self::KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back(nonce);
+    }
+
+    fn contains(&self, nonce: &str) -> bool {
+        self.0.iter().any(|n| n == nonce)
+    }
 }
 
 /// What a node announces about itself (the rest of `Announcement` is filled per message).
@@ -354,6 +439,12 @@ pub async fn run(
     };
     let mut joined: Vec<Ipv4Addr> = Vec::new();
     let mut guard = ReplayGuard::new(ANNOUNCE_WINDOW_MS);
+    // Nonces of the announcements this node sent lately: one with its id and another nonce
+    // was sent by a copy of it.
+    let mut sent = SentNonces::default();
+    // Announcements of this node sent before this task started (a reload restarts it) are not
+    // in `sent`: those are not a copy's.
+    let started_ms = crate::transport::now_ms();
     let mut tick = tokio::time::interval(cfg.interval);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
@@ -382,6 +473,7 @@ pub async fn run(
                         ts_ms: crate::transport::now_ms(),
                         nonce: crate::auth::hex(&crate::auth::new_nonce()),
                     };
+                    sent.push(a.nonce.clone());
                     let to = SocketAddrV4::new(cfg.group, cfg.port).into();
                     let sent = send.set_multicast_if_v4(&i.address).and_then(|_| send.send_to(&a.sign(&keys), &to));
                     match sent {
@@ -397,7 +489,16 @@ pub async fn run(
                 let mut s = status.lock().expect("discovery status");
                 match verdict {
                     // Our own, looped back (multicast loop is on so nodes on one host meet).
-                    Ok(a) if a.node_id == me.node_id => {}
+                    Ok(a) if a.node_id == me.node_id && (sent.contains(&a.nonce) || a.ts_ms < started_ms) => {}
+                    Ok(a) if a.node_id == me.node_id => {
+                        s.received += 1;
+                        let address = SocketAddr::new(reachable_address(&a, from.ip()), a.port).to_string();
+                        s.twin.get_or_insert(Doubt::Twin {
+                            address,
+                            name: a.name.clone(),
+                            since_ms: crate::transport::now_ms(),
+                        });
+                    }
                     Ok(a) => {
                         s.received += 1;
                         s.accepted += 1;
@@ -431,6 +532,47 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(120);
+
+    #[test]
+    fn a_peer_holding_more_of_this_nodes_own_transactions_raises_a_doubt() {
+        let (me, peer) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut r = Roster::new(me);
+        r.add_static("db-b:8765", None);
+        let vector = |mine: i64| BTreeMap::from([(me.to_string(), mine), (peer.to_string(), 4)]);
+        // Equal, or the peer behind: nothing wrong.
+        r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(5), theirs: vector(5), ..Default::default() }), 10);
+        r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(5), theirs: vector(3), ..Default::default() }), 11);
+        assert_eq!(r.doubt(), None);
+        // The peer holds 6 of this node's transactions, this node's vector said 5: a commit the
+        // peer pulled meanwhile. At the next exchange this node has it: nothing wrong.
+        r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(5), theirs: vector(6), ..Default::default() }), 12);
+        r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(6), theirs: vector(6), ..Default::default() }), 13);
+        assert_eq!(r.doubt(), None);
+        // The peer holds 7; this node has 5, and still 5 at the next exchange: it lost two.
+        r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(5), theirs: vector(7), ..Default::default() }), 14);
+        assert_eq!(r.doubt(), None);
+        r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(5), theirs: vector(7), ..Default::default() }), 15);
+        let first = Doubt::Behind { peer: "db-b:8765".into(), theirs: 7, ours: 5, since_ms: 15 };
+        assert_eq!(r.doubt(), Some(&first));
+        // The first sign is kept.
+        r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(6), theirs: vector(9), ..Default::default() }), 16);
+        r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(6), theirs: vector(9), ..Default::default() }), 17);
+        assert_eq!(r.doubt(), Some(&first));
+        assert!(first.hint().contains("restored from an older backup"));
+    }
+
+    #[test]
+    fn own_announcements_are_known_by_their_nonces() {
+        let mut sent = SentNonces::default();
+        for i in 0..SentNonces::KEPT + 10 {
+            sent.push(format!("n{i}"));
+        }
+        assert!(sent.contains(&format!("n{}", SentNonces::KEPT + 9)));
+        assert!(sent.contains("n10"));
+        // The oldest were forgotten; one never sent was never known.
+        assert!(!sent.contains("n9"));
+        assert!(!sent.contains("from-a-copy"));
+    }
 
     #[test]
     fn announced_peers_are_added_once_and_own_announcements_ignored() {

@@ -1,0 +1,103 @@
+//! A node's identity is never silently reused: a node restored from an older backup (its data
+//! directory put back as a file-level backup left it) finds out from its peers, which hold
+//! more of its own transactions than it has, says so in `sync_status()` and the log, refuses
+//! changes to tracked tables, and `sync_new_identity()` sets it going again.
+
+use pg_peersync_tests::{Cluster, free_port, wait_for, worker_status};
+
+const KEY: &str = "identity-lab-registration-key";
+
+fn node(name: &str, port: u16, peer: u16) -> Cluster {
+    let extra = ["fsync = off", "peersync.multicast_group = ''", "peersync.sync_interval = 1"];
+    let c = Cluster::start_peer(name, KEY, port, &[peer], &extra);
+    c.connect()
+        .batch_execute(
+            "CREATE EXTENSION pg_peersync;
+             CREATE TABLE t (id int PRIMARY KEY);
+             SELECT sync_track_table('t');",
+        )
+        .unwrap();
+    c
+}
+
+fn count(c: &Cluster) -> i64 {
+    c.connect().query_one("SELECT count(*) FROM t", &[]).unwrap().get(0)
+}
+
+#[test]
+fn a_node_restored_from_an_older_backup_says_so() {
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = node("identity-a", pa, pb);
+    let b = node("identity-b", pb, pa);
+    a.connect().batch_execute("INSERT INTO t VALUES (1)").unwrap();
+    wait_for(60, "b to receive a's first row", || (count(&b) == 1).then_some(()));
+    // A file-level backup of a, taken now.
+    let backup = tempfile::Builder::new().prefix("peersync-identity-backup-").tempdir_in("/tmp").unwrap();
+    let copy = backup.path().join("data");
+    a.stop_server(false);
+    a.copy_data(&copy);
+    a.start_server();
+    a.connect().batch_execute("INSERT INTO t VALUES (2); INSERT INTO t VALUES (3);").unwrap();
+    wait_for(60, "b to receive a's later rows", || (count(&b) == 3).then_some(()));
+    let no_doubt = worker_status(&a);
+    assert!(no_doubt["identity"].is_null(), "{no_doubt}");
+    // a is restored from the backup: b holds two of its transactions that it no longer has.
+    a.stop_server(false);
+    a.restore_data(&copy);
+    a.start_server();
+    let doubt = wait_for(60, "the restored node to notice", || {
+        let s = worker_status(&a);
+        (!s["identity"].is_null()).then(|| s["identity"].clone())
+    });
+    assert_eq!(doubt["seen"], "behind", "{doubt}");
+    assert!(doubt["theirs"].as_i64().unwrap() > doubt["ours"].as_i64().unwrap(), "{doubt}");
+    assert!(doubt["hint"].as_str().unwrap().contains("restored from an older backup"), "{doubt}");
+    wait_for(10, "the WARNING in the log", || {
+        a.log().contains("holds this node's own transactions up to").then_some(())
+    });
+    // b, which was not restored, sees nothing wrong with itself.
+    assert!(worker_status(&b)["identity"].is_null());
+}
+
+/// After the doubt, the restored node refuses changes to tracked tables (a change numbered
+/// like one its peers hold would be lost); `sync_new_identity()` gives it a new id, its lost
+/// transactions come back from its peer as another origin's, and its new changes flow again.
+#[test]
+fn a_restored_node_takes_a_new_identity_and_gets_its_lost_changes_back() {
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = node("renew-a", pa, pb);
+    let b = node("renew-b", pb, pa);
+    a.connect().batch_execute("INSERT INTO t VALUES (1)").unwrap();
+    wait_for(60, "b to receive a's first row", || (count(&b) == 1).then_some(()));
+    let backup = tempfile::Builder::new().prefix("peersync-renew-backup-").tempdir_in("/tmp").unwrap();
+    let copy = backup.path().join("data");
+    a.stop_server(false);
+    a.copy_data(&copy);
+    a.start_server();
+    a.connect().batch_execute("INSERT INTO t VALUES (2); INSERT INTO t VALUES (3);").unwrap();
+    wait_for(60, "b to receive a's later rows", || (count(&b) == 3).then_some(()));
+    a.stop_server(false);
+    a.restore_data(&copy);
+    a.start_server();
+    wait_for(60, "the restored node to notice", || (!worker_status(&a)["identity"].is_null()).then_some(()));
+    // Capture refuses, with the way out in the hint.
+    let e = wait_for(20, "capture to refuse", || a.connect().batch_execute("INSERT INTO t VALUES (4)").err());
+    let db = e.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "55000", "{e:?}");
+    assert!(db.hint().unwrap_or_default().contains("sync_new_identity()"), "{e:?}");
+    let old: String = a.connect().query_one("SELECT sync_node_id()::text", &[]).unwrap().get(0);
+    let renewed: String = a.connect().query_one("SELECT sync_new_identity()::text", &[]).unwrap().get(0);
+    assert!(renewed.contains(&old), "{renewed}");
+    let new: String = a.connect().query_one("SELECT sync_node_id()::text", &[]).unwrap().get(0);
+    assert_ne!(new, old);
+    // Its lost transactions come back from b, as the old identity's.
+    wait_for(60, "the restored node to get rows 2 and 3 back", || (count(&a) == 3).then_some(()));
+    a.connect().batch_execute("INSERT INTO t VALUES (4)").unwrap();
+    wait_for(60, "b to receive the new identity's row", || (count(&b) == 4).then_some(()));
+    wait_for(30, "the doubt to clear after networking restarts", || {
+        worker_status(&a)["identity"].is_null().then_some(())
+    });
+    let digest =
+        |c: &Cluster| -> String { c.connect().query_one("SELECT sync_table_digest('t')", &[]).unwrap().get(0) };
+    wait_for(30, "equal tables", || (digest(&a) == digest(&b)).then_some(()));
+}
