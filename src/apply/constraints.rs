@@ -96,6 +96,9 @@ pub(super) struct Settlement {
     pub registers: Vec<Register>,
 }
 
+/// Rows, as (table, key text), that settled races changed earlier in an apply run.
+pub(crate) type Changed = BTreeSet<(String, String)>;
+
 /// One careful apply: the constraints met so far, and what the settling did.
 pub(super) struct Settler<'a> {
     schema: &'a str,
@@ -105,26 +108,44 @@ pub(super) struct Settler<'a> {
     /// on the first one).
     seen: Option<Vec<(Uuid, i64)>>,
     constraints: HashMap<pg_sys::Oid, Rc<Constraints>>,
+    /// Rows settled races changed before this apply, in the same run.
+    before: &'a Changed,
+    /// Rows the settling changed. The change recorded for each has seen every transaction this
+    /// run applies (its causal context is taken at commit), so later writes of these rows in
+    /// the run are superseded: they are skipped.
+    changed: Changed,
     out: Settlement,
 }
 
 impl<'a> Settler<'a> {
-    pub fn new(schema: &'a str, me: Uuid, events: &'a [&'a Event]) -> Settler<'a> {
-        Settler { schema, me, events, seen: None, constraints: HashMap::new(), out: Settlement::default() }
+    pub fn new(schema: &'a str, me: Uuid, events: &'a [&'a Event], before: &'a Changed) -> Settler<'a> {
+        Settler {
+            schema,
+            me,
+            events,
+            seen: None,
+            constraints: HashMap::new(),
+            before,
+            changed: Changed::new(),
+            out: Settlement::default(),
+        }
     }
 
-    /// What the settling did.
-    pub fn finish(self) -> Settlement {
-        self.out
+    /// What the settling did, and the rows it changed.
+    pub fn finish(self) -> (Settlement, Changed) {
+        (self.out, self.changed)
+    }
+
+    /// Whether a settled race changed this row earlier in the run: a write of it now is
+    /// skipped (the change recorded for it has seen the transaction that writes it).
+    pub fn changed(&self, table: &str, key: &str) -> bool {
+        was_changed(self.before, table, key) || was_changed(&self.changed, table, key)
     }
 
     /// Execute `writes` in order, one at a time, settling the races they meet.
     pub fn write_settling(&mut self, tables: &mut HashMap<String, Table>, writes: &[Write]) -> Result<(), SyncError> {
-        // Rows removed by the settling: later changes of them in these transactions went with
-        // them (the removal has seen the whole transaction).
-        let mut gone: BTreeSet<(String, String)> = BTreeSet::new();
         for w in writes {
-            if gone.contains(&(w.table.to_string(), w.key.to_string())) {
+            if self.changed(w.table, w.key) {
                 continue;
             }
             match &w.row {
@@ -134,9 +155,7 @@ impl<'a> Settler<'a> {
                     super::rows::delete(&tables[w.table], std::slice::from_ref(w))?;
                 }
                 Some(row) => {
-                    for key in self.upsert_settling(tables, w, row)? {
-                        gone.insert(key);
-                    }
+                    self.upsert_settling(tables, w, row)?;
                 }
             }
         }
@@ -407,6 +426,7 @@ impl<'a> Settler<'a> {
             written,
         };
         let stored = Stored::from_version(&v, self.me, false);
+        self.changed.insert((table.to_string(), key.to_string()));
         self.out.registers.push(Register { table: table.to_string(), key: key.to_string(), stored });
     }
 
@@ -503,6 +523,10 @@ impl<'a> Settler<'a> {
         }
         Ok(out)
     }
+}
+
+pub(super) fn was_changed(changed: &Changed, table: &str, key: &str) -> bool {
+    !changed.is_empty() && changed.contains(&(table.to_string(), key.to_string()))
 }
 
 /// The primary key of a row image, as events carry it.

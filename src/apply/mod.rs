@@ -302,6 +302,8 @@ struct Run {
     counts: Counts,
     /// Columns added here since peers sent them, filled in from the log (`drift`).
     filled: Vec<String>,
+    /// Rows settled races changed in this run (see `constraints::Settler`).
+    changed: constraints::Changed,
 }
 
 impl Run {
@@ -329,6 +331,7 @@ impl Run {
             waiting: Vec::new(),
             counts: Counts::default(),
             filled,
+            changed: constraints::Changed::new(),
         })
     }
 
@@ -343,7 +346,11 @@ impl Run {
             // A delete may change rows that refer to it (`constraints`), whose registers must
             // then be up to date.
             let referenced = e.op == sync_bridge::Op::Delete && self.tables.get(&e.table).is_some_and(|t| t.referenced);
-            let seen = !referenced && resolve::saw_everything(e.origin, &e.vclock, &held);
+            // A row a settled race changed in this run: its register must be kept (the fold
+            // would take the change for one that saw it).
+            let settled = !self.changed.is_empty()
+                && constraints::was_changed(&self.changed, &e.table, &sync_bridge::canonical::jsonb_text(&e.pk));
+            let seen = !referenced && !settled && resolve::saw_everything(e.origin, &e.vclock, &held);
             let n = held.entry(e.origin).or_insert(0);
             *n = (*n).max(e.seq);
             seen
@@ -559,7 +566,7 @@ impl Run {
     fn apply_chunk(&mut self, txns: &[Txn], chunk: &[usize], mode: Mode) -> Result<(), SyncError> {
         let blind = mode == Mode::Blind;
         let events: Vec<&Event> = chunk.iter().flat_map(|&i| &txns[i].events).collect();
-        let stats = rows::apply(&self.schema, self.me, &mut self.tables, &events, mode)?;
+        let stats = rows::apply(&self.schema, self.me, &mut self.tables, &events, mode, &self.changed)?;
         if fold::raced(&self.schema, self.me, &self.local, &stats.keys)? {
             return Err(SyncError::ConcurrentLocalWrite);
         }
@@ -576,6 +583,7 @@ impl Run {
             let n = self.applied.entry(txns[i].origin).or_insert(0);
             *n = (*n).max(txns[i].seq);
         }
+        self.changed.extend(stats.changed);
         self.counts.transactions += chunk.len() as i64;
         self.counts.applied += stats.applied;
         self.counts.skipped += stats.skipped;

@@ -8,7 +8,7 @@
 
 use super::Table;
 use super::arrays::{Of, array};
-use super::constraints::{Settled, Settlement, Settler};
+use super::constraints::{Changed, Settled, Settlement, Settler, was_changed};
 use super::plans;
 use super::subxact;
 use crate::error::SyncError;
@@ -29,6 +29,8 @@ pub struct Stats {
     pub conflicts: i64,
     /// (table, canonical key text) of each event, in order.
     pub keys: Vec<(String, String)>,
+    /// Rows settled races changed (`constraints`).
+    pub changed: Changed,
 }
 
 /// One row's state while a transaction is applied.
@@ -130,16 +132,17 @@ type States<'e> = HashMap<(&'e str, &'e str), RowState>;
 
 /// Apply `events` (whole origin transactions, in delivery order), in four phases: load the
 /// registers of the rows they touch, decide each change's row, write the rows, store the
-/// registers.
+/// registers. Changes of rows in `changed` (settled races earlier in the run) are skipped.
 pub fn apply(
     schema: &str,
     me: Uuid,
     tables: &mut HashMap<String, Table>,
     events: &[&Event],
     mode: Mode,
+    changed: &Changed,
 ) -> Result<Stats, SyncError> {
     if let Some(at) = events.iter().position(|e| crate::ddl::is_ddl(e)) {
-        return apply_around_ddl(schema, me, tables, events, at, mode);
+        return apply_around_ddl(schema, me, tables, events, at, mode, changed);
     }
     if let Some(e) = events.iter().find(|e| !tables.contains_key(&e.table)) {
         return Err(SyncError::UntrackedTable(e.table.clone()));
@@ -159,17 +162,19 @@ pub fn apply(
             BTreeMap::new()
         };
     let (writes, conflicts) =
-        decide_all(schema, me, tables, events, &keys, versions, &mut states, &priorities, mode, &mut stats);
+        decide_all(schema, me, tables, events, &keys, versions, &mut states, &priorities, mode, changed, &mut stats);
     // Conflicts borrow their table's name; recorded first (all of it rolls back together).
     record_conflicts(schema, &conflicts)?;
     drop(conflicts);
-    let mut settler = Settler::new(schema, me, events);
+    let mut settler = Settler::new(schema, me, events, changed);
     if mode == Mode::Settling {
         settler.write_settling(tables, &writes)?;
     } else {
         write_runs(tables, &writes, &mut settler)?;
     }
-    settled(schema, tables, events, settler.finish(), &mut states, &mut stats)?;
+    let (settlement, now_changed) = settler.finish();
+    settled(schema, tables, events, settlement, &mut states, &mut stats)?;
+    stats.changed = now_changed;
     if mode != Mode::Blind {
         store_changed(schema, tables, &states)?;
     }
@@ -186,8 +191,9 @@ fn apply_around_ddl(
     events: &[&Event],
     at: usize,
     mode: Mode,
+    changed: &Changed,
 ) -> Result<Stats, SyncError> {
-    let mut stats = apply(schema, me, tables, &events[..at], mode)?;
+    let mut stats = apply(schema, me, tables, &events[..at], mode, changed)?;
     {
         // Rows the command writes were captured after it on the origin: not captured again.
         let _guard = super::Applying::start();
@@ -203,7 +209,9 @@ fn apply_around_ddl(
         }
     }
     *tables = fresh;
-    let rest = apply(schema, me, tables, &events[at + 1..], mode)?;
+    let before: Changed = changed.union(&stats.changed).cloned().collect();
+    let rest = apply(schema, me, tables, &events[at + 1..], mode, &before)?;
+    stats.changed.extend(rest.changed);
     stats.applied += rest.applied;
     stats.skipped += rest.skipped;
     stats.conflicts += rest.conflicts;
@@ -279,6 +287,7 @@ fn decide_all<'e: 't, 't>(
     states: &mut States<'e>,
     priorities: &BTreeMap<Uuid, i32>,
     mode: Mode,
+    changed: &Changed,
     stats: &mut Stats,
 ) -> (Vec<Write<'e>>, Vec<Conflict<'t>>) {
     let blind = mode == Mode::Blind;
@@ -293,6 +302,11 @@ fn decide_all<'e: 't, 't>(
         })
         .collect();
     for (i, (e, v)) in events.iter().zip(versions).enumerate() {
+        if was_changed(changed, &e.table, &keys[i]) {
+            // Superseded by the change a settled race recorded (see `constraints::Settler`).
+            stats.skipped += 1;
+            continue;
+        }
         let t = &tables[&e.table];
         let state = states.entry((e.table.as_str(), keys[i].as_str())).or_insert_with(|| RowState {
             stored: Vec::new(),
@@ -663,19 +677,27 @@ fn write_runs(tables: &mut HashMap<String, Table>, writes: &[Write], settler: &m
             }
             end += 1;
         }
-        let run = &writes[start..end];
+        let mut run = &writes[start..end];
         if first.row.is_none() && tables[first.table].referenced {
             for w in run {
                 settler.before_delete(tables, w.table, w.pk, w.event)?;
             }
         }
+        // Rows a settled race changed earlier in this apply: the change recorded for them has
+        // seen the transactions that write them here.
+        let kept: Vec<Write>;
+        if run.iter().any(|w| settler.changed(w.table, w.key)) {
+            kept = run.iter().filter(|w| !settler.changed(w.table, w.key)).cloned().collect();
+            run = &kept;
+        }
+        start = end;
+        let Some(first) = run.first() else { continue };
         let _guard = super::Applying::start();
         let t = tables.get_mut(first.table).expect("checked tracked");
         match &first.row {
             Some(row) => upsert(t, row, run)?,
             None => delete(t, run)?,
         }
-        start = end;
     }
     Ok(())
 }
