@@ -9,7 +9,8 @@
 //! sequences (no row may be lost). Cases cycle through these kinds.
 //!
 //! `PEERSYNC_CASES` sets the number of cases (default 200; the long mode is simply a larger
-//! number), `PEERSYNC_SEED` the seed (a failure prints the seed and case to rerun).
+//! number), `PEERSYNC_SEED` the seed (a failure prints the seed and case to rerun), and
+//! `PEERSYNC_DEBUG` prints each node's events and registers of a case that does not converge.
 
 use pg_peersync_tests::{Cluster, digest, exchange_all, have, nodes, pull_once, two};
 use postgres::Client;
