@@ -166,6 +166,24 @@ impl Cluster {
         );
     }
 
+    /// A second cluster made from a cold copy of this stopped one's data directory (a copied
+    /// disk image), started in network namespace `netns`: it keeps the node's identity.
+    pub fn copy_into(&self, netns: Option<&str>, name: &str) -> Cluster {
+        let dir = tempfile::Builder::new().prefix(&format!("peersync-{name}-")).tempdir_in("/tmp").unwrap();
+        if is_root() {
+            check("chown", Command::new("chown").args(["postgres:", dir.path().to_str().unwrap()]).output().unwrap());
+        }
+        let mut copy = Cluster { name: name.into(), dir, stopped: true, netns: netns.map(str::to_owned) };
+        self.copy_data(&copy.data_dir());
+        // Its own socket directory; everything else as the original has it.
+        let conf_path = copy.data_dir().join("postgresql.conf");
+        let mut conf = std::fs::read_to_string(&conf_path).unwrap();
+        conf.push_str(&format!("\nunix_socket_directories = '{}'\n", copy.dir.path().display()));
+        std::fs::write(&conf_path, conf).unwrap();
+        copy.start_server();
+        copy
+    }
+
     /// Put back a copy made by `copy_data` (the cluster stopped): a restore of that backup.
     pub fn restore_data(&mut self, from: &Path) {
         assert!(self.stopped, "restore into a stopped cluster");

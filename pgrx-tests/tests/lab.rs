@@ -222,3 +222,44 @@ fn relay_through_a_node_on_two_networks() {
         .collect();
     assert_eq!(names, ["relay-b"]);
 }
+
+/// A node's data directory copied to a second machine (a cloned disk image) keeps its
+/// identity: each hears the other announce it, says so, and refuses changes to tracked tables.
+/// The copy takes a new identity, the original keeps its own, and both sync again.
+#[test]
+fn a_copied_node_is_heard_as_a_twin_and_takes_a_new_identity() {
+    let Some(mut lab) = lab(1) else { return };
+    let mut a = node(&mut lab, &[0], "twin-a", KEY);
+    a.connect().batch_execute("INSERT INTO items VALUES (1, 'before the copy', 1)").unwrap();
+    wait_for(30, "a's worker to run", || try_worker_status(&a).filter(|s| s["state"] == "running"));
+    a.stop_server(false);
+    let (ns, _) = lab.node(&[0]);
+    let copy = a.copy_into(Some(&ns), "twin-copy");
+    a.start_server();
+    for c in [&a, &copy] {
+        let doubt = wait_for(60, "the twin to be heard", || {
+            try_worker_status(c).filter(|s| !s["identity"].is_null()).map(|s| s["identity"].clone())
+        });
+        assert_eq!(doubt["seen"], "twin", "{}: {doubt}", c.name);
+        let e = wait_for(20, "capture to refuse", || {
+            c.connect().batch_execute("INSERT INTO items VALUES (2, 'x', 1)").err()
+        });
+        assert_eq!(e.as_db_error().unwrap().code().code(), "55000", "{e:?}");
+    }
+    // The copy takes a new identity; once it announces that one, the original keeps its own.
+    copy.connect().batch_execute("SELECT sync_new_identity()").unwrap();
+    wait_for(60, "the copy to restart with its new identity", || {
+        try_worker_status(&copy).filter(|s| s["state"] == "running" && s["identity"].is_null())
+    });
+    a.connect().batch_execute("SELECT sync_keep_identity()").unwrap();
+    wait_for(60, "the original to be sure of itself again", || {
+        try_worker_status(&a).filter(|s| s["state"] == "running" && s["identity"].is_null())
+    });
+    a.connect().batch_execute("INSERT INTO items VALUES (2, 'from the original', 1)").unwrap();
+    copy.connect().batch_execute("INSERT INTO items VALUES (3, 'from the copy', 1)").unwrap();
+    wait_for(60, "both rows on both", || {
+        let n = |c: &Cluster| -> i64 { c.connect().query_one("SELECT count(*) FROM items", &[]).unwrap().get(0) };
+        (n(&a) == 3 && n(&copy) == 3 && digest(&mut a.connect(), "items") == digest(&mut copy.connect(), "items"))
+            .then_some(())
+    });
+}
