@@ -37,6 +37,19 @@ mod tests {
         serde_json::from_str(text).unwrap()
     }
 
+    /// The SQLSTATE and hint of the error `statement` (PL/pgSQL) raises, as `{state, hint}`.
+    fn caught(statement: &str) -> Value {
+        one::<JsonB>(&format!(
+            "DO $$ DECLARE s text; h text; BEGIN
+                 {statement};
+             EXCEPTION WHEN others THEN
+                 GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, h = PG_EXCEPTION_HINT;
+                 PERFORM set_config('test.err', jsonb_build_object('state', s, 'hint', h)::text, true);
+             END $$; SELECT current_setting('test.err')::jsonb"
+        ))
+        .0
+    }
+
     fn shop() {
         run("CREATE TABLE items (id int PRIMARY KEY, name text, price numeric(10,2), note text)");
     }
@@ -174,16 +187,9 @@ mod tests {
     fn errors_carry_sqlstate_and_hint() {
         shop();
         run("CREATE TABLE nopk (a int)");
-        let caught = one::<JsonB>(
-            "DO $$ DECLARE s text; h text; BEGIN
-                 PERFORM sync_track_table('nopk');
-             EXCEPTION WHEN others THEN
-                 GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, h = PG_EXCEPTION_HINT;
-                 PERFORM set_config('test.err', jsonb_build_object('state', s, 'hint', h)::text, true);
-             END $$; SELECT current_setting('test.err')::jsonb",
-        );
-        assert_eq!(caught.0["state"], json!("55000"));
-        assert!(caught.0["hint"].as_str().unwrap().contains("ADD PRIMARY KEY"));
+        let caught = caught("PERFORM sync_track_table('nopk')");
+        assert_eq!(caught["state"], json!("55000"));
+        assert!(caught["hint"].as_str().unwrap().contains("ADD PRIMARY KEY"));
     }
 
     #[pg_test]
@@ -191,16 +197,9 @@ mod tests {
         shop();
         run("SELECT sync_track_table('items')");
         crate::identity::record_doubt("a copy seen in a test").unwrap();
-        let caught = one::<JsonB>(
-            "DO $$ DECLARE s text; h text; BEGIN
-                 INSERT INTO items VALUES (90, 'numbered like a peer''s');
-             EXCEPTION WHEN others THEN
-                 GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, h = PG_EXCEPTION_HINT;
-                 PERFORM set_config('test.err', jsonb_build_object('state', s, 'hint', h)::text, true);
-             END $$; SELECT current_setting('test.err')::jsonb",
-        );
-        assert_eq!(caught.0["state"], json!("55000"));
-        assert!(caught.0["hint"].as_str().unwrap().contains("sync_new_identity()"));
+        let caught = caught("INSERT INTO items VALUES (90, 'numbered like a peer''s')");
+        assert_eq!(caught["state"], json!("55000"));
+        assert!(caught["hint"].as_str().unwrap().contains("sync_new_identity()"));
         run("SELECT sync_keep_identity()");
         run("INSERT INTO items VALUES (90, 'captured again')");
         assert_eq!(events("public.items").len(), 1);

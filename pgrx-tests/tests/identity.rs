@@ -24,11 +24,12 @@ fn count(c: &Cluster) -> i64 {
     c.connect().query_one("SELECT count(*) FROM t", &[]).unwrap().get(0)
 }
 
-#[test]
-fn a_node_restored_from_an_older_backup_says_so() {
+/// Nodes a and b in sync; a backed up after its first row, then restored from that backup
+/// after b received two more of its rows (one transaction). Returns (a, b).
+fn restored_pair(name: &str) -> (Cluster, Cluster) {
     let (pa, pb) = (free_port(), free_port());
-    let mut a = node("identity-a", pa, pb);
-    let b = node("identity-b", pb, pa);
+    let mut a = node(&format!("{name}-a"), pa, pb);
+    let b = node(&format!("{name}-b"), pb, pa);
     a.connect().batch_execute("INSERT INTO t VALUES (1)").unwrap();
     wait_for(60, "b to receive a's first row", || (count(&b) == 1).then_some(()));
     // A file-level backup of a, taken now.
@@ -41,10 +42,16 @@ fn a_node_restored_from_an_older_backup_says_so() {
     wait_for(60, "b to receive a's later rows", || (count(&b) == 3).then_some(()));
     let no_doubt = worker_status(&a);
     assert!(no_doubt["identity"].is_null(), "{no_doubt}");
-    // a is restored from the backup: b holds two of its transactions that it no longer has.
+    // a is restored from the backup: b holds a transaction of a's that a no longer has.
     a.stop_server(false);
     a.restore_data(&copy);
     a.start_server();
+    (a, b)
+}
+
+#[test]
+fn a_node_restored_from_an_older_backup_says_so() {
+    let (a, b) = restored_pair("identity");
     let doubt = wait_for(60, "the restored node to notice", || {
         let s = worker_status(&a);
         (!s["identity"].is_null()).then(|| s["identity"].clone())
@@ -64,21 +71,7 @@ fn a_node_restored_from_an_older_backup_says_so() {
 /// transactions come back from its peer as another origin's, and its new changes flow again.
 #[test]
 fn a_restored_node_takes_a_new_identity_and_gets_its_lost_changes_back() {
-    let (pa, pb) = (free_port(), free_port());
-    let mut a = node("renew-a", pa, pb);
-    let b = node("renew-b", pb, pa);
-    a.connect().batch_execute("INSERT INTO t VALUES (1)").unwrap();
-    wait_for(60, "b to receive a's first row", || (count(&b) == 1).then_some(()));
-    let backup = tempfile::Builder::new().prefix("peersync-renew-backup-").tempdir_in("/tmp").unwrap();
-    let copy = backup.path().join("data");
-    a.stop_server(false);
-    a.copy_data(&copy);
-    a.start_server();
-    a.connect().batch_execute("INSERT INTO t VALUES (2); INSERT INTO t VALUES (3);").unwrap();
-    wait_for(60, "b to receive a's later rows", || (count(&b) == 3).then_some(()));
-    a.stop_server(false);
-    a.restore_data(&copy);
-    a.start_server();
+    let (a, b) = restored_pair("renew");
     wait_for(60, "the restored node to notice", || (!worker_status(&a)["identity"].is_null()).then_some(()));
     // Capture refuses, with the way out in the hint.
     let e = wait_for(20, "capture to refuse", || a.connect().batch_execute("INSERT INTO t VALUES (4)").err());

@@ -154,21 +154,19 @@ impl<'a> Settler<'a> {
                     let _guard = Applying::start();
                     super::rows::delete(&tables[w.table], std::slice::from_ref(w))?;
                 }
-                Some(row) => {
-                    self.upsert_settling(tables, w, row)?;
-                }
+                Some(row) => self.upsert_settling(tables, w, row)?,
             }
         }
         Ok(())
     }
 
-    /// Write one received row, settling a race it meets; returns the rows removed.
+    /// Write one received row, settling a race it meets.
     fn upsert_settling(
         &mut self,
         tables: &mut HashMap<String, Table>,
         w: &Write,
         row: &Image,
-    ) -> Result<Vec<(String, String)>, SyncError> {
+    ) -> Result<(), SyncError> {
         let t = &tables[w.table];
         let c = self.constraints_of(tables, t)?;
         if let Some(fk) = self.deleted_parent(tables, &c, row)? {
@@ -180,17 +178,13 @@ impl<'a> Settler<'a> {
             };
             return match fk.orphan {
                 Orphan::Remove => self.drop_incoming(tables, w, row, why),
-                Orphan::SetNull => {
-                    self.set_null(tables, w, row, &fk.child_columns, why)?;
-                    Ok(vec![])
-                }
+                Orphan::SetNull => self.set_null(tables, w, row, &fk.child_columns, why),
             };
         }
         let holders = self.holders(t, &c, row)?;
         if holders.is_empty() {
             let _guard = Applying::start();
-            upsert(tables.get_mut(w.table).expect("tracked"), row, std::slice::from_ref(w))?;
-            return Ok(vec![]);
+            return upsert(tables.get_mut(w.table).expect("tracked"), row, std::slice::from_ref(w));
         }
         let incoming = version_of(self.events[w.event]);
         let keys: Vec<&str> = holders.iter().map(|(k, _)| k.as_str()).collect();
@@ -214,10 +208,9 @@ impl<'a> Settler<'a> {
                 let pks: Vec<Value> = holders.iter().map(|(_, image)| key_of(t, image)).collect();
                 let note = format!("the row with key {} took the unique value", w.key);
                 let why = Why { kind: ConflictKind::Unique, note, event: w.event, winner: Winner::Remote };
-                let removed = self.remove(tables, w.table, &pks, &why, 0)?;
+                self.remove(tables, w.table, &pks, &why, 0)?;
                 let _guard = Applying::start();
-                upsert(tables.get_mut(w.table).expect("tracked"), row, std::slice::from_ref(w))?;
-                Ok(removed)
+                upsert(tables.get_mut(w.table).expect("tracked"), row, std::slice::from_ref(w))
             }
         }
     }
@@ -230,15 +223,14 @@ impl<'a> Settler<'a> {
         w: &Write,
         row: &Image,
         why: Why,
-    ) -> Result<Vec<(String, String)>, SyncError> {
-        let mut removed = self.remove(tables, w.table, std::slice::from_ref(w.pk), &why, 0)?;
-        if !removed.iter().any(|(t, k)| t == w.table && k == w.key) {
+    ) -> Result<(), SyncError> {
+        self.remove(tables, w.table, std::slice::from_ref(w.pk), &why, 0)?;
+        if !was_changed(&self.changed, w.table, w.key) {
             let rec = self.record(&tables[w.table], Op::Delete, format!("[{}]", json!(row)))?;
             self.settled(&why, w.table, w.key, Some(row.clone()), None);
             self.register(w.table, w.key, &rec, None);
-            removed.push((w.table.to_string(), w.key.to_string()));
         }
-        Ok(removed)
+        Ok(())
     }
 
     /// `ON DELETE SET NULL`: the row is written without its reference, and that change is
@@ -271,8 +263,8 @@ impl<'a> Settler<'a> {
         Ok(())
     }
 
-    /// Remove rows `pks` of `table` (their refusing children first), each recorded as this
-    /// node's delete and as a conflict; returns the rows removed.
+    /// Remove rows `pks` of `table` (the rows that refer to them first), each recorded as this
+    /// node's delete and as a conflict.
     fn remove(
         &mut self,
         tables: &HashMap<String, Table>,
@@ -280,9 +272,9 @@ impl<'a> Settler<'a> {
         pks: &[Value],
         why: &Why,
         depth: usize,
-    ) -> Result<Vec<(String, String)>, SyncError> {
+    ) -> Result<(), SyncError> {
         let t = &tables[table];
-        let mut removed = self.remove_children(tables, table, pks, why.event, depth)?;
+        self.remove_children(tables, table, pks, why.event, depth)?;
         let images = {
             let _guard = Applying::start();
             delete_returning(t, pks)?
@@ -292,9 +284,8 @@ impl<'a> Settler<'a> {
             let rec = self.record(t, Op::Delete, format!("[{}]", json!(image)))?;
             self.register(table, &key, &rec, None);
             self.settled(why, table, &key, Some(Arc::new(image)), None);
-            removed.push((table.to_string(), key));
         }
-        Ok(removed)
+        Ok(())
     }
 
     /// Before a received delete of row `pk` of `table`: deal with the rows of tracked tables
@@ -306,7 +297,7 @@ impl<'a> Settler<'a> {
         pk: &Value,
         event: usize,
     ) -> Result<(), SyncError> {
-        self.remove_children(tables, table, std::slice::from_ref(pk), event, 0).map(|_| ())
+        self.remove_children(tables, table, std::slice::from_ref(pk), event, 0)
     }
 
     /// Before rows `pks` of `table` are deleted: the rows of tracked tables that refer to them
@@ -322,12 +313,11 @@ impl<'a> Settler<'a> {
         pks: &[Value],
         event: usize,
         depth: usize,
-    ) -> Result<Vec<(String, String)>, SyncError> {
+    ) -> Result<(), SyncError> {
         let t = &tables[table];
         let c = self.constraints_of(tables, t)?;
-        let mut removed = Vec::new();
         if depth >= MAX_DEPTH {
-            return Ok(removed);
+            return Ok(());
         }
         for fk in &c.children {
             let Some(child) = tables.get(&fk.child) else { continue };
@@ -349,12 +339,12 @@ impl<'a> Settler<'a> {
             match fk.orphan {
                 Orphan::Remove => {
                     let keys: Vec<Value> = children.iter().map(|image| key_of(child, image)).collect();
-                    removed.append(&mut self.remove(tables, &fk.child, &keys, &why, depth + 1)?);
+                    self.remove(tables, &fk.child, &keys, &why, depth + 1)?;
                 }
                 Orphan::SetNull => self.null_references(child, fk, children, &why)?,
             }
         }
-        Ok(removed)
+        Ok(())
     }
 
     /// Whether the origin transaction of `events[event]` also changes row `pk` of `table`.
@@ -499,27 +489,21 @@ impl<'a> Settler<'a> {
             if columns.iter().any(|col| row.get(col).is_none_or(Value::is_null)) {
                 continue;
             }
-            let on =
-                |cols: &[String]| cols.iter().map(|q| format!("x.{q} = k.{q}", q = quote_ident(q))).collect::<Vec<_>>();
             let sql = format!(
                 "SELECT {image} FROM {tbl} x, jsonb_populate_record(NULL::{tbl}, $1::jsonb) k \
                   WHERE {same} AND NOT ({key})",
                 image = image_expr(t),
                 tbl = t.name,
-                same = on(columns).join(" AND "),
-                key = on(&t.pk).join(" AND "),
+                same = equal_on(columns, "x", "k", |c| c),
+                key = equal_on(&t.pk, "x", "k", |c| c),
             );
-            plans::query(&sql, &[json!(row).to_string().into(), t.exclude.clone().into()], |rows| {
-                for r in rows {
-                    let text: &str = r.get(1)?.expect("row");
-                    let image: Row = serde_json::from_str(text).map_err(|e| SyncError::BadBatch(e.to_string()))?;
-                    let key = jsonb_text(&key_of(t, &image));
-                    if !out.iter().any(|(k, _)| *k == key) {
-                        out.push((key, Arc::new(image)));
-                    }
+            let images = plans::query(&sql, &[json!(row).to_string().into(), t.exclude.clone().into()], read_images)?;
+            for image in images {
+                let key = jsonb_text(&key_of(t, &image));
+                if !out.iter().any(|(k, _)| *k == key) {
+                    out.push((key, Arc::new(image)));
                 }
-                Ok(())
-            })?;
+            }
         }
         Ok(out)
     }
@@ -534,8 +518,26 @@ fn key_of(t: &Table, image: &Row) -> Value {
     Value::Object(t.pk.iter().filter_map(|c| image.get(c).map(|v| (c.clone(), v.clone()))).collect())
 }
 
+/// `a.c = b.c AND ...` for columns `cols` (`b`'s column named by `other`).
+fn equal_on<'c>(cols: &'c [String], a: &str, b: &str, other: impl Fn(&'c String) -> &'c String) -> String {
+    cols.iter()
+        .map(|c| format!("{a}.{} = {b}.{}", quote_ident(c), quote_ident(other(c))))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Rows whose first column is a row image as text (`image_expr`).
+fn read_images(rows: pgrx::spi::SpiTupleTable) -> Result<Vec<Row>, SyncError> {
+    let mut out = Vec::new();
+    for r in rows {
+        let text: &str = r.get(1)?.expect("row");
+        out.push(serde_json::from_str(text).map_err(|e| SyncError::BadBatch(e.to_string()))?);
+    }
+    Ok(out)
+}
+
 fn exists(t: &Table, pk: &Value) -> Result<bool, SyncError> {
-    let on = t.pk.iter().map(|c| format!("x.{q} = k.{q}", q = quote_ident(c))).collect::<Vec<_>>().join(" AND ");
+    let on = equal_on(&t.pk, "x", "k", |c| c);
     let sql = format!(
         "SELECT EXISTS (SELECT 1 FROM {tbl} x, jsonb_populate_record(NULL::{tbl}, $1::jsonb) k WHERE {on})",
         tbl = t.name
@@ -552,26 +554,14 @@ fn delete_returning(t: &Table, pks: &[Value]) -> Result<Vec<Row>, SyncError> {
         tbl = t.name,
         image = image_expr(t),
     );
-    plans::query(&sql, &[json!(pks).to_string().into(), t.exclude.clone().into()], |rows| {
-        let mut out = Vec::new();
-        for r in rows {
-            let text: &str = r.get(1)?.expect("row");
-            out.push(serde_json::from_str(text).map_err(|e| SyncError::BadBatch(e.to_string()))?);
-        }
-        Ok(out)
-    })
+    plans::query(&sql, &[json!(pks).to_string().into(), t.exclude.clone().into()], read_images)
 }
 
 /// `child`'s rows (as capture records them) that refer through `fk` to rows `pks` of `parent`.
 fn referring(parent: &Table, child: &Table, fk: &ForeignKey, pks: &[Value]) -> Result<Vec<Row>, SyncError> {
-    let join = fk
-        .child_columns
-        .iter()
-        .zip(&fk.parent_columns)
-        .map(|(c, p)| format!("x.{} = p.{}", quote_ident(c), quote_ident(p)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    let on = parent.pk.iter().map(|c| format!("p.{q} = k.{q}", q = quote_ident(c))).collect::<Vec<_>>().join(" AND ");
+    let parent_of = |c: &String| &fk.parent_columns[fk.child_columns.iter().position(|x| x == c).expect("listed")];
+    let join = equal_on(&fk.child_columns, "x", "p", parent_of);
+    let on = equal_on(&parent.pk, "p", "k", |c| c);
     let sql = format!(
         "SELECT {image} FROM {ctbl} x JOIN {ptbl} p ON {join} \
           WHERE EXISTS (SELECT 1 FROM jsonb_populate_recordset(NULL::{ptbl}, $1::jsonb) k WHERE {on})",
@@ -579,20 +569,13 @@ fn referring(parent: &Table, child: &Table, fk: &ForeignKey, pks: &[Value]) -> R
         ctbl = child.name,
         ptbl = parent.name,
     );
-    plans::query(&sql, &[json!(pks).to_string().into(), child.exclude.clone().into()], |rows| {
-        let mut out = Vec::new();
-        for r in rows {
-            let text: &str = r.get(1)?.expect("row");
-            out.push(serde_json::from_str(text).map_err(|e| SyncError::BadBatch(e.to_string()))?);
-        }
-        Ok(out)
-    })
+    plans::query(&sql, &[json!(pks).to_string().into(), child.exclude.clone().into()], read_images)
 }
 
 /// Set `columns` of row `pk` of `t` to NULL.
 fn set_null(t: &Table, columns: &[String], pk: &Value) -> Result<(), SyncError> {
     let set = columns.iter().map(|c| format!("{} = NULL", quote_ident(c))).collect::<Vec<_>>().join(", ");
-    let on = t.pk.iter().map(|c| format!("x.{q} = k.{q}", q = quote_ident(c))).collect::<Vec<_>>().join(" AND ");
+    let on = equal_on(&t.pk, "x", "k", |c| c);
     let sql = format!(
         "UPDATE {tbl} x SET {set} FROM jsonb_populate_record(NULL::{tbl}, $1::jsonb) k WHERE {on}",
         tbl = t.name
