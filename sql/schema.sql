@@ -114,6 +114,9 @@ CREATE TABLE sync_rows (
     relid    regclass NOT NULL,
     pk       text COLLATE "C" NOT NULL,
     versions json NOT NULL,
+    -- For a table with counters: the row's current life and its counter values
+    -- (sync_bridge::counter::Life).
+    life     json,
     PRIMARY KEY (relid, pk)
 ) WITH (fillfactor = 30);
 

@@ -3,8 +3,11 @@
 //! The prefix property (DESIGN.md invariant 2): when this node says "I have my own origin up
 //! to N", every committed local event numbered <= N is visible. Sequence-numbered change tables
 //! break this because transactions commit out of order. Here a transaction takes its number
-//! (`origin_seq`) when it first captures a change, and registers it in a shared-memory slot
-//! until it commits or aborts. The committed prefix is then
+//! (`origin_seq`) when it first writes its changes to the log (just before it commits, unless
+//! it calls `sync_flush()`), and registers it in a shared-memory slot until it commits or
+//! aborts. Numbering that late also keeps one origin's changes to a row in number order: a
+//! transaction cannot write a row after another one committed a change to it and still take
+//! the smaller number (counter columns rely on that, `sync_bridge::counter`). The committed prefix is then
 //!
 //! ```text
 //!   min(next number, smallest number still held by a running transaction) - 1

@@ -219,6 +219,54 @@ fn concurrent_changes_to_counters_add_up() {
     assert_eq!(qty, 100);
 }
 
+/// A counter row deleted and inserted again on one node (sysbench's pattern) while the others
+/// add to the old row: the new life stands everywhere, without the old life's increments (they
+/// are recorded as conflicts); increments of the new life add up; a delete concurrent with an
+/// increment ends the row on every node.
+#[test]
+fn a_counter_row_inserted_again_starts_a_new_life_everywhere() {
+    let c = Cluster::start("schemas-lives", &["fsync = off"]);
+    let mut n = nodes(
+        &c,
+        3,
+        "CREATE EXTENSION pg_peersync;
+         CREATE TABLE stock (sku text PRIMARY KEY, qty int, label text);
+         SELECT sync_track_table('stock');
+         SELECT sync_set_counters('stock', ARRAY['qty']);",
+    );
+    n[0].batch_execute("INSERT INTO stock VALUES ('tea', 100, 'Tea')").unwrap();
+    exchange_all(&mut n);
+    n[0].batch_execute("BEGIN; DELETE FROM stock; INSERT INTO stock VALUES ('tea', 7, 'New tea'); COMMIT").unwrap();
+    n[1].batch_execute("UPDATE stock SET qty = qty + 10").unwrap();
+    n[2].batch_execute("UPDATE stock SET qty = qty - 1").unwrap();
+    exchange_in_turns(&mut n);
+    converged(&mut n, &["stock"]);
+    let qty =
+        |db: &mut Client| -> Option<i32> { db.query_opt("SELECT qty FROM stock", &[]).unwrap().map(|r| r.get(0)) };
+    for (i, db) in n.iter_mut().enumerate() {
+        assert_eq!(qty(db), Some(7), "node{i}");
+    }
+    let ended: i64 =
+        n[0].query_one("SELECT count(*) FROM sync_conflicts WHERE note LIKE '%life had ended%'", &[]).unwrap().get(0);
+    assert_eq!(ended, 2, "node 0 records both increments of the old row");
+    // The new life's increments, made concurrently, add up.
+    n[1].batch_execute("UPDATE stock SET qty = qty + 1").unwrap();
+    n[2].batch_execute("UPDATE stock SET qty = qty + 2").unwrap();
+    exchange_in_turns(&mut n);
+    converged(&mut n, &["stock"]);
+    for (i, db) in n.iter_mut().enumerate() {
+        assert_eq!(qty(db), Some(10), "node{i}");
+    }
+    // A delete concurrent with an increment (made later, by the clock) ends the row.
+    n[0].batch_execute("DELETE FROM stock").unwrap();
+    n[1].batch_execute("UPDATE stock SET qty = qty + 5").unwrap();
+    exchange_in_turns(&mut n);
+    converged(&mut n, &["stock"]);
+    for (i, db) in n.iter_mut().enumerate() {
+        assert_eq!(qty(db), None, "node{i}");
+    }
+}
+
 /// Pull the other nodes' changes into each node in its own order, then settle everything.
 fn exchange_in_turns(n: &mut [Client]) {
     for (to, first, second) in [(0, 1, 2), (1, 2, 0), (2, 0, 1)] {

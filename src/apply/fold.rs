@@ -20,13 +20,14 @@
 //! nothing.
 
 use super::Table;
-use super::rows::{RegisterRow, load_registers, store_registers};
+use super::rows::{Held, RegisterRow, load_registers, store_registers, version_of};
 use crate::error::SyncError;
 use crate::log::{READ_COLUMNS, read_row, unreadable};
 use crate::sequencer;
 use pgrx::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+use sync_bridge::counter::Life;
 use sync_bridge::resolve::{Stored, Version};
 use sync_bridge::{Hlc, Op};
 use uuid::Uuid;
@@ -145,6 +146,7 @@ pub fn fold_some(schema: &str, me: Uuid, tables: &HashMap<String, Table>, slices
                   WHERE u.n <= $1"
             ),
             upto,
+            None,
         )?;
         Spi::run_with_args(&format!("DELETE FROM {schema}.sync_unfolded WHERE n <= $1"), &[upto.into()])?;
     }
@@ -159,6 +161,7 @@ pub fn fold_some(schema: &str, me: Uuid, tables: &HashMap<String, Table>, slices
         tables,
         &format!("SELECT {cols}, l.origin FROM {schema}.sync_log l WHERE l.origin = $2 AND l.origin_seq > $1"),
         indexed,
+        Some((me, prefix)),
     )?;
     if prefix > indexed {
         Spi::run_with_args(&format!("UPDATE {schema}.sync_node SET indexed_upto = $1"), &[prefix.into()])?;
@@ -174,9 +177,13 @@ fn fold_rows(
     tables: &HashMap<String, Table>,
     query: &str,
     bound: i64,
+    local: Option<(Uuid, i64)>,
 ) -> Result<(), SyncError> {
     // Per (table, key): the changes not seen by another change to fold (normally one).
     let mut latest: BTreeMap<(String, String), Vec<Change>> = BTreeMap::new();
+    // Per row of a table with counters: every change, in order, to count into its life.
+    let mut counted: BTreeMap<(String, String), Vec<(Version, Option<serde_json::Value>)>> = BTreeMap::new();
+    let has_counters = |table: &str| tables.get(table).is_some_and(|t| !t.counters.is_empty());
     Spi::connect_mut(|client| {
         // Log rows unpacked in Rust: several times faster than through the sync_events view.
         let rows = client.update(query, None, &[bound.into(), node(me).into()])?;
@@ -184,6 +191,14 @@ fn fold_rows(
             let origin = Uuid::from_bytes(*row.get::<pgrx::Uuid>(11)?.expect("origin").as_bytes());
             let seq: i64 = row.get(1)?.expect("origin_seq");
             let log = read_row(origin, seq, &row)?;
+            if log.parts.iter().any(|p| has_counters(&p.table)) {
+                for e in log.events().map_err(|e| unreadable(origin, seq, e))? {
+                    if has_counters(&e.table) {
+                        let key = sync_bridge::canonical::jsonb_text(&e.pk);
+                        counted.entry((e.table.clone(), key)).or_default().push((version_of(&e), e.old));
+                    }
+                }
+            }
             // The changes of one log row share its context.
             let context = Rc::new(log.vclock.clone());
             log.touches(|t| {
@@ -227,25 +242,62 @@ fn fold_rows(
         let relid = tables[table].relid;
         let keys: Vec<&str> = versions.iter().map(|(k, _)| *k).collect();
         let held = load_registers(schema, relid, &keys)?;
+        let lives = count_lives(&tables[table], table, &keys, &held, &mut counted, local);
         let mut regs: Vec<RegisterRow> = Vec::new();
-        for ((key, v), existing) in versions.into_iter().zip(&held) {
+        for (((key, v), existing), life) in versions.into_iter().zip(&held).zip(&lives) {
             let folded = v.causal(me);
             // A version already there that has seen this change stands (a local write made
             // after a blind change and folded first, say).
             let seen = existing.as_ref().is_some_and(|h| {
                 h.stored.iter().map(|w| w.causal(me)).any(|w| w.dot() == folded.dot() || w.has_seen(&folded))
             });
+            let ctid = existing.as_ref().map(|h| h.ctid);
             if !seen {
-                regs.push(RegisterRow {
-                    key,
-                    stored: std::slice::from_ref(v),
-                    ctid: existing.as_ref().map(|h| h.ctid),
-                });
+                regs.push(RegisterRow { key, stored: std::slice::from_ref(v), life: life.as_ref(), ctid });
+            } else if let (Some(life), Some(h)) = (life, existing) {
+                regs.push(RegisterRow { key, stored: &h.stored, life: Some(life), ctid });
             }
         }
         store_registers(schema, relid, &regs)?;
     }
     Ok(())
+}
+
+/// The lives of rows of a table with counters after counting the changes folded now into
+/// them (`None` for other tables): local writes are counted here, as received ones are by
+/// `sync_apply`; a change counted already is not counted again. `local`: this node and its
+/// committed prefix, when folding its own writes (all of them up to it are folded by now).
+fn count_lives(
+    t: &Table,
+    table: &str,
+    keys: &[&str],
+    held: &[Option<Held>],
+    counted: &mut BTreeMap<(String, String), Vec<(Version, Option<serde_json::Value>)>>,
+    local: Option<(Uuid, i64)>,
+) -> Vec<Option<Life>> {
+    if t.counters.is_empty() {
+        return keys.iter().map(|_| None).collect();
+    }
+    keys.iter()
+        .zip(held)
+        .map(|(key, h)| {
+            let mut life = h.as_ref().and_then(|h| h.life.clone()).unwrap_or_default();
+            let mut changes = counted.remove(&(table.to_string(), key.to_string())).unwrap_or_default();
+            // One origin's changes to one row in the order they were made (their clocks), which
+            // is not their number order when their transactions committed out of order.
+            changes.sort_by_key(|(v, _)| v.lww_key());
+            for (v, old) in changes {
+                life.count(&v, old.as_ref(), &t.counters);
+                if Some(v.origin) != local.map(|l| l.0) {
+                    life.settle(v.origin, (v.seq, v.idx));
+                }
+            }
+            if let Some((me, prefix)) = local {
+                life.settle(me, (prefix, i32::MAX));
+            }
+            Some(life)
+        })
+        .collect()
 }
 
 /// List origin transactions applied blind, as (origin, number, changes) in the order they were

@@ -110,8 +110,8 @@ pub(crate) struct Table {
     /// Some foreign key refers to this table: a delete deals with the rows that still refer
     /// to the deleted ones first (`constraints`).
     pub referenced: bool,
-    /// Counter columns (`sync_set_counters`): a change concurrent with what this node holds adds
-    /// its delta to the value here.
+    /// Counter columns (`sync_set_counters`): each row's values are its life's, every update's
+    /// delta counted once (`sync_bridge::counter`).
     pub counters: BTreeSet<String>,
     /// Columns fed by a sequence (serial, identity, a `DEFAULT nextval(...)`): column -> sequence.
     pub sequences: BTreeMap<String, String>,
@@ -346,11 +346,13 @@ impl Run {
             // A delete may change rows that refer to it (`constraints`), whose registers must
             // then be up to date.
             let referenced = e.op == sync_bridge::Op::Delete && self.tables.get(&e.table).is_some_and(|t| t.referenced);
+            // Counters are counted into each row's life, kept with its register.
+            let counted = self.tables.get(&e.table).is_some_and(|t| !t.counters.is_empty());
             // A row a settled race changed in this run: its register must be kept (the fold
             // would take the change for one that saw it).
             let settled = !self.changed.is_empty()
                 && constraints::was_changed(&self.changed, &e.table, &sync_bridge::canonical::jsonb_text(&e.pk));
-            let seen = !referenced && !settled && resolve::saw_everything(e.origin, &e.vclock, &held);
+            let seen = !referenced && !counted && !settled && resolve::saw_everything(e.origin, &e.vclock, &held);
             let n = held.entry(e.origin).or_insert(0);
             *n = (*n).max(e.seq);
             seen

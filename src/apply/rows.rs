@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use sync_bridge::canonical::jsonb_text;
+use sync_bridge::counter::{Counted, Life};
 use sync_bridge::resolve::{self, ConflictKind, Image, Register, Resolution, Row, Stored, Strategy, Version, Winner};
 use sync_bridge::{Event, Hlc, Op};
 use uuid::Uuid;
@@ -36,6 +37,8 @@ pub struct Stats {
 /// One row's state while a transaction is applied.
 struct RowState {
     stored: Vec<Stored>,
+    /// The row's current life, for a table with counters (`sync_bridge::counter`).
+    life: Option<Life>,
     /// Where `sync_rows` has this register already (it is updated there, not inserted).
     ctid: Option<pg_sys::ItemPointerData>,
     /// The row as the table holds it, when known (`Some(None)`: no such row).
@@ -242,7 +245,13 @@ fn load_states<'e>(
             if let Some(held) = held {
                 states.insert(
                     (*table, *key),
-                    RowState { stored: held.stored, ctid: Some(held.ctid), current: None, dirty: false },
+                    RowState {
+                        stored: held.stored,
+                        life: held.life,
+                        ctid: Some(held.ctid),
+                        current: None,
+                        dirty: false,
+                    },
                 );
             }
         }
@@ -255,8 +264,8 @@ fn load_states<'e>(
             .filter(|(k, i)| {
                 states.get(&(*table, **k)).is_some_and(|s| {
                     let v = &versions[**i];
-                    // A counter is added to the value the table holds, which no register keeps.
-                    s.stored.iter().any(|w| (w.needs_row() || !t.counters.is_empty()) && !v.has_seen(&w.causal(me)))
+                    // A counter row may change even by a change the register saw (`decide_all`).
+                    !t.counters.is_empty() || s.stored.iter().any(|w| w.needs_row() && !v.has_seen(&w.causal(me)))
                 })
             })
             .map(|(k, _)| *k)
@@ -310,19 +319,37 @@ fn decide_all<'e: 't, 't>(
         let t = &tables[&e.table];
         let state = states.entry((e.table.as_str(), keys[i].as_str())).or_insert_with(|| RowState {
             stored: Vec::new(),
+            life: None,
             ctid: None,
             current: None,
             dirty: false,
         });
         let held: Vec<Version> = state.stored.iter().map(|s| s.causal(me)).collect();
-        if held.iter().any(|w| w.dot() == v.dot() || w.has_seen(&v)) {
+        let seen = held.iter().any(|w| w.dot() == v.dot() || w.has_seen(&v));
+        let counted = (!t.counters.is_empty()).then(|| {
+            let life = state.life.get_or_insert_with(Life::default);
+            let counted = life.count(&v, e.old.as_ref(), &t.counters);
+            life.settle(v.origin, (v.seq, v.idx));
+            counted
+        });
+        if seen && counted != Some(Counted::Current) {
             stats.skipped += 1;
             continue;
         }
         stats.applied += 1;
         state.dirty = true;
-        let target = if held.iter().all(|w| v.has_seen(w)) {
-            // The usual case: the incoming version saw everything held; it alone remains.
+        let target = if seen {
+            // A change its origin numbered before one held but made after it (the two
+            // committed out of order there): the row stands, with the delta it brings.
+            state.current.clone().flatten()
+        } else if counted == Some(Counted::Earlier) {
+            // A change of a life of the row that has ended here: it changes nothing.
+            stats.conflicts += 1;
+            conflicts.push(ended_life(t, e, &keys[i], &v, state));
+            continue;
+        } else if counted == Some(Counted::Born) || held.iter().all(|w| v.has_seen(w)) {
+            // The usual case: the incoming version saw everything held (or begins a new life
+            // of a counter row); it alone remains.
             if !blind {
                 state.stored = vec![Stored::from_version(&v, me, false)];
             }
@@ -335,6 +362,10 @@ fn decide_all<'e: 't, 't>(
             }
             row
         };
+        let target = match &state.life {
+            Some(life) if counted.is_some() => life.overlay(target),
+            _ => target,
+        };
         if state.current.as_ref() == Some(&target) {
             continue;
         }
@@ -346,8 +377,28 @@ fn decide_all<'e: 't, 't>(
     (writes, conflicts)
 }
 
+/// The record of a change to a counter row that came after its life ended here (a concurrent
+/// DELETE, or the key inserted again): the row stays as it is.
+fn ended_life<'e>(t: &'e Table, e: &Event, key: &'e str, v: &Version, state: &RowState) -> Conflict<'e> {
+    let row = state.current.clone().flatten();
+    let versions = state.stored.iter().map(|s| Dot { origin: s.o, seq: s.s, idx: s.i, hlc: s.h as i64 }).collect();
+    Conflict {
+        table_name: &t.name,
+        pk: key,
+        strategy: t.strategy,
+        local: Local { row: row.clone(), versions },
+        remote: Remote { row: v.row.clone(), origin: v.origin, seq: v.seq, idx: v.idx, hlc: e.hlc },
+        result: row,
+        winner: Winner::Local,
+        kind: ConflictKind::Update,
+        review: if t.strategy.reviewed() { "pending" } else { "none" },
+        note: Some("a change of a counter row whose life had ended (deleted, or inserted again)".into()),
+    }
+}
+
 /// A change concurrent with versions held: add it to the register, decide the row with the
-/// table's strategy (counters adding their deltas), and describe the conflict if there is one.
+/// table's strategy (the counters as the row's life has them), and describe the conflict if
+/// there is one.
 #[allow(clippy::too_many_arguments)]
 fn resolve_concurrent<'e>(
     schema: &str,
@@ -370,16 +421,13 @@ fn resolve_concurrent<'e>(
     };
     let concurrent: Vec<&Version> = register.versions().iter().filter(|w| !v.has_seen(w)).collect();
     let kind = ConflictKind::of(&v, &concurrent);
-    // An insert (the row written whole, a new value for its counters) concurrent with this
-    // change: the strategy's row stands, counters included, on every node alike.
-    let reset = v.is_insert() || concurrent.iter().any(|w| w.is_insert());
     let unseen: Vec<Dot> =
         concurrent.iter().map(|w| Dot { origin: w.origin, seq: w.seq, idx: w.idx, hlc: w.hlc.as_i64() }).collect();
     let remote = Remote { row: v.row.clone(), origin: v.origin, seq: v.seq, idx: v.idx, hlc: e.hlc };
     register.insert(v);
     let (mut res, note) = decide(schema, t, &register, priorities, &e.pk);
-    if !reset {
-        add_counters(t, e, before.as_ref(), &mut res.row);
+    if let Some(life) = &state.life {
+        res.row = life.overlay(res.row);
     }
     // The row the table holds after this: an image equal to it need not be kept, provided
     // reading the table row back gives that image.
@@ -439,6 +487,7 @@ fn settled(
             .map(|((key, stored), h)| RegisterRow {
                 key,
                 stored: std::slice::from_ref(*stored),
+                life: None,
                 ctid: h.map(|h| h.ctid),
             })
             .collect();
@@ -452,34 +501,18 @@ fn store_changed(schema: &str, tables: &HashMap<String, Table>, states: &States)
     let mut dirty: BTreeMap<&str, Vec<RegisterRow<'_>>> = BTreeMap::new();
     for ((table, key), s) in states {
         if s.dirty {
-            dirty.entry(table).or_default().push(RegisterRow { key, stored: &s.stored, ctid: s.ctid });
+            dirty.entry(table).or_default().push(RegisterRow {
+                key,
+                stored: &s.stored,
+                life: s.life.as_ref(),
+                ctid: s.ctid,
+            });
         }
     }
     for (table, regs) in dirty {
         store_registers(schema, tables[table].relid, &regs)?;
     }
     Ok(())
-}
-
-/// Counter columns of a row decided from concurrent updates (no insert among them, see the
-/// caller): the value this node holds plus what `e` (an UPDATE) changed it by; a column `e`
-/// did not change keeps this node's value. A row absent here takes the decided image's value.
-fn add_counters(t: &Table, e: &Event, before: Option<&Image>, row: &mut Option<Image>) {
-    let (Some(row), Some(before)) = (row.as_mut(), before) else { return };
-    for c in &t.counters {
-        let Some(here) = before.get(c) else { continue };
-        let changed = match (e.op, &e.data, &e.old) {
-            (Op::Update, Some(new), Some(old)) => new.get(c).zip(old.get(c)),
-            _ => None,
-        };
-        let value = match changed {
-            Some((new, old)) => sync_bridge::counter::add_delta(here, new, old),
-            None => Some(here.clone()),
-        };
-        if let Some(value) = value {
-            Arc::make_mut(row).insert(c.clone(), value);
-        }
-    }
 }
 
 /// The visible row for a register under the table's strategy, and a note when a custom
@@ -542,6 +575,8 @@ fn decide(
 /// A row's register as `sync_rows` holds it.
 pub(super) struct Held {
     pub stored: Vec<Stored>,
+    /// The row's life, for a table with counters.
+    pub life: Option<Life>,
     /// Where it is, to update it in place.
     pub ctid: pg_sys::ItemPointerData,
 }
@@ -554,8 +589,8 @@ pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: &[&str]) ->
         // (a hash join over all of them), which grows with the table. LIMIT 1 keeps the
         // lateral subquery from being flattened into such a join.
         &format!(
-            "SELECT k.n, r.versions::text, r.ctid FROM unnest($2::text[]) WITH ORDINALITY AS k(pk, n) \
-               CROSS JOIN LATERAL (SELECT versions, ctid FROM {schema}.sync_rows \
+            "SELECT k.n, r.versions::text, r.ctid, r.life::text FROM unnest($2::text[]) WITH ORDINALITY AS k(pk, n) \
+               CROSS JOIN LATERAL (SELECT versions, ctid, life FROM {schema}.sync_rows \
                                     WHERE relid = $1::oid::regclass AND pk = k.pk LIMIT 1) r"
         ),
         &[relid.into(), array(Of::Text, keys.iter().map(|k| Some(*k)))],
@@ -564,9 +599,12 @@ pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: &[&str]) ->
             for row in rows {
                 let i = row.get::<i64>(1)?.expect("ordinality") as usize - 1;
                 let text: &str = row.get(2)?.expect("versions");
-                let stored: Vec<Stored> = serde_json::from_str(text)
-                    .map_err(|e| SyncError::BadBatch(format!("sync_rows entry for {} is unreadable: {e}", keys[i])))?;
-                out[i] = Some(Held { stored, ctid: row.get(3)?.expect("ctid") });
+                let unreadable = |e: serde_json::Error| {
+                    SyncError::BadBatch(format!("sync_rows entry for {} is unreadable: {e}", keys[i]))
+                };
+                let stored: Vec<Stored> = serde_json::from_str(text).map_err(unreadable)?;
+                let life = row.get::<&str>(4)?.map(serde_json::from_str).transpose().map_err(unreadable)?;
+                out[i] = Some(Held { stored, life, ctid: row.get(3)?.expect("ctid") });
             }
             Ok(out)
         },
@@ -577,6 +615,8 @@ pub(super) fn load_registers(schema: &str, relid: pg_sys::Oid, keys: &[&str]) ->
 pub(super) struct RegisterRow<'a> {
     pub key: &'a str,
     pub stored: &'a [Stored],
+    /// The row's life (a table with counters); `None` leaves the one kept as it is.
+    pub life: Option<&'a Life>,
     pub ctid: Option<pg_sys::ItemPointerData>,
 }
 
@@ -588,30 +628,38 @@ pub(super) fn store_registers(schema: &str, relid: pg_sys::Oid, regs: &[Register
     // Handed over as json values, not text to cast: serde_json wrote them, so PostgreSQL's
     // json input need not lex them again to check them.
     let serialise = |r: &RegisterRow| serde_json::to_string(r.stored).expect("serialises");
-    let (keys, new): (Vec<&str>, Vec<String>) =
-        regs.iter().filter(|r| r.ctid.is_none()).map(|r| (r.key, serialise(r))).unzip();
-    if !keys.is_empty() {
+    let life = |r: &RegisterRow| r.life.map(|l| serde_json::to_string(l).expect("serialises"));
+    let new: Vec<&RegisterRow> = regs.iter().filter(|r| r.ctid.is_none()).collect();
+    if !new.is_empty() {
+        let lives: Vec<Option<String>> = new.iter().map(|r| life(r)).collect();
         plans::run(
             &format!(
-                "INSERT INTO {schema}.sync_rows (relid, pk, versions) \
-                 SELECT $1::oid::regclass, unnest($2::text[]), unnest($3::json[])"
+                "INSERT INTO {schema}.sync_rows (relid, pk, versions, life) \
+                 SELECT $1::oid::regclass, unnest($2::text[]), unnest($3::json[]), unnest($4::json[])"
             ),
             &[
                 relid.into(),
-                array(Of::Text, keys.iter().map(|k| Some(*k))),
-                array(Of::Json, new.iter().map(|v| Some(v.as_str()))),
+                array(Of::Text, new.iter().map(|r| Some(r.key))),
+                array(Of::Json, new.iter().map(|r| serialise(r)).collect::<Vec<_>>().iter().map(|v| Some(v.as_str()))),
+                array(Of::Json, lives.iter().map(|l| l.as_deref())),
             ],
         )?;
     }
-    let (places, changed): (Vec<pg_sys::ItemPointerData>, Vec<String>) =
-        regs.iter().filter_map(|r| r.ctid.map(|c| (c, serialise(r)))).unzip();
-    if !places.is_empty() {
+    let old: Vec<(&RegisterRow, pg_sys::ItemPointerData)> =
+        regs.iter().filter_map(|r| r.ctid.map(|c| (r, c))).collect();
+    if !old.is_empty() {
+        let changed: Vec<String> = old.iter().map(|(r, _)| serialise(r)).collect();
+        let lives: Vec<Option<String>> = old.iter().map(|(r, _)| life(r)).collect();
         plans::run(
             &format!(
-                "UPDATE {schema}.sync_rows r SET versions = u.v \
-                   FROM unnest($1::tid[], $2::json[]) AS u(t, v) WHERE r.ctid = u.t"
+                "UPDATE {schema}.sync_rows r SET versions = u.v, life = coalesce(u.l, r.life) \
+                   FROM unnest($1::tid[], $2::json[], $3::json[]) AS u(t, v, l) WHERE r.ctid = u.t"
             ),
-            &[places.into(), array(Of::Json, changed.iter().map(|v| Some(v.as_str())))],
+            &[
+                old.iter().map(|(_, c)| *c).collect::<Vec<_>>().into(),
+                array(Of::Json, changed.iter().map(|v| Some(v.as_str()))),
+                array(Of::Json, lives.iter().map(|l| l.as_deref())),
+            ],
         )?;
     }
     Ok(())

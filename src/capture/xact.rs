@@ -32,7 +32,10 @@ struct XactCapture {
     xid: pg_sys::TransactionId,
     schema: String,
     origin: uuid::Uuid,
-    seq: i64,
+    /// Taken when the changes are first written to the log (just before commit, as a rule):
+    /// a transaction numbered earlier than another never wrote after the other committed, so
+    /// one origin's changes to a row are numbered in the order they were made.
+    seq: Option<i64>,
     next_idx: i32,
     pending: Vec<Pending>,
     /// Origin transactions this one has seen beyond what `sync_origins` said when it was last
@@ -90,7 +93,7 @@ unsafe extern "C-unwind" fn on_subxact(
     }
 }
 
-/// Number the current transaction on its first captured change; later calls reuse it.
+/// Start capturing the current transaction on its first captured change; later calls reuse it.
 fn ensure_started(ext: &clock::Ext) -> Result<(), SyncError> {
     let xid = unsafe { pg_sys::GetTopTransactionId() };
     if XACT.with(|x| x.borrow().as_ref().is_some_and(|s| s.xid == xid)) {
@@ -100,13 +103,12 @@ fn ensure_started(ext: &clock::Ext) -> Result<(), SyncError> {
         // Numbered under an identity another node may use, the change could be lost.
         return Err(SyncError::IdentityInDoubt(why.clone()));
     }
-    let seq = sequencer::begin_local_xact(&ext.schema, ext.node_id)?;
     XACT.with(|x| {
         *x.borrow_mut() = Some(XactCapture {
             xid,
             schema: ext.schema.clone(),
             origin: ext.node_id,
-            seq,
+            seq: None,
             next_idx: 1,
             pending: Vec::new(),
             seen: BTreeMap::new(),
@@ -154,8 +156,18 @@ pub fn add_resolution(
             let e = x.seen.entry(*o).or_insert(0);
             *e = (*e).max(*n);
         }
-        Ok(Recorded { seq: x.seq, idx, hlc })
+        Ok(Recorded { seq: number(x)?, idx, hlc })
     })
+}
+
+/// The transaction's number, taken now if it has none yet (and held until it ends).
+fn number(x: &mut XactCapture) -> Result<i64, SyncError> {
+    if let Some(seq) = x.seq {
+        return Ok(seq);
+    }
+    let seq = sequencer::begin_local_xact(&x.schema, x.origin)?;
+    x.seq = Some(seq);
+    Ok(seq)
 }
 
 /// Queue parts on the started transaction; returns the first change's index and the count.
@@ -221,8 +233,8 @@ fn datum<T: IntoDatum>(v: T) -> pg_sys::Datum {
 /// Runs just before commit, and from `sync_flush()` so that a transaction can see its own
 /// changes in `sync_events`; later changes then go into another row of the same transaction.
 pub fn flush() {
-    let Some((schema, origin, seq)) = XACT
-        .with(|x| x.borrow().as_ref().filter(|x| !x.pending.is_empty()).map(|x| (x.schema.clone(), x.origin, x.seq)))
+    let Some((schema, origin)) =
+        XACT.with(|x| x.borrow().as_ref().filter(|x| !x.pending.is_empty()).map(|x| (x.schema.clone(), x.origin)))
     else {
         return;
     };
@@ -235,6 +247,7 @@ pub fn flush() {
             true
         }
     };
+    let seq = XACT.with(|x| number(x.borrow_mut().as_mut().expect("checked above"))).unwrap_or_else(|e| e.report());
     let mut ctx = remote_context(&schema, origin).unwrap_or_else(|e| e.report());
     for (o, n) in XACT.with(|x| x.borrow().as_ref().map(|x| x.seen.clone()).unwrap_or_default()) {
         let e = ctx.entry(o.to_string()).or_insert(0);

@@ -120,9 +120,19 @@ pub struct Life {
     /// Ended by a DELETE.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub d: bool,
-    /// Per origin, the last change counted (its number and index): a change comes once.
+    /// Per origin, which of its changes to the row were counted: a change counts once.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub n: BTreeMap<Uuid, (i64, i32)>,
+    pub n: BTreeMap<Uuid, Tally>,
+}
+
+/// The changes of one origin a life has counted: all up to `u` (number, index) and those in
+/// `a` above it. Changes come in number order from a remote origin, but this node's own are
+/// counted as they commit, which may be out of order, until they are all below its prefix.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    pub u: (i64, i32),
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub a: BTreeSet<(i64, i32)>,
 }
 
 /// What counting a change did.
@@ -137,10 +147,11 @@ pub enum Counted {
 }
 
 impl Life {
-    /// Count change `v` (`old`: the event's old values; an UPDATE's changed columns). Changes
-    /// of one origin to one row must come in their order, as causal delivery brings them.
+    /// Count change `v` (`old`: the event's old values; an UPDATE's changed columns), unless
+    /// counted already. Changes must come in causal order, as causal delivery brings them.
     pub fn count(&mut self, v: &Version, old: Option<&Value>, counters: &BTreeSet<String>) -> Counted {
-        if self.n.get(&v.origin).is_some_and(|last| *last >= (v.seq, v.idx)) {
+        let dot = (v.seq, v.idx);
+        if self.n.get(&v.origin).is_some_and(|t| dot <= t.u || t.a.contains(&dot)) {
             return Counted::Earlier;
         }
         if v.is_insert() {
@@ -158,8 +169,18 @@ impl Life {
         } else {
             self.add(v, old, counters);
         }
-        self.n.insert(v.origin, (v.seq, v.idx));
+        self.n.entry(v.origin).or_default().a.insert(dot);
         if v.is_insert() { Counted::Born } else { Counted::Current }
+    }
+
+    /// Every change of `origin` up to `upto` (number, index) has come (counted or not): they
+    /// need not be listed one by one any more.
+    pub fn settle(&mut self, origin: Uuid, upto: (i64, i32)) {
+        let t = self.n.entry(origin).or_default();
+        if upto > t.u {
+            t.u = upto;
+            t.a.retain(|d| *d > upto);
+        }
     }
 
     /// Add an UPDATE's deltas. A column this life has no value for yet (the life older than
@@ -238,18 +259,21 @@ mod tests {
 
     impl Node {
         fn receive(&mut self, v: &Version, old: &Option<Value>) {
-            if self.register.versions().iter().any(|w| w.dot() == v.dot() || w.has_seen(v)) {
-                return;
-            }
-            match self.life.count(v, old.as_ref(), &counters()) {
+            // A change the register saw (the same, or one its origin numbered later) may still
+            // bring a delta this life has not counted.
+            let seen = self.register.versions().iter().any(|w| w.dot() == v.dot() || w.has_seen(v));
+            let counted = self.life.count(v, old.as_ref(), &counters());
+            self.life.settle(v.origin, (v.seq, v.idx));
+            match counted {
                 Counted::Earlier => {}
                 Counted::Born => {
                     self.register = Default::default();
                     self.register.insert(v.clone());
                 }
-                Counted::Current => {
+                Counted::Current if !seen => {
                     self.register.insert(v.clone());
                 }
+                Counted::Current => {}
             }
         }
 
@@ -382,6 +406,34 @@ mod tests {
         // A delete concurrent with an update that has a later clock: the row is gone.
         let (nodes, _) = mesh(&[(4, 1, 0, 0), (4, 2, 0, 0), (0, 1, 0, 0), (2, 2, 0, 50)]);
         assert!(nodes.iter().all(|n| n.row().is_none()));
+    }
+
+    /// This node's own transactions commit, and are counted, out of their number order: each
+    /// counts once, before and after the prefix passes them.
+    #[test]
+    fn own_changes_count_once_in_any_commit_order() {
+        let me = node(0);
+        let change = |seq: i64, hlc: u64, k: i64| {
+            let v = Version {
+                origin: me,
+                seq,
+                idx: 1,
+                hlc: Hlc(hlc),
+                context: BTreeMap::new(),
+                row: Some(Arc::new(json!({"k": k + 1}).as_object().unwrap().clone())),
+                written: Some(BTreeSet::from(["k".to_string()])),
+            };
+            (v, json!({"k": k}))
+        };
+        let mut life = Life { v: json!({"k": 10}).as_object().unwrap().clone(), ..Life::default() };
+        let (ten, nine) = (change(10, 5, 10), change(9, 6, 11));
+        assert_eq!(life.count(&ten.0, Some(&ten.1), &counters()), Counted::Current);
+        assert_eq!(life.count(&nine.0, Some(&nine.1), &counters()), Counted::Current);
+        assert_eq!(life.count(&ten.0, Some(&ten.1), &counters()), Counted::Earlier);
+        life.settle(me, (10, i32::MAX));
+        assert!(life.n[&me].a.is_empty());
+        assert_eq!(life.count(&nine.0, Some(&nine.1), &counters()), Counted::Earlier);
+        assert_eq!(life.v["k"], json!(12));
     }
 
     proptest! {
