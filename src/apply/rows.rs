@@ -130,6 +130,28 @@ pub enum Mode {
     Settling,
 }
 
+/// What every change of an apply is decided with.
+struct Context<'a> {
+    me: Uuid,
+    priorities: &'a BTreeMap<Uuid, i32>,
+    mode: Mode,
+    /// Rows settled races changed earlier in the run.
+    changed: &'a Changed,
+    /// Per origin, its lowest transaction held after failing (`store::failed_floor`).
+    floor: &'a BTreeMap<Uuid, i64>,
+}
+
+impl Context<'_> {
+    /// How far `v`'s origin has come, for a counter row's life once `v` is counted: up to `v`,
+    /// but not past a transaction of it still held (applied later, it must still count).
+    fn settled_upto(&self, v: &Version) -> (i64, i32) {
+        match self.floor.get(&v.origin) {
+            Some(f) if *f <= v.seq => (f - 1, i32::MAX),
+            _ => (v.seq, v.idx),
+        }
+    }
+}
+
 /// Rows keyed by (table, canonical key text), both borrowed from the applied events.
 type States<'e> = HashMap<(&'e str, &'e str), RowState>;
 
@@ -164,8 +186,13 @@ pub fn apply(
         } else {
             BTreeMap::new()
         };
-    let (writes, conflicts) =
-        decide_all(schema, me, tables, events, &keys, versions, &mut states, &priorities, mode, changed, &mut stats);
+    let floor = if events.iter().any(|e| !tables[&e.table].counters.is_empty()) {
+        super::store::failed_floor(schema)?
+    } else {
+        BTreeMap::new()
+    };
+    let context = Context { me, priorities: &priorities, mode, changed, floor: &floor };
+    let (writes, conflicts) = decide_all(schema, &context, tables, events, &keys, versions, &mut states, &mut stats);
     // Conflicts borrow their table's name; recorded first (all of it rolls back together).
     record_conflicts(schema, &conflicts)?;
     drop(conflicts);
@@ -288,17 +315,15 @@ fn load_states<'e>(
 #[allow(clippy::too_many_arguments)]
 fn decide_all<'e: 't, 't>(
     schema: &str,
-    me: Uuid,
+    cx: &Context,
     tables: &'t HashMap<String, Table>,
     events: &[&'e Event],
     keys: &'e [String],
     versions: Vec<Version>,
     states: &mut States<'e>,
-    priorities: &BTreeMap<Uuid, i32>,
-    mode: Mode,
-    changed: &Changed,
     stats: &mut Stats,
 ) -> (Vec<Write<'e>>, Vec<Conflict<'t>>) {
+    let Context { me, priorities, mode, changed, .. } = *cx;
     let blind = mode == Mode::Blind;
     let (mut writes, mut conflicts) = (Vec::new(), Vec::new());
     // Rows changed more than once in this transaction: their latest image is kept in memory.
@@ -329,7 +354,7 @@ fn decide_all<'e: 't, 't>(
         let counted = (!t.counters.is_empty()).then(|| {
             let life = state.life.get_or_insert_with(Life::default);
             let counted = life.count(&v, e.old.as_ref(), &t.counters);
-            life.settle(v.origin, (v.seq, v.idx));
+            life.settle(v.origin, cx.settled_upto(&v));
             counted
         });
         if seen && counted != Some(Counted::Current) {

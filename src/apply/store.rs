@@ -7,6 +7,7 @@ use crate::error::SyncError;
 use pgrx::prelude::*;
 use pgrx::{PgBuiltInOids, PgOid};
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use uuid::Uuid;
 
 fn uuid(u: Uuid) -> pgrx::Uuid {
@@ -34,6 +35,25 @@ pub fn has_transient(schema: &str) -> Result<bool, SyncError> {
         "SELECT EXISTS (SELECT 1 FROM {schema}.sync_inbox WHERE error IS NOT NULL AND {TRANSIENT})"
     ))?
     .unwrap_or(false))
+}
+
+/// Per origin, the lowest number of a transaction held after it failed: the origin's changes
+/// are not all in below it (a counter row's life lists what it counted above it, `rows`).
+pub fn failed_floor(schema: &str) -> Result<BTreeMap<Uuid, i64>, SyncError> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            &format!("SELECT origin, min(origin_seq) FROM {schema}.sync_inbox WHERE error IS NOT NULL GROUP BY origin"),
+            None,
+            &[],
+        )?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            if let (Some(o), Some(n)) = (row.get::<pgrx::Uuid>(1)?, row.get::<i64>(2)?) {
+                out.insert(Uuid::from_bytes(*o.as_bytes()), n);
+            }
+        }
+        Ok(out)
+    })
 }
 
 /// The held transactions, without their events (see `load_events`).
