@@ -210,6 +210,23 @@ SELECT pg_catalog.pg_extension_config_dump('sync_conflicts', '');
 -- One row per exchange the worker started with a peer (by its announced name, else as listed
 -- in peersync.peers; direction 'pull': it asked the peer
 -- for what it lacked). The worker keeps the newest 10,000.
+-- Each peer's have-vector at its last exchange with this node: the log keeps what a peer
+-- heard from within peersync.log_retention lacks (src/retention.rs).
+CREATE TABLE sync_peers (
+    id       uuid PRIMARY KEY,
+    name     text,
+    have     jsonb NOT NULL,
+    heard_at timestamptz NOT NULL
+);
+
+-- Per origin, the greatest number deleted from sync_log: a node that holds less of that
+-- origin cannot be served from the log any more.
+CREATE TABLE sync_pruned (
+    origin uuid PRIMARY KEY,
+    upto   bigint NOT NULL
+);
+SELECT pg_catalog.pg_extension_config_dump('sync_pruned', '');
+
 CREATE TABLE sync_sessions (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     peer        text NOT NULL,

@@ -125,7 +125,11 @@ pub(crate) fn batch(
     max_events: i64,
 ) -> Result<Batch, SyncError> {
     let ext = clock::ext();
-    let windows = windows(&ext.schema, since, have, max_events)?;
+    // Origins whose changes the caller lacks and this node deleted: none of them is served.
+    let gone = serve::gone(&crate::retention::pruned(&ext.schema)?, since);
+    let mut have = have.clone();
+    have.retain(|o, _| !gone.contains_key(o));
+    let windows = windows(&ext.schema, since, &have, max_events)?;
     let cut = serve::cut(since, &windows, max_events);
     let mut txns = read_transactions(&ext.schema, &cut)?;
     let mut events: Vec<Event> = Vec::with_capacity(txns.values().map(Vec::len).sum());
@@ -139,6 +143,7 @@ pub(crate) fn batch(
         have: cut.have,
         events,
         more: cut.more,
+        gone,
     })
 }
 

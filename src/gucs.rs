@@ -56,6 +56,14 @@ static SYNC_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(30);
 /// Events per batch exchanged with peers.
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
+/// Seconds a change stays in the log at least, even once every peer holds it.
+static LOG_MIN_AGE: GucSetting<i32> = GucSetting::<i32>::new(600);
+
+/// Seconds a silent peer still holds changes in the log for; past it, the log no longer waits
+/// for that peer. 0 keeps every change (no pruning), the default until nodes can join from a
+/// copy of a peer: a node that lacks pruned changes cannot catch up from the log.
+static LOG_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 pub fn init() {
     GucRegistry::define_string_guc(
         c"peersync.listen_addresses",
@@ -98,6 +106,26 @@ pub fn init() {
         &ANNOUNCE_INTERVAL,
         1,
         3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"peersync.log_min_age",
+        c"Seconds a change stays in pg_peersync's log at least, once every peer holds it.",
+        c"Then it is deleted (see peersync.log_retention).",
+        &LOG_MIN_AGE,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"peersync.log_retention",
+        c"Seconds the log keeps changes for a peer that has not been heard from; 0 keeps all.",
+        c"A change every peer heard from within this time holds is deleted after peersync.log_min_age.",
+        &LOG_RETENTION,
+        0,
+        i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
@@ -298,4 +326,14 @@ pub fn node_number() -> Option<i64> {
 
 pub fn batch_size() -> i32 {
     BATCH_SIZE.get()
+}
+
+/// Seconds a change stays in the log at least.
+pub fn log_min_age() -> i32 {
+    LOG_MIN_AGE.get()
+}
+
+/// Seconds a silent peer still counts for the log.
+pub fn log_retention() -> i32 {
+    LOG_RETENTION.get()
 }

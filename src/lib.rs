@@ -23,6 +23,7 @@ mod error;
 mod gucs;
 mod identity;
 mod log;
+mod retention;
 mod sequencer;
 mod status;
 mod worker;

@@ -502,6 +502,7 @@ mod tests {
             have: BTreeMap::from([(x, 1)]),
             events: vec![e],
             more: false,
+            gone: Default::default(),
         };
         let text = serde_json::to_string(&batch).unwrap();
         let apply = || {

@@ -641,7 +641,7 @@ impl Run {
 /// Apply a batch produced by `sync_changes()` on another node; returns counts: `applied`
 /// events, `transactions`, `skipped` (already held), `conflicts`, `errors` (origin transactions
 /// held in `sync_apply_errors`), `waiting` (held until what they depend on arrives) and the
-/// resulting `have`.
+/// resulting `have`; `gone` when the source no longer keeps changes this node lacks.
 ///
 /// SQL calls it through `sync_apply(jsonb)` (see below), which hands over the batch's text:
 /// parsing that straight into typed events is several times cheaper than building a generic
@@ -668,7 +668,12 @@ fn _sync_apply_text(batch: &str) -> SyncResult<JsonB> {
     txns.extend(transactions(batch.events, &batch.from, run.me));
     run.deliver(txns)?;
     run.raise_to_batch(&batch.from, &batch.have, &last);
-    Ok(run.finish(before)?)
+    let mut out = run.finish(before)?;
+    if !batch.gone.is_empty() {
+        // The source deleted changes this node lacks: it cannot catch up from that log.
+        out.0["gone"] = json!(batch.gone);
+    }
+    Ok(out)
 }
 
 extension_sql!(

@@ -442,6 +442,16 @@ fn record(sessions: &[net::Session]) {
         if let Err(e) = crate::apply::subxact::run(|| Spi::run_with_args(&sql, &[rows.clone().into()])) {
             warning!("pg_peersync worker: cannot record sessions: {}", e.message);
         }
+        for x in sessions {
+            let (Some(id), Some(have)) = (x.peer_id.as_deref().and_then(|i| uuid::Uuid::parse_str(i).ok()), &x.have)
+            else {
+                continue;
+            };
+            let name = (x.peer != id.to_string()).then_some(x.peer.as_str());
+            if let Err(e) = crate::apply::subxact::run(|| crate::retention::record_peer(&s, id, name, have)) {
+                warning!("pg_peersync worker: cannot record what peer {id} holds: {}", e.message);
+            }
+        }
     })
 }
 
@@ -478,8 +488,28 @@ fn retry_transient() {
     });
 }
 
-/// Now and then: refresh the schema fingerprint announced to peers, prune `sync_sessions`.
+/// Delete from the log what no peer needs any more (`retention`), a slice per transaction.
+fn prune_log() {
+    for _ in 0..50 {
+        let deleted = BackgroundWorker::transaction(|| {
+            let e = crate::clock::ext();
+            crate::apply::subxact::run(|| crate::retention::prune(&e.schema, e.node_id).unwrap_or_else(|e| e.report()))
+        });
+        match deleted {
+            Ok(n) if n > 0 => continue,
+            Ok(_) => return,
+            Err(f) => {
+                warning!("pg_peersync worker: cannot prune the change log: {} ({})", f.message, f.sqlstate);
+                return;
+            }
+        }
+    }
+}
+
+/// Now and then: refresh the schema fingerprint announced to peers, prune `sync_sessions` and
+/// the change log.
 fn housekeeping(schema: &std::sync::Mutex<String>) {
+    prune_log();
     let fingerprint = BackgroundWorker::transaction(|| {
         let s = crate::clock::ext().schema;
         let _ = crate::apply::subxact::run(|| {

@@ -33,6 +33,10 @@ pub enum Ask {
 #[derive(serde::Deserialize)]
 struct Head {
     #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    gone: BTreeMap<String, i64>,
+    #[serde(default)]
     more: bool,
     #[serde(default)]
     have: BTreeMap<String, i64>,
@@ -55,6 +59,8 @@ pub struct Session {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub error: Option<String>,
+    /// The peer's have-vector after a pull (kept in `sync_peers`, for `retention`).
+    pub have: Option<BTreeMap<String, i64>>,
 }
 
 /// What the network threads and the main thread share.
@@ -460,6 +466,7 @@ impl Puller {
             bytes_in: 0,
             bytes_out: 0,
             error: None,
+            have: None,
         };
         let result = match target {
             Ok((addr, _)) => self.pull_all(addr, &mut session).await,
@@ -481,6 +488,16 @@ impl Puller {
             session.bytes_out += traffic.sent;
             session.bytes_in += traffic.received;
             let head: Head = serde_json::from_str(&batch).map_err(|e| format!("malformed batch: {e}"))?;
+            if session.peer_id.is_none() {
+                session.peer_id = head.source.clone();
+            }
+            if !head.gone.is_empty() {
+                return Err(format!(
+                    "the peer no longer keeps changes this node lacks (origin up to number: {:?}); \
+                     this node must be copied again from a peer",
+                    head.gone
+                ));
+            }
             let n = head.events.len() as u64;
             let mut progress = false;
             let mut complete = true;
@@ -526,6 +543,7 @@ impl Puller {
             }
         }
         session.events_in = x.events;
+        session.have = Some(x.theirs.clone());
         Ok(x)
     }
 }

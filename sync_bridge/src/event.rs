@@ -126,6 +126,10 @@ pub struct Batch {
     pub events: Vec<Event>,
     /// True when the source holds more events than fitted in this batch.
     pub more: bool,
+    /// Origins the caller lacks changes of that the source no longer keeps (`peersync.log_retention`):
+    /// per origin, the greatest number it deleted. The batch carries nothing of them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gone: BTreeMap<Uuid, i64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -207,6 +211,7 @@ mod tests {
             have: BTreeMap::from([(o, 10)]),
             events,
             more: false,
+            gone: BTreeMap::new(),
         }
     }
 

@@ -102,6 +102,13 @@ pub fn cut(since: &BTreeMap<Uuid, i64>, windows: &[Window], budget: i64) -> Cut 
     out
 }
 
+/// The origins a caller holding `since` lacks changes of that the source deleted from its log
+/// (`pruned`: per origin, the greatest number deleted): per origin, that number. None of them
+/// may be served, since a batch of what is left would have a hole in it.
+pub fn gone(pruned: &BTreeMap<Uuid, i64>, since: &BTreeMap<Uuid, i64>) -> BTreeMap<Uuid, i64> {
+    pruned.iter().filter(|(o, n)| since.get(o).copied().unwrap_or(0) < **n).map(|(o, n)| (*o, *n)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +166,16 @@ mod tests {
         assert_eq!(c.have, BTreeMap::from([(node(1), 9), (node(2), 8)]));
         assert_eq!(c.from, BTreeMap::from([(node(1), 0), (node(2), 3)]));
         assert!(!c.more);
+    }
+
+    #[test]
+    fn only_origins_pruned_past_the_caller_are_gone() {
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        let pruned = BTreeMap::from([(a, 10), (b, 5)]);
+        // Holds a up to 10 (nothing it lacks was deleted), b up to 4, and nothing of c.
+        let since = BTreeMap::from([(a, 10), (b, 4), (c, 7)]);
+        assert_eq!(gone(&pruned, &since), BTreeMap::from([(b, 5)]));
+        // A node that never heard of a lacks what was pruned of it.
+        assert_eq!(gone(&pruned, &BTreeMap::new()), pruned);
     }
 }

@@ -1,0 +1,163 @@
+//! A bounded change log (`peersync.log_retention`), on a mesh of three (workers, static peers
+//! on loopback): once every peer holds a change and it is older than `peersync.log_min_age`,
+//! it leaves the log; a stopped peer keeps what it lacks in the others' logs and catches up
+//! when it comes back; a peer silent past the retention is told that the changes it lacks are
+//! gone, and nothing with a hole in it is applied.
+
+use pg_peersync_tests::{Cluster, digest, free_port, have, wait_for, worker_status};
+use serde_json::Value;
+use std::time::Instant;
+
+fn node(name: &str, port: u16, peers: &[u16]) -> Cluster {
+    let extra = [
+        "fsync = off",
+        "peersync.multicast_group = ''",
+        "peersync.sync_interval = 1",
+        "peersync.log_retention = 3600",
+        "peersync.log_min_age = 1",
+    ];
+    let c = Cluster::start_peer(name, "retention-lab-registration-key", port, peers, &extra);
+    c.connect()
+        .batch_execute(
+            "CREATE EXTENSION pg_peersync;
+             CREATE TABLE t (id bigint PRIMARY KEY, who text, n int);
+             SELECT sync_track_table('t');",
+        )
+        .unwrap();
+    c
+}
+
+fn mesh() -> [Cluster; 3] {
+    let ports = [free_port(), free_port(), free_port()];
+    let nodes = [0, 1, 2].map(|i| {
+        let others: Vec<u16> = (0..3).filter(|j| *j != i).map(|j| ports[j]).collect();
+        node(["keep-a", "keep-b", "keep-c"][i], ports[i], &others)
+    });
+    for n in &nodes {
+        wait_for(60, "every node to see its two peers up", || {
+            let up =
+                worker_status(n)["peers"].as_array().map_or(0, |ps| ps.iter().filter(|p| p["state"] == "up").count());
+            (up == 2).then_some(())
+        });
+    }
+    nodes
+}
+
+/// `txns` small transactions on each of `nodes` at once (pgbench, two clients each), on keys of
+/// each node's own.
+fn load(nodes: &[&Cluster], txns: u32) {
+    std::thread::scope(|s| {
+        for n in nodes {
+            s.spawn(move || {
+                let script = n.socket_dir().join("upsert.sql");
+                std::fs::write(
+                    &script,
+                    format!(
+                        "\\set id random(1, 2000)\n\
+                         INSERT INTO t VALUES (:id, '{0}', 1) ON CONFLICT (id) DO UPDATE SET n = t.n + 1, who = '{0}';\n",
+                        n.name
+                    ),
+                )
+                .unwrap();
+                let per_client = (txns / 2).to_string();
+                let out = n.run_client(
+                    "pgbench",
+                    &["-n", "-c", "2", "-j", "2", "-t", &per_client, "-f", script.to_str().unwrap(), "postgres"],
+                );
+                assert!(out.status.success(), "pgbench on {}: {}", n.name, String::from_utf8_lossy(&out.stderr));
+            });
+        }
+    });
+}
+
+fn log_rows(c: &Cluster) -> i64 {
+    c.connect().query_one("SELECT count(*) FROM sync_log", &[]).unwrap().get(0)
+}
+
+fn node_id(c: &Cluster) -> String {
+    c.connect().query_one("SELECT sync_status() ->> 'node_id'", &[]).unwrap().get(0)
+}
+
+/// Equal digests and have-vectors, nothing held.
+fn converged(nodes: &[&Cluster]) -> Option<()> {
+    let state: Vec<(String, Value, i64)> = nodes
+        .iter()
+        .map(|c| {
+            let mut db = c.connect();
+            let inbox: i64 = db.query_one("SELECT count(*) FROM sync_inbox", &[]).unwrap().get(0);
+            (digest(&mut db, "t"), have(&mut db), inbox)
+        })
+        .collect();
+    (state.iter().all(|s| *s == state[0]) && state[0].2 == 0).then_some(())
+}
+
+fn log_status(c: &Cluster) -> Value {
+    let text: String = c.connect().query_one("SELECT (sync_status() -> 'log')::text", &[]).unwrap().get(0);
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn the_log_stays_bounded_and_waits_for_a_stopped_peer() {
+    let mut nodes = mesh();
+    let c_id = node_id(&nodes[2]);
+    // 1. 18,000 transactions over the three nodes (PEERSYNC_RETENTION_TXNS sets another
+    //    number): once synced, each log shrinks to a little.
+    let txns: u32 = std::env::var("PEERSYNC_RETENTION_TXNS").ok().and_then(|n| n.parse().ok()).unwrap_or(18_000);
+    let started = Instant::now();
+    load(&[&nodes[0], &nodes[1], &nodes[2]], txns / 3);
+    wait_for(180, "the three to converge", || converged(&[&nodes[0], &nodes[1], &nodes[2]]));
+    let synced = started.elapsed();
+    let before: Vec<i64> = nodes.iter().map(log_rows).collect();
+    wait_for(120, "every node's log to shrink below 3,000 rows", || {
+        nodes.iter().all(|n| log_rows(n) < 3000).then_some(())
+    });
+    let after: Vec<i64> = nodes.iter().map(log_rows).collect();
+    eprintln!("{txns} transactions synced in {synced:?}; log rows {before:?} once synced, then {after:?}");
+
+    // 2. C stops; A and B go on writing: what C lacks stays in their logs, C catches up.
+    nodes[2].stop_server(false);
+    load(&[&nodes[0], &nodes[1]], 3000);
+    wait_for(120, "A and B to converge", || converged(&[&nodes[0], &nodes[1]]));
+    wait_for(60, "A to show what it keeps for C", || {
+        let s = log_status(&nodes[0]);
+        let kept = s["peers"].as_array()?.iter().find(|p| p["id"] == c_id.as_str())?["kept_only_for_it"].as_i64()?;
+        (kept >= 6000).then_some(())
+    });
+    nodes[2].start_server();
+    wait_for(180, "C to catch up", || converged(&[&nodes[0], &nodes[1], &nodes[2]]));
+    wait_for(120, "the logs to shrink again", || nodes.iter().all(|n| log_rows(n) < 3000).then_some(()));
+
+    // 3. C silent past the retention (its last exchange dated a day back on A and B): A and B
+    //    prune what it lacks, and C, back, is told so and applies nothing with a hole in it.
+    let c_had = have(&mut nodes[2].connect());
+    nodes[2].stop_server(false);
+    for n in &nodes[..2] {
+        n.connect()
+            .execute("UPDATE sync_peers SET heard_at = now() - interval '1 day' WHERE id = $1::text::uuid", &[&c_id])
+            .unwrap();
+    }
+    load(&[&nodes[0], &nodes[1]], 1000);
+    let ids = [node_id(&nodes[0]), node_id(&nodes[1])];
+    wait_for(120, "A and B to prune changes of theirs that C lacks", || {
+        nodes[..2]
+            .iter()
+            .all(|n| {
+                let pruned = &log_status(n)["pruned"];
+                ids.iter().all(|o| pruned[o].as_i64().unwrap_or(0) > c_had[o].as_i64().unwrap_or(0))
+            })
+            .then_some(())
+    });
+    nodes[2].start_server();
+    let error = wait_for(60, "C to be told that what it lacks is gone", || {
+        let s = worker_status(&nodes[2]);
+        s["peers"]
+            .as_array()?
+            .iter()
+            .find_map(|p| p["last_error"].as_str().filter(|e| e.contains("no longer keeps")).map(String::from))
+    });
+    eprintln!("C: {error}");
+    let c_has = have(&mut nodes[2].connect());
+    for o in &ids {
+        assert_eq!(c_has[o], c_had[o], "C applied nothing of {o}'s");
+    }
+}
