@@ -126,7 +126,7 @@ pub(crate) fn batch(
 ) -> Result<Batch, SyncError> {
     let ext = clock::ext();
     // Origins whose changes the caller lacks and this node deleted: none of them is served.
-    let gone = serve::gone(&crate::retention::pruned(&ext.schema)?, since);
+    let gone = serve::gone(&crate::log::retention::pruned(&ext.schema)?, since);
     let mut have = have.clone();
     have.retain(|o, _| !gone.contains_key(o));
     let windows = windows(&ext.schema, since, &have, max_events)?;

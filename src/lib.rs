@@ -23,7 +23,6 @@ mod error;
 mod gucs;
 mod identity;
 mod log;
-mod retention;
 mod sequencer;
 mod status;
 mod worker;

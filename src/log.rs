@@ -1,7 +1,10 @@
 //! The change log, `sync_log`: one row per transaction (or run of one) of any origin, its
 //! changes in parts (`sync_bridge::log::LogRow` says what a row holds and unpacks it). This
 //! module owns the table's layout: the one statement that writes a row, used by capture for
-//! this node's transactions and by apply for received ones, and the one reader.
+//! this node's transactions and by apply for received ones, the one reader, and (in
+//! `retention`) what may be deleted.
+
+pub mod retention;
 
 use crate::error::SyncError;
 use pgrx::prelude::*;

@@ -70,7 +70,7 @@ fn sync_status() -> SyncResult<JsonB> {
         "clock": clock::current().as_i64(),
         "tables": stored["tables"],
         "events": stored["events"],
-        "log": crate::retention::status(s)?,
+        "log": crate::log::retention::status(s)?,
         "have": have,
         "apply": stored["apply"],
         "worker": crate::worker::status(),

@@ -448,7 +448,7 @@ fn record(sessions: &[net::Session]) {
                 continue;
             };
             let name = (x.peer != id.to_string()).then_some(x.peer.as_str());
-            if let Err(e) = crate::apply::subxact::run(|| crate::retention::record_peer(&s, id, name, have)) {
+            if let Err(e) = crate::apply::subxact::run(|| crate::log::retention::record_peer(&s, id, name, have)) {
                 warning!("pg_peersync worker: cannot record what peer {id} holds: {}", e.message);
             }
         }
@@ -493,7 +493,9 @@ fn prune_log() {
     for _ in 0..50 {
         let deleted = BackgroundWorker::transaction(|| {
             let e = crate::clock::ext();
-            crate::apply::subxact::run(|| crate::retention::prune(&e.schema, e.node_id).unwrap_or_else(|e| e.report()))
+            crate::apply::subxact::run(|| {
+                crate::log::retention::prune(&e.schema, e.node_id).unwrap_or_else(|e| e.report())
+            })
         });
         match deleted {
             Ok(n) if n > 0 => continue,
