@@ -68,6 +68,8 @@ pub enum SyncError {
     NoNodeNumber,
     #[error("no primary-key column of table {0} is fed by a sequence")]
     NoKeySequence(String),
+    #[error("peer {0} is not known to this node")]
+    UnknownPeer(String),
     #[error("pg_peersync internal SPI error: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
 }
@@ -104,6 +106,7 @@ impl SyncError {
             SyncError::ConcurrentLocalWrite => ERRCODE_T_R_SERIALIZATION_FAILURE,
             SyncError::DdlNotAllowed | SyncError::IdentityNotAllowed => ERRCODE_INSUFFICIENT_PRIVILEGE,
             SyncError::IdentityInDoubt(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SyncError::UnknownPeer(_) => ERRCODE_UNDEFINED_OBJECT,
             SyncError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -114,6 +117,9 @@ impl SyncError {
                  sync_ddl(), or run the DDL on each node yourself."
                 .into(),
             SyncError::IdentityNotAllowed => "Ask a superuser to run it.".into(),
+            SyncError::UnknownPeer(_) => "sync_status() -> 'log' -> 'peers' lists the peers this node keeps \
+                 changes for, by id."
+                .into(),
             SyncError::IdentityInDoubt(_) => "If this database is a copy or was restored from a backup, a superuser \
                  runs SELECT sync_new_identity() here; if the other machine is the copy, stop it. See \
                  sync_status() -> 'worker' -> 'identity' and the README, Copies and restores."

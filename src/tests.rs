@@ -193,6 +193,36 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_peer_forgotten_no_longer_holds_the_log_back() {
+        let peer = "00000000-0000-0000-0000-00000000000a";
+        run(&format!("INSERT INTO sync_peers VALUES ('{peer}', 'till', '{{}}', now())"));
+        run(&format!("SELECT sync_forget_peer('{peer}')"));
+        assert_eq!(one::<i64>("SELECT count(*) FROM sync_peers"), 0);
+        let caught = caught(&format!("PERFORM sync_forget_peer('{peer}')"));
+        assert_eq!(caught["state"], json!("42704"));
+        assert!(caught["hint"].as_str().unwrap().contains("sync_status()"));
+    }
+
+    /// A node that lacks changes deleted from the log is told so, and sent nothing of that
+    /// origin (what is left would have a hole in it).
+    #[pg_test]
+    fn changes_deleted_from_the_log_are_gone_not_skipped() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        run("INSERT INTO items VALUES (1, 'tea', 1.00, NULL)");
+        run("INSERT INTO items VALUES (2, 'coffee', 2.00, NULL)");
+        let me: String = one("SELECT sync_node_id()::text");
+        run("DELETE FROM sync_log WHERE origin_seq = 1");
+        run("INSERT INTO sync_pruned SELECT sync_node_id(), 1");
+        let batch = one::<JsonB>("SELECT sync_changes('{}')").0;
+        assert_eq!(batch["gone"], json!({ me.as_str(): 1 }));
+        assert_eq!(batch["events"], json!([]));
+        let batch = one::<JsonB>(&format!("SELECT sync_changes('{{\"{me}\": 1}}')")).0;
+        assert_eq!(batch.get("gone"), None);
+        assert_eq!(batch["events"].as_array().unwrap().len(), 1);
+    }
+
+    #[pg_test]
     fn capture_refuses_while_the_identity_is_in_doubt() {
         shop();
         run("SELECT sync_track_table('items')");

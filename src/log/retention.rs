@@ -43,6 +43,42 @@ pub fn record_peer(schema: &str, id: Uuid, name: Option<&str>, have: &BTreeMap<S
     Ok(())
 }
 
+/// Forget a peer for good: the log no longer keeps changes for it. Should it come back, it
+/// counts again from its next exchange (and may find the changes it lacks gone).
+#[pg_extern]
+fn sync_forget_peer(id: pgrx::Uuid) -> crate::error::SyncResult<()> {
+    let schema = crate::clock::ext().schema;
+    let gone = Spi::get_one_with_args::<bool>(
+        &format!("WITH d AS (DELETE FROM {schema}.sync_peers WHERE id = $1 RETURNING 1) SELECT count(*) > 0 FROM d"),
+        &[id.into()],
+    )
+    .map_err(SyncError::from)?;
+    if gone != Some(true) {
+        return Err(SyncError::UnknownPeer(id.to_string()).into());
+    }
+    Ok(())
+}
+
+/// Forget the peers not heard from for longer than the retention: they no longer hold the log
+/// back in any case. Returns their ids and names, for the server log.
+pub fn forget_silent(schema: &str) -> Result<Vec<String>, SyncError> {
+    let retention = gucs::log_retention();
+    if retention <= 0 {
+        return Ok(Vec::new());
+    }
+    Spi::connect_mut(|c| {
+        let rows = c.update(
+            &format!(
+                "DELETE FROM {schema}.sync_peers WHERE heard_at < now() - make_interval(secs => $1)
+                 RETURNING id::text || coalesce(' (' || name || ')', '') || ', silent since ' || heard_at"
+            ),
+            None,
+            &[(retention as f64).into()],
+        )?;
+        rows.map(|r| Ok(r.get::<String>(1)?.unwrap_or_default())).collect()
+    })
+}
+
 /// Delete what no peer needs any more (see the module comment), a bounded slice; returns how
 /// many log rows went. Nothing while retention is off or no peer has been heard from.
 pub fn prune(schema: &str, me: Uuid) -> Result<i64, SyncError> {

@@ -488,8 +488,21 @@ fn retry_transient() {
     });
 }
 
-/// Delete from the log what no peer needs any more (`retention`), a slice per transaction.
+/// Delete from the log what no peer needs any more (`retention`), a slice per transaction,
+/// after forgetting the peers silent for longer than the retention.
 fn prune_log() {
+    let forgotten = BackgroundWorker::transaction(|| {
+        let s = crate::clock::ext().schema;
+        crate::apply::subxact::run(|| crate::log::retention::forget_silent(&s).unwrap_or_else(|e| e.report()))
+    });
+    match forgotten {
+        Ok(peers) => {
+            for p in peers {
+                log!("pg_peersync worker: forgot peer {p}: silent for longer than peersync.log_retention");
+            }
+        }
+        Err(f) => warning!("pg_peersync worker: cannot forget silent peers: {} ({})", f.message, f.sqlstate),
+    }
     for _ in 0..50 {
         let deleted = BackgroundWorker::transaction(|| {
             let e = crate::clock::ext();

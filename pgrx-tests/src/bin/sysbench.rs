@@ -6,7 +6,7 @@
 //! node's increments add up); `SYSBENCH_COUNTERS=0` leaves it a plain column.
 
 use pg_peersync_tests::{Cluster, digest, free_port, wait_for, worker_status};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const TABLES: usize = 2;
 const ROWS: usize = 5000;
@@ -113,7 +113,8 @@ fn main() {
                     .collect()
             };
             let (ra, rb) = (rows(&a), rows(&b));
-            let differ: Vec<i32> = ra.keys().chain(rb.keys()).filter(|k| ra.get(k) != rb.get(k)).copied().collect();
+            let differ: std::collections::BTreeSet<i32> =
+                ra.keys().chain(rb.keys()).filter(|k| ra.get(k) != rb.get(k)).copied().collect();
             println!("sbtest1: {} rows differ; for example:", differ.len());
             for k in differ.iter().take(3) {
                 println!("  A: {:?}\n  B: {:?}", ra.get(k), rb.get(k));
@@ -122,7 +123,8 @@ fn main() {
                 let s: String = c.connect().query_one("SELECT sync_status()::text", &[]).unwrap().get(0);
                 println!("{}: {s}", c.name);
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // exit() skips destructors: stop the clusters first.
+            drop((a, b));
             std::process::exit(1);
         }
     }
