@@ -351,12 +351,7 @@ fn decide_all<'e: 't, 't>(
         });
         let held: Vec<Version> = state.stored.iter().map(|s| s.causal(me)).collect();
         let seen = held.iter().any(|w| w.dot() == v.dot() || w.has_seen(&v));
-        let counted = (!t.counters.is_empty()).then(|| {
-            let life = state.life.get_or_insert_with(Life::default);
-            let counted = life.count(&v, e.old.as_ref(), &t.counters);
-            life.settle(v.origin, cx.settled_upto(&v));
-            counted
-        });
+        let counted = count(cx, t, e, &v, state);
         if seen && counted != Some(Counted::Current) {
             stats.skipped += 1;
             continue;
@@ -400,6 +395,17 @@ fn decide_all<'e: 't, 't>(
         writes.push(Write { table: &e.table, key: &keys[i], row: target, pk: &e.pk, event: i });
     }
     (writes, conflicts)
+}
+
+/// For a table with counters: count `v` (of event `e`) into its row's life.
+fn count(cx: &Context, t: &Table, e: &Event, v: &Version, state: &mut RowState) -> Option<Counted> {
+    if t.counters.is_empty() {
+        return None;
+    }
+    let life = state.life.get_or_insert_with(Life::default);
+    let counted = life.count(v, e.old.as_ref(), &t.counters);
+    life.settle(v.origin, cx.settled_upto(v));
+    Some(counted)
 }
 
 /// The record of a change to a counter row that came after its life ended here (a concurrent

@@ -69,7 +69,10 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         XACT_EVENT_PRE_COMMIT => flush(),
         XACT_EVENT_PRE_PREPARE if XACT.with(|x| x.borrow().is_some()) => SyncError::TwoPhase.report(),
         // After the outcome is visible: forget the buffer and release the number.
-        XACT_EVENT_COMMIT | XACT_EVENT_ABORT if XACT.with(|x| x.borrow_mut().take()).is_some() => {
+        // (A transaction whose changes all rolled back with their savepoints took no number.)
+        XACT_EVENT_COMMIT | XACT_EVENT_ABORT
+            if XACT.with(|x| x.borrow_mut().take()).is_some_and(|x| x.seq.is_some()) =>
+        {
             sequencer::end_local_xact(event == XACT_EVENT_COMMIT);
         }
         _ => {}
