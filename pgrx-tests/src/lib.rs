@@ -357,3 +357,48 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
     }
     panic!("timed out after {secs} s waiting for {what}");
 }
+
+/// Three worker nodes on loopback, each with the other two as static peers (`key` their
+/// registration key, `extra` more settings) and table `t (id bigint PRIMARY KEY, who text,
+/// n int)` tracked; returned once each sees both peers up.
+pub fn mesh_of_three(names: [&str; 3], key: &str, extra: &[&str]) -> [Cluster; 3] {
+    let ports = [free_port(), free_port(), free_port()];
+    let nodes = [0, 1, 2].map(|i| {
+        let others: Vec<u16> = (0..3).filter(|j| *j != i).map(|j| ports[j]).collect();
+        let c = Cluster::start_peer(names[i], key, ports[i], &others, extra);
+        c.connect()
+            .batch_execute(
+                "CREATE EXTENSION pg_peersync;
+                 CREATE TABLE t (id bigint PRIMARY KEY, who text, n int);
+                 SELECT sync_track_table('t');",
+            )
+            .unwrap();
+        c
+    });
+    for n in &nodes {
+        wait_for(60, "every node to see its two peers up", || {
+            let s = worker_status(n);
+            let up = s["peers"].as_array().map_or(0, |ps| ps.iter().filter(|p| p["state"] == "up").count());
+            (up == 2).then_some(())
+        });
+    }
+    nodes
+}
+
+/// The node's id, as `sync_status()` reports it.
+pub fn node_id(c: &Cluster) -> String {
+    c.connect().query_one("SELECT sync_status() ->> 'node_id'", &[]).unwrap().get(0)
+}
+
+/// pgbench on `c`'s `postgres` database: `script` (written into its socket directory) run
+/// `per_client` times by each of two clients; panics if pgbench fails.
+pub fn pgbench(c: &Cluster, script: &str, per_client: u32) {
+    let path = c.socket_dir().join("bench-script.sql");
+    std::fs::write(&path, script).unwrap();
+    let per_client = per_client.to_string();
+    let out = c.run_client(
+        "pgbench",
+        &["-n", "-c", "2", "-j", "2", "-t", &per_client, "-f", path.to_str().unwrap(), "postgres"],
+    );
+    assert!(out.status.success(), "pgbench on {}: {}", c.name, String::from_utf8_lossy(&out.stderr));
+}

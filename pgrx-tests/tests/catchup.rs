@@ -3,7 +3,7 @@
 //! keep writing. Served batches are in causal order across origins (PROTOCOL.md, "Batch"), so
 //! every pull applies something; before that, a node one batch behind could stall for good.
 
-use pg_peersync_tests::{Cluster, digest, free_port, have, wait_for, worker_status};
+use pg_peersync_tests::{Cluster, digest, have, mesh_of_three, node_id, pgbench, wait_for, worker_status};
 use serde_json::Value;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -12,38 +12,10 @@ use std::time::{Duration, Instant};
 /// Small batches make "many batches behind" cheap to reach.
 const BATCH: i64 = 50;
 
-fn node(name: &str, port: u16, peers: &[u16], batch: i64) -> Cluster {
+fn mesh(names: [&str; 3], batch: i64) -> [Cluster; 3] {
     let batch = format!("peersync.batch_size = {batch}");
     let extra = ["fsync = off", "peersync.multicast_group = ''", "peersync.sync_interval = 2", batch.as_str()];
-    let c = Cluster::start_peer(name, "catch-up-lab-registration-key", port, peers, &extra);
-    c.connect()
-        .batch_execute(
-            "CREATE EXTENSION pg_peersync;
-             CREATE TABLE t (id bigint PRIMARY KEY, who text, n int);
-             SELECT sync_track_table('t');",
-        )
-        .unwrap();
-    c
-}
-
-fn mesh(names: [&str; 3], batch: i64) -> [Cluster; 3] {
-    let ports = [free_port(), free_port(), free_port()];
-    let nodes = [0, 1, 2].map(|i| {
-        let others: Vec<u16> = (0..3).filter(|j| *j != i).map(|j| ports[j]).collect();
-        node(names[i], ports[i], &others, batch)
-    });
-    for n in &nodes {
-        wait_for(60, "every node to see its two peers up", || {
-            let s = worker_status(n);
-            let up = s["peers"].as_array().map_or(0, |ps| ps.iter().filter(|p| p["state"] == "up").count());
-            (up == 2).then_some(())
-        });
-    }
-    nodes
-}
-
-fn node_id(c: &Cluster) -> String {
-    c.connect().query_one("SELECT sync_status() ->> 'node_id'", &[]).unwrap().get(0)
+    mesh_of_three(names, "catch-up-lab-registration-key", &extra)
 }
 
 /// How far `c` holds `origin`.
@@ -182,22 +154,13 @@ fn three_nodes_under_pgbench_load_converge() {
     std::thread::scope(|s| {
         for (i, n) in nodes.iter().enumerate() {
             s.spawn(move || {
-                let script = n.socket_dir().join("upsert.sql");
-                std::fs::write(
-                    &script,
-                    format!(
-                        "\\set id random(1, 1000) + {}\n\
-                         INSERT INTO t VALUES (:id, '{}', 1) ON CONFLICT (id) DO UPDATE SET n = t.n + 1;\n",
-                        i * 10_000,
-                        n.name
-                    ),
-                )
-                .unwrap();
-                let out = n.run_client(
-                    "pgbench",
-                    &["-n", "-c", "2", "-j", "2", "-t", "1500", "-f", script.to_str().unwrap(), "postgres"],
+                let script = format!(
+                    "\\set id random(1, 1000) + {}\n\
+                     INSERT INTO t VALUES (:id, '{}', 1) ON CONFLICT (id) DO UPDATE SET n = t.n + 1;\n",
+                    i * 10_000,
+                    n.name
                 );
-                assert!(out.status.success(), "pgbench on {}: {}", n.name, String::from_utf8_lossy(&out.stderr));
+                pgbench(n, &script, 1500);
             });
         }
     });

@@ -4,11 +4,11 @@
 //! when it comes back; a peer silent past the retention is told that the changes it lacks are
 //! gone, and nothing with a hole in it is applied.
 
-use pg_peersync_tests::{Cluster, digest, free_port, have, wait_for, worker_status};
+use pg_peersync_tests::{Cluster, digest, have, mesh_of_three, node_id, pgbench, wait_for, worker_status};
 use serde_json::Value;
 use std::time::Instant;
 
-fn node(name: &str, port: u16, peers: &[u16]) -> Cluster {
+fn mesh() -> [Cluster; 3] {
     let extra = [
         "fsync = off",
         "peersync.multicast_group = ''",
@@ -16,55 +16,20 @@ fn node(name: &str, port: u16, peers: &[u16]) -> Cluster {
         "peersync.log_retention = 3600",
         "peersync.log_min_age = 1",
     ];
-    let c = Cluster::start_peer(name, "retention-lab-registration-key", port, peers, &extra);
-    c.connect()
-        .batch_execute(
-            "CREATE EXTENSION pg_peersync;
-             CREATE TABLE t (id bigint PRIMARY KEY, who text, n int);
-             SELECT sync_track_table('t');",
-        )
-        .unwrap();
-    c
+    mesh_of_three(["keep-a", "keep-b", "keep-c"], "retention-lab-registration-key", &extra)
 }
 
-fn mesh() -> [Cluster; 3] {
-    let ports = [free_port(), free_port(), free_port()];
-    let nodes = [0, 1, 2].map(|i| {
-        let others: Vec<u16> = (0..3).filter(|j| *j != i).map(|j| ports[j]).collect();
-        node(["keep-a", "keep-b", "keep-c"][i], ports[i], &others)
-    });
-    for n in &nodes {
-        wait_for(60, "every node to see its two peers up", || {
-            let up =
-                worker_status(n)["peers"].as_array().map_or(0, |ps| ps.iter().filter(|p| p["state"] == "up").count());
-            (up == 2).then_some(())
-        });
-    }
-    nodes
-}
-
-/// `txns` small transactions on each of `nodes` at once (pgbench, two clients each), on keys of
-/// each node's own.
+/// `txns` small transactions on each of `nodes` at once, on keys of their own.
 fn load(nodes: &[&Cluster], txns: u32) {
     std::thread::scope(|s| {
         for n in nodes {
             s.spawn(move || {
-                let script = n.socket_dir().join("upsert.sql");
-                std::fs::write(
-                    &script,
-                    format!(
-                        "\\set id random(1, 2000)\n\
-                         INSERT INTO t VALUES (:id, '{0}', 1) ON CONFLICT (id) DO UPDATE SET n = t.n + 1, who = '{0}';\n",
-                        n.name
-                    ),
-                )
-                .unwrap();
-                let per_client = (txns / 2).to_string();
-                let out = n.run_client(
-                    "pgbench",
-                    &["-n", "-c", "2", "-j", "2", "-t", &per_client, "-f", script.to_str().unwrap(), "postgres"],
+                let script = format!(
+                    "\\set id random(1, 2000)\n\
+                     INSERT INTO t VALUES (:id, '{0}', 1) ON CONFLICT (id) DO UPDATE SET n = t.n + 1, who = '{0}';\n",
+                    n.name
                 );
-                assert!(out.status.success(), "pgbench on {}: {}", n.name, String::from_utf8_lossy(&out.stderr));
+                pgbench(n, &script, txns / 2);
             });
         }
     });
@@ -72,10 +37,6 @@ fn load(nodes: &[&Cluster], txns: u32) {
 
 fn log_rows(c: &Cluster) -> i64 {
     c.connect().query_one("SELECT count(*) FROM sync_log", &[]).unwrap().get(0)
-}
-
-fn node_id(c: &Cluster) -> String {
-    c.connect().query_one("SELECT sync_status() ->> 'node_id'", &[]).unwrap().get(0)
 }
 
 /// Equal digests and have-vectors, nothing held.
