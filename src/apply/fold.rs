@@ -192,7 +192,7 @@ fn fold_rows(
             let seq: i64 = row.get(1)?.expect("origin_seq");
             let log = read_row(origin, seq, &row)?;
             if log.parts.iter().any(|p| has_counters(&p.table)) {
-                for e in log.events().map_err(|e| unreadable(origin, seq, e))? {
+                for e in log.events_unchecked().map_err(|e| unreadable(origin, seq, e))? {
                     if has_counters(&e.table) {
                         let key = sync_bridge::canonical::jsonb_text(&e.pk);
                         counted.entry((e.table.clone(), key)).or_default().push((version_of(&e), e.old));
