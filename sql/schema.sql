@@ -10,7 +10,10 @@ CREATE TABLE sync_node (
     indexed_upto bigint NOT NULL DEFAULT 0,
     -- Set when another node seems to use this identity (src/identity.rs): capture stops until
     -- sync_new_identity().
-    identity_doubt text
+    identity_doubt text,
+    -- Set while this node copies its tracked tables from a peer (the peer's id; src/snapshot.rs):
+    -- capture and sync_apply refuse until the copy is done.
+    joining text
 );
 INSERT INTO sync_node DEFAULT VALUES;
 
@@ -226,6 +229,24 @@ CREATE TABLE sync_pruned (
     upto   bigint NOT NULL
 );
 SELECT pg_catalog.pg_extension_config_dump('sync_pruned', '');
+
+-- The last join from a peer's snapshot (src/snapshot.rs), or the one under way: where it
+-- started catching up from, per table what was copied, and once done, up to what the copy
+-- reached (nothing is applied blind below it).
+CREATE TABLE sync_join (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    source      uuid NOT NULL,
+    source_name text,
+    started_at  timestamptz NOT NULL,
+    finished_at timestamptz,
+    start       jsonb NOT NULL,
+    upto        jsonb,
+    tables      jsonb NOT NULL,
+    -- Why a new node did not copy (it caught up by replay instead).
+    note        text,
+    rows_copied bigint NOT NULL DEFAULT 0
+);
+SELECT pg_catalog.pg_extension_config_dump('sync_join', '');
 
 CREATE TABLE sync_sessions (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

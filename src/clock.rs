@@ -54,6 +54,8 @@ pub struct Ext {
     pub node_id: Uuid,
     /// Why this identity is in doubt (another node seems to use it), if it is: capture stops.
     pub doubt: Option<String>,
+    /// The peer this node copies its tracked tables from, while it does (`snapshot`).
+    pub joining: Option<String>,
     node_rel: pg_sys::Oid,
 }
 
@@ -78,7 +80,9 @@ pub fn ext() -> Ext {
             .expect("pg_peersync is not installed in this database");
         let row = client
             .select(
-                &format!("SELECT id, '{schema}.sync_node'::regclass::oid, identity_doubt FROM {schema}.sync_node"),
+                &format!(
+                    "SELECT id, '{schema}.sync_node'::regclass::oid, identity_doubt, joining FROM {schema}.sync_node"
+                ),
                 None,
                 &[],
             )?
@@ -86,7 +90,14 @@ pub fn ext() -> Ext {
         let id: pgrx::Uuid = row.get(1)?.expect("sync_node is empty");
         let rel: pg_sys::Oid = row.get(2)?.expect("sync_node oid");
         let doubt: Option<String> = row.get(3)?;
-        Ok::<_, pgrx::spi::SpiError>(Ext { schema, node_id: Uuid::from_bytes(*id.as_bytes()), doubt, node_rel: rel })
+        let joining: Option<String> = row.get(4)?;
+        Ok::<_, pgrx::spi::SpiError>(Ext {
+            schema,
+            node_id: Uuid::from_bytes(*id.as_bytes()),
+            doubt,
+            joining,
+            node_rel: rel,
+        })
     })
     .expect("reading pg_peersync's node identity");
     EXT.with(|c| *c.borrow_mut() = Some(e.clone()));

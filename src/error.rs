@@ -70,6 +70,14 @@ pub enum SyncError {
     NoKeySequence(String),
     #[error("peer {0} is not known to this node")]
     UnknownPeer(String),
+    #[error("this node is copying its tracked tables from peer {0}; changes are refused until the copy is done")]
+    Joining(String),
+    #[error("table {table} has no column \"{column}\", which the peer it joins from copies")]
+    JoinColumn { table: String, column: String },
+    #[error("tables {0} are tracked by the peer this node joins from, not here")]
+    JoinUntracked(String),
+    #[error("sync_resync() replaces this node's tracked tables: only a superuser may call it")]
+    ResyncNotAllowed,
     #[error("pg_peersync internal SPI error: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
 }
@@ -107,6 +115,10 @@ impl SyncError {
             SyncError::DdlNotAllowed | SyncError::IdentityNotAllowed => ERRCODE_INSUFFICIENT_PRIVILEGE,
             SyncError::IdentityInDoubt(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             SyncError::UnknownPeer(_) => ERRCODE_UNDEFINED_OBJECT,
+            SyncError::Joining(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SyncError::JoinColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
+            SyncError::JoinUntracked(_) => ERRCODE_UNDEFINED_TABLE,
+            SyncError::ResyncNotAllowed => ERRCODE_INSUFFICIENT_PRIVILEGE,
             SyncError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -116,7 +128,17 @@ impl SyncError {
             SyncError::DdlNotAllowed => "Peers run the command as their own apply role; ask a superuser to run \
                  sync_ddl(), or run the DDL on each node yourself."
                 .into(),
-            SyncError::IdentityNotAllowed => "Ask a superuser to run it.".into(),
+            SyncError::IdentityNotAllowed | SyncError::ResyncNotAllowed => "Ask a superuser to run it.".into(),
+            SyncError::Joining(_) => "Wait for the copy to finish: sync_status() -> 'join' shows its progress. \
+                 Changes made meanwhile would be overwritten by it."
+                .into(),
+            SyncError::JoinUntracked(_) => "Create and track them here as on the peer (sync_track_table()); \
+                 the worker tries the copy again by itself."
+                .into(),
+            SyncError::JoinColumn { table, column } => format!(
+                "Add the column here as the peer has it (ALTER TABLE {table} ADD COLUMN \"{column}\" ...); \
+                 the worker tries the copy again by itself."
+            ),
             SyncError::UnknownPeer(_) => "sync_status() -> 'log' -> 'peers' lists the peers this node keeps \
                  changes for, by id."
                 .into(),

@@ -24,6 +24,7 @@ mod gucs;
 mod identity;
 mod log;
 mod sequencer;
+mod snapshot;
 mod status;
 mod worker;
 

@@ -71,6 +71,7 @@ fn sync_status() -> SyncResult<JsonB> {
         "tables": stored["tables"],
         "events": stored["events"],
         "log": crate::log::retention::status(s)?,
+        "join": crate::snapshot::status(s)?,
         "have": have,
         "apply": stored["apply"],
         "worker": crate::worker::status(),

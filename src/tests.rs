@@ -40,11 +40,11 @@ mod tests {
     /// The SQLSTATE and hint of the error `statement` (PL/pgSQL) raises, as `{state, hint}`.
     fn caught(statement: &str) -> Value {
         one::<JsonB>(&format!(
-            "DO $$ DECLARE s text; h text; BEGIN
+            "DO $$ DECLARE s text; h text; m text; BEGIN
                  {statement};
              EXCEPTION WHEN others THEN
-                 GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, h = PG_EXCEPTION_HINT;
-                 PERFORM set_config('test.err', jsonb_build_object('state', s, 'hint', h)::text, true);
+                 GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, h = PG_EXCEPTION_HINT, m = MESSAGE_TEXT;
+                 PERFORM set_config('test.err', jsonb_build_object('state', s, 'hint', h, 'message', m)::text, true);
              END $$; SELECT current_setting('test.err')::jsonb"
         ))
         .0
@@ -215,6 +215,27 @@ mod tests {
         assert_eq!(batch["events"], json!([]));
         let batch = one::<JsonB>(&format!("SELECT sync_changes('{{\"{me}\": 1}}')")).0;
         assert_eq!(batch.get("gone"), None);
+    }
+
+    /// While a node copies its tables from a peer, local changes and received batches are
+    /// refused (the copy would overwrite them), with the reason and a hint; `sync_resync`
+    /// names a known peer.
+    #[pg_test]
+    fn changes_wait_while_the_node_copies_from_a_peer() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        let peer = "00000000-0000-0000-0000-00000000000b";
+        let unknown = caught(&format!("PERFORM sync_resync('{peer}')"));
+        assert_eq!(unknown["state"], json!("42704"));
+        run(&format!("INSERT INTO sync_peers VALUES ('{peer}', 'bo', '{{}}', now())"));
+        run(&format!("SELECT sync_resync('{peer}')"));
+        let write = caught("INSERT INTO items VALUES (91, 'written during the copy')");
+        assert_eq!(write["state"], json!("55000"));
+        assert!(write["message"].as_str().unwrap().contains(peer));
+        assert!(write["hint"].as_str().unwrap().contains("'join'"));
+        let apply = caught("PERFORM sync_apply(sync_changes('{}'))");
+        assert_eq!(apply["state"], json!("55000"));
+        assert_eq!(one::<i64>("SELECT count(*) FROM items WHERE id = 91"), 0);
     }
 
     #[pg_test]

@@ -26,6 +26,8 @@ pub(crate) mod plans;
 mod rows;
 use rows::Mode;
 mod store;
+
+pub(crate) use rows::advance_sequences;
 pub(crate) mod subxact;
 
 use crate::changes::have_vector;
@@ -304,12 +306,17 @@ struct Run {
     filled: Vec<String>,
     /// Rows settled races changed in this run (see `constraints::Settler`).
     changed: constraints::Changed,
+    /// What the last join from a snapshot copied covers: nothing below it is applied blind.
+    copied: BTreeMap<Uuid, i64>,
 }
 
 impl Run {
     /// With `fold_now`, bring the registers up to date at once (else only when needed).
     fn start(fold_now: bool) -> Result<Run, SyncError> {
         let ext = clock::ext();
+        if let Some(peer) = ext.joining {
+            return Err(SyncError::Joining(peer));
+        }
         // One applier at a time per database: registers are read, resolved and written whole.
         Spi::run(&format!("SELECT pg_advisory_xact_lock({APPLY_LOCK})"))?;
         let mut tables = load_tables(&ext.schema)?;
@@ -332,6 +339,7 @@ impl Run {
             counts: Counts::default(),
             filled,
             changed: constraints::Changed::new(),
+            copied: crate::snapshot::copied_upto(&ext.schema)?,
         })
     }
 
@@ -340,8 +348,10 @@ impl Run {
     /// what the registers lack first, outside the chunk's subtransaction, so that a chunk
     /// rolled back does not undo it.
     fn mode(&mut self, txns: &[Txn], chunk: &[usize]) -> Mode {
-        let mut held = self.applied.clone();
-        held.insert(self.me, self.local.high());
+        // A copy may show changes this node does not hold yet: a change blind here must have
+        // seen them too.
+        let mut held = sync_bridge::snapshot::cover(&self.applied, &self.copied);
+        held.insert(self.me, self.local.high().max(held.get(&self.me).copied().unwrap_or(0)));
         let blind = chunk.iter().flat_map(|&i| &txns[i].events).all(|e| {
             // A delete may change rows that refer to it (`constraints`), whose registers must
             // then be up to date.
@@ -701,6 +711,12 @@ pub fn retire_identity(old: Uuid, upto: i64) -> Result<(), SyncError> {
     Ok(())
 }
 
+/// Bring the row registers up to date with everything folded so far (a snapshot's source does,
+/// before it says what its copy covers).
+pub fn fold_all() -> Result<(), SyncError> {
+    Run::start(true).map(|_| ())
+}
+
 /// Fold one slice of what the row registers lack (see `fold`), unless an apply holds the apply
 /// lock. The background worker calls it once it has been quiet for a while, so that the apply
 /// that next needs the registers does not first fold a long one-way stream. Returns true when
@@ -708,6 +724,9 @@ pub fn retire_identity(old: Uuid, upto: i64) -> Result<(), SyncError> {
 pub fn fold_while_quiet() -> Result<bool, SyncError> {
     sequencer::require_read_committed("the worker's fold")?;
     let ext = clock::ext();
+    if ext.joining.is_some() {
+        return Ok(false);
+    }
     let locked = Spi::get_one::<bool>(&format!("SELECT pg_try_advisory_xact_lock({APPLY_LOCK})"))?;
     if locked != Some(true) {
         return Ok(false);
@@ -727,6 +746,9 @@ pub fn fold_while_quiet() -> Result<bool, SyncError> {
 pub fn retry_transient() -> Result<i64, SyncError> {
     sequencer::require_read_committed("the worker's retry")?;
     let ext = clock::ext();
+    if ext.joining.is_some() {
+        return Ok(0);
+    }
     if !store::has_transient(&ext.schema)? {
         return Ok(0);
     }

@@ -106,6 +106,10 @@ fn ensure_started(ext: &clock::Ext) -> Result<(), SyncError> {
         // Numbered under an identity another node may use, the change could be lost.
         return Err(SyncError::IdentityInDoubt(why.clone()));
     }
+    if let Some(peer) = &ext.joining {
+        // The copy under way would overwrite it.
+        return Err(SyncError::Joining(peer.clone()));
+    }
     XACT.with(|x| {
         *x.borrow_mut() = Some(XactCapture {
             xid,

@@ -331,9 +331,22 @@ fn start_network(schema: &std::sync::Arc<std::sync::Mutex<String>>) -> Option<ne
 fn answer(ask: net::Ask) {
     let batch = gucs::batch_size();
     let (reply, result) = match ask {
-        net::Ask::Pull(stalled, reply) => {
-            (reply, call(|| crate::apply::pull_request(stalled.as_ref()).map(|v| v.to_string())))
-        }
+        net::Ask::Pull(stalled, reply) => (
+            reply,
+            call(|| {
+                let mut request = crate::apply::pull_request(stalled.as_ref())?;
+                // Whether to copy the tables from a peer's snapshot first ("any" peer that holds
+                // something, or that one).
+                request["join"] = match crate::snapshot::wanted()? {
+                    Some(Some(id)) => json!(id.to_string()),
+                    Some(None) => json!("any"),
+                    None => Value::Null,
+                };
+                Ok(request.to_string())
+            }),
+        ),
+        net::Ask::Snapshot(q, reply) => (reply, call(|| crate::snapshot::serve(&q))),
+        net::Ask::Join(step, reply) => (reply, call(|| join_step(step))),
         // What a peer may know of this node: who it is and what it holds (no data, no settings).
         net::Ask::Status(reply) => (
             reply,
@@ -359,6 +372,36 @@ fn answer(ask: net::Ask) {
     unsafe {
         libc::malloc_trim(1 << 20);
     }
+}
+
+/// One step of a join from a peer's snapshot, as JSON for the puller.
+fn join_step(step: net::JoinStep) -> Result<String, crate::error::SyncError> {
+    use crate::snapshot::{self, Began};
+    let bad = |e: serde_json::Error| crate::error::SyncError::BadBatch(e.to_string());
+    Ok(match step {
+        net::JoinStep::Begin { manifest, name, rejoin } => {
+            let m: sync_bridge::snapshot::Manifest = serde_json::from_str(&manifest).map_err(bad)?;
+            match snapshot::begin(&m, &name, rejoin)? {
+                Began::Copy(tables) => {
+                    log!("pg_peersync worker: copying {} table(s) from the snapshot of peer {name}", tables.len());
+                    json!({"tables": tables})
+                }
+                Began::Nothing => json!({"nothing": true}),
+                Began::SourceLacks(v) => json!({"source_lacks": v}),
+            }
+        }
+        net::JoinStep::Load { table, tombstones, page } => {
+            let head = snapshot::load(&table, tombstones, &page)?;
+            json!({"n": head.n, "last": head.last})
+        }
+        net::JoinStep::Finish(text) => {
+            let f: sync_bridge::snapshot::Finish = serde_json::from_str(&text).map_err(bad)?;
+            let rows = snapshot::finish(&f)?;
+            log!("pg_peersync worker: copy done ({rows} rows); catching up from the peers");
+            json!({"rows": rows})
+        }
+    }
+    .to_string())
 }
 
 /// Run `f` in a transaction of its own; an error rolls it back and goes back to the asker.

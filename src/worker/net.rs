@@ -27,6 +27,26 @@ pub enum Ask {
     Status(Reply),
     Changes(Value, Reply),
     Apply(String, Reply),
+    /// A peer's question about this node's snapshot (`snapshot::serve`).
+    Snapshot(sync_bridge::snapshot::Ask, Reply),
+    /// A step of this node's join from a peer's snapshot.
+    Join(JoinStep, Reply),
+}
+
+/// The steps of a join (`crate::snapshot`), each in a transaction of its own.
+pub enum JoinStep {
+    /// Begin from the peer's manifest; `rejoin`: the peer no longer keeps what this node lacks.
+    Begin {
+        manifest: String,
+        name: String,
+        rejoin: bool,
+    },
+    Load {
+        table: String,
+        tombstones: bool,
+        page: String,
+    },
+    Finish(String),
 }
 
 /// What a puller reads of a batch: everything but the events, which it only counts.
@@ -113,6 +133,11 @@ impl Node for Bridge {
     fn status(&self) -> NodeFuture {
         let shared = self.0.clone();
         Box::pin(async move { ask(&shared.tx, Ask::Status).await })
+    }
+
+    fn snapshot(&self, q: sync_bridge::snapshot::Ask) -> NodeFuture {
+        let shared = self.0.clone();
+        Box::pin(async move { ask(&shared.tx, |r| Ask::Snapshot(q, r)).await })
     }
 
     fn poke(&self, from: SocketAddr) {
@@ -484,6 +509,18 @@ impl Puller {
             let stalled = self.stalled.clone();
             let request = ask(&self.shared.tx, |r| Ask::Pull(stalled, r)).await?;
             let request: Value = serde_json::from_str(&request).map_err(|e| e.to_string())?;
+            if let Some(from) = request["join"].as_str() {
+                if from != "any" && session.peer_id.as_deref().is_some_and(|p| p != from) {
+                    return Err(format!(
+                        "this node is copying its tables from peer {from}; it pulls from the others once done"
+                    ));
+                }
+                if self.join(addr, session, false).await? {
+                    // Catch up from the copy at once.
+                    self.wake.notify_one();
+                    return Ok(x);
+                }
+            }
             let (batch, traffic) = self.shared.client.pull(addr, &request["ask"]).await.map_err(|e| e.to_string())?;
             session.bytes_out += traffic.sent;
             session.bytes_in += traffic.received;
@@ -492,9 +529,13 @@ impl Puller {
                 session.peer_id = head.source.clone();
             }
             if !head.gone.is_empty() {
+                if self.join(addr, session, true).await? {
+                    self.wake.notify_one();
+                    return Ok(x);
+                }
                 return Err(format!(
                     "the peer no longer keeps changes this node lacks (origin up to number: {:?}); \
-                     this node must be copied again from a peer",
+                     this node copies its tables from it once the peer holds this node's own changes",
                     head.gone
                 ));
             }
@@ -545,6 +586,55 @@ impl Puller {
         session.events_in = x.events;
         session.have = Some(x.theirs.clone());
         Ok(x)
+    }
+}
+
+impl Puller {
+    /// Copy this node's tracked tables from the peer's snapshot (`crate::snapshot`), when the
+    /// node wants to (new, told `gone` with `rejoin`, or asked by `sync_resync`). Returns false
+    /// when there was nothing to copy; an error when the peer must first take this node's own
+    /// changes, or the copy failed (it starts again at the next exchange).
+    async fn join(&mut self, addr: SocketAddr, session: &mut Session, rejoin: bool) -> Result<bool, String> {
+        use sync_bridge::snapshot::{Ask as Q, PAGE_ROWS};
+        let client = &self.shared.client;
+        let (manifest, t) = client.snapshot(addr, &Q::Manifest).await.map_err(|e| e.to_string())?;
+        session.bytes_in += t.received;
+        let name = session.peer.clone();
+        let begun = ask(&self.shared.tx, |r| Ask::Join(JoinStep::Begin { manifest, name, rejoin }, r)).await?;
+        let begun: Value = serde_json::from_str(&begun).map_err(|e| e.to_string())?;
+        if let Some(lacks) = begun.get("source_lacks") {
+            return Err(format!(
+                "waiting for the peer to take the changes only this node holds ({lacks}) before copying from it"
+            ));
+        }
+        let Some(tables) = begun["tables"].as_array() else { return Ok(false) };
+        for table in tables.iter().filter_map(Value::as_str) {
+            for tombstones in [false, true] {
+                let mut after = Value::Null;
+                loop {
+                    let q = if tombstones {
+                        Q::Tombstones { table: table.into(), after: after.as_str().map(Into::into), limit: PAGE_ROWS }
+                    } else {
+                        let key = after
+                            .as_array()
+                            .map(|a| a.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect());
+                        Q::Rows { table: table.into(), after: key, limit: PAGE_ROWS }
+                    };
+                    let (page, t) = client.snapshot(addr, &q).await.map_err(|e| e.to_string())?;
+                    session.bytes_in += t.received;
+                    let step = JoinStep::Load { table: table.into(), tombstones, page };
+                    let head: Value = serde_json::from_str(&ask(&self.shared.tx, |r| Ask::Join(step, r)).await?)
+                        .map_err(|e| e.to_string())?;
+                    if head["n"].as_i64().unwrap_or(0) < PAGE_ROWS {
+                        break;
+                    }
+                    after = head["last"].clone();
+                }
+            }
+        }
+        let (finish, _) = client.snapshot(addr, &Q::Finish).await.map_err(|e| e.to_string())?;
+        ask(&self.shared.tx, |r| Ask::Join(JoinStep::Finish(finish), r)).await?;
+        Ok(true)
     }
 }
 

@@ -18,6 +18,7 @@ pub mod ids;
 pub mod log;
 pub mod resolve;
 pub mod serve;
+pub mod snapshot;
 pub mod transport;
 
 pub use event::{Batch, BatchError, Event, FORMAT_VERSION, Op};

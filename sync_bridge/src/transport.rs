@@ -6,6 +6,8 @@
 //! - `POST /v1/changes`: body a have-vector, answer a batch of what the caller lacks;
 //! - `POST /v1/push`: body a batch, answer the receiver's apply counts;
 //! - `POST /v1/status`: body `{}`, answer the node's identity, protocol and have-vector;
+//! - `POST /v1/snapshot`: body a `snapshot::Ask`, answer a manifest, a page of rows with their
+//!   registers, or the vector that covers the copy (joining from a snapshot);
 //! - `POST /v1/poke`: body `{"port": n}`: "I have new changes, pull from me (at my address,
 //!   port n)"; answer `{}`. This is how a commit reaches peers within milliseconds.
 //!
@@ -45,6 +47,8 @@ pub trait Node: Send + Sync + 'static {
     fn poke(&self, from: SocketAddr);
     /// The node's status for a peer: identity, protocol and have-vector.
     fn status(&self) -> NodeFuture;
+    /// A part of a snapshot of the node's tracked tables (`snapshot::Ask`).
+    fn snapshot(&self, ask: crate::snapshot::Ask) -> NodeFuture;
 }
 
 pub fn now_ms() -> u64 {
@@ -112,7 +116,9 @@ impl<N: Node> Server<N> {
                               "uptime_s": self.started.elapsed().as_secs()});
             return respond(StatusCode::OK, body.to_string().into_bytes(), None);
         }
-        if method != Method::POST || !["/v1/changes", "/v1/push", "/v1/poke", "/v1/status"].contains(&path.as_str()) {
+        if method != Method::POST
+            || !["/v1/changes", "/v1/push", "/v1/poke", "/v1/status", "/v1/snapshot"].contains(&path.as_str())
+        {
             return respond(StatusCode::NOT_FOUND, Vec::new(), None);
         }
         self.counters.lock().expect("counters").requests += 1;
@@ -138,6 +144,10 @@ impl<N: Node> Server<N> {
         let answer = match path.as_str() {
             "/v1/changes" => self.node.changes(input).await,
             "/v1/status" => self.node.status().await,
+            "/v1/snapshot" => match serde_json::from_value(input) {
+                Ok(ask) => self.node.snapshot(ask).await,
+                Err(_) => return self.reject(Rejection::Malformed),
+            },
             "/v1/poke" => match input["port"].as_u64().and_then(|p| u16::try_from(p).ok()) {
                 Some(port) => {
                     self.node.poke(SocketAddr::new(remote.ip(), port));
@@ -289,6 +299,11 @@ impl Client {
         serde_json::from_str(&answer).map_err(|_| CallError::BadAnswer(Rejection::Malformed))
     }
 
+    /// A part of `peer`'s snapshot, as JSON text, and the bytes it took.
+    pub async fn snapshot(&self, peer: SocketAddr, ask: &crate::snapshot::Ask) -> Result<(String, Traffic), CallError> {
+        self.call(peer, "/v1/snapshot", &serde_json::to_string(ask).expect("an ask serialises")).await
+    }
+
     pub async fn poke(&self, peer: SocketAddr, port: u16) -> Result<(), CallError> {
         self.call(peer, "/v1/poke", &json!({ "port": port }).to_string()).await.map(|_| ())
     }
@@ -323,6 +338,9 @@ mod tests {
         fn status(&self) -> NodeFuture {
             Box::pin(async { Ok(json!({"name": "fake", "have": {}}).to_string()) })
         }
+        fn snapshot(&self, ask: crate::snapshot::Ask) -> NodeFuture {
+            Box::pin(async move { Ok(json!({"asked": ask}).to_string()) })
+        }
     }
 
     async fn start() -> (SocketAddr, Arc<Fake>, Arc<Mutex<Counters>>, watch::Sender<bool>) {
@@ -350,6 +368,8 @@ mod tests {
         client.poke(addr, 9999).await.unwrap();
         assert_eq!(*node.poked.lock().unwrap(), vec!["127.0.0.1:9999".parse::<SocketAddr>().unwrap()]);
         assert_eq!(client.status(addr).await.unwrap()["name"], "fake");
+        let (page, _) = client.snapshot(addr, &crate::snapshot::Ask::Manifest).await.unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&page).unwrap()["asked"], json!({"ask": "manifest"}));
         assert_eq!(counters.lock().unwrap().rejected, BTreeMap::new());
         // /health needs no key and tells nothing secret.
         let health: Value = reqwest::get(format!("http://{addr}/health")).await.unwrap().json().await.unwrap();

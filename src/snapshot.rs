@@ -1,0 +1,569 @@
+//! Joining from a snapshot (see `sync_bridge::snapshot` for why a copy taken page by page is
+//! safe): what a source serves, and how a joiner loads it.
+//!
+//! A node joins from a peer's snapshot when it is new (nothing received, nothing written, no
+//! registers, some table tracked), when a peer says it no longer keeps changes this node lacks
+//! (past the peer's log retention), and when an operator calls `sync_resync(peer)`. While it
+//! joins, `sync_node.joining` names the source: capture refuses changes to tracked tables and
+//! `sync_apply` refuses batches, so nothing is written that the copy would overwrite. A
+//! rejoining node first waits until the source holds everything it holds, so that its own
+//! changes survive the copy. A join interrupted (a crash, the source gone) starts again from
+//! the beginning.
+//!
+//! Pages travel as JSON with one text array per column (values in each type's text form, as
+//! COPY writes them), and load with one `INSERT ... SELECT FROM unnest(...)` per page, with
+//! `session_replication_role = replica`: no trigger fires (nothing is captured) and foreign
+//! keys are not checked (a child copied after its parent was deleted is deleted again by the
+//! changes that follow).
+
+use crate::apply::{self, Table};
+use crate::changes::have_vector;
+use crate::clock;
+use crate::error::SyncError;
+use crate::sequencer;
+use pgrx::prelude::*;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use sync_bridge::snapshot::{self, Ask, Finish, Manifest, PageHead, TableInfo};
+use uuid::Uuid;
+
+fn uuid_arg(u: Uuid) -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes(*u.as_bytes())
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Per origin, a number read by `sql` (rows of (origin uuid, number bigint)).
+fn vector_of(sql: &str) -> Result<BTreeMap<Uuid, i64>, SyncError> {
+    Spi::connect(|c| {
+        let mut out = BTreeMap::new();
+        for row in c.select(sql, None, &[])? {
+            if let (Some(o), Some(n)) = (row.get::<pgrx::Uuid>(1)?, row.get::<i64>(2)?) {
+                out.insert(Uuid::from_bytes(*o.as_bytes()), n);
+            }
+        }
+        Ok(out)
+    })
+}
+
+fn to_text(v: &impl serde::Serialize) -> String {
+    serde_json::to_string(v).expect("snapshot messages serialise")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The source
+
+/// A tracked table as a snapshot copies it.
+struct Copied {
+    table: Table,
+    filter: Option<String>,
+    /// Copied columns (captured, not generated) with their types, key columns first in key order.
+    columns: Vec<(String, String)>,
+}
+
+fn copied_tables(schema: &str) -> Result<Vec<Copied>, SyncError> {
+    let mut tables: Vec<Table> = apply::load_tables(schema)?.into_values().collect();
+    tables.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = Vec::new();
+    for t in tables {
+        let filter = Spi::get_one_with_args::<String>(
+            &format!("SELECT row_filter FROM {schema}.sync_tables WHERE relid = $1"),
+            &[t.relid.into()],
+        )?;
+        let mut columns = Vec::new();
+        Spi::connect(|c| {
+            for row in c.select(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+                  ORDER BY a.attnum",
+                None,
+                &[t.relid.into()],
+            )? {
+                let (Some(name), Some(ty)) = (row.get::<String>(1)?, row.get::<String>(2)?) else { continue };
+                if !t.exclude.contains(&name) {
+                    columns.push((name, ty));
+                }
+            }
+            Ok::<_, SyncError>(())
+        })?;
+        columns.sort_by_key(|(c, _)| t.pk.iter().position(|k| k == c).unwrap_or(usize::MAX));
+        out.push(Copied { table: t, filter, columns });
+    }
+    Ok(out)
+}
+
+/// Answer one snapshot question (the worker, for a peer that joins).
+pub fn serve(ask: &Ask) -> Result<String, SyncError> {
+    sequencer::require_read_committed("a snapshot")?;
+    let ext = clock::ext();
+    if ext.joining.is_some() {
+        return Err(SyncError::Joining(ext.joining.clone().unwrap_or_default()));
+    }
+    let s = &ext.schema;
+    let find = |name: &str| -> Result<Copied, SyncError> {
+        copied_tables(s)?
+            .into_iter()
+            .find(|c| c.table.name == name)
+            .ok_or_else(|| SyncError::NotTracked(name.to_string()))
+    };
+    match ask {
+        Ask::Manifest => manifest(s, ext.node_id),
+        Ask::Rows { table, after, limit } => rows_page(s, &find(table)?, after.as_deref(), *limit),
+        Ask::Tombstones { table, after, limit } => tombstones_page(s, &find(table)?, after.as_deref(), *limit),
+        Ask::Finish => {
+            let logged = vector_of(&format!("SELECT origin, max(origin_seq) FROM {s}.sync_log GROUP BY origin"))?;
+            let upto = snapshot::cover(&have_vector()?, &logged);
+            Ok(to_text(&Finish { upto, hlc: clock::current().0 as i64 }))
+        }
+    }
+}
+
+/// The tables, and the vector to catch up from: the registers are folded first (under the
+/// apply lock), then what is still not folded is left out of it.
+fn manifest(s: &str, me: Uuid) -> Result<String, SyncError> {
+    apply::fold_all()?;
+    let have = have_vector()?;
+    let unfolded = vector_of(&format!("SELECT origin, min(origin_seq) FROM {s}.sync_unfolded GROUP BY origin"))?;
+    let folded = Spi::get_one::<i64>(&format!("SELECT indexed_upto FROM {s}.sync_node"))?.unwrap_or(0);
+    let from = snapshot::start_vector(&have, &unfolded, me, folded);
+    let mut tables = Vec::new();
+    for c in copied_tables(s)? {
+        let rows = Spi::get_one_with_args::<i64>(
+            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = $1",
+            &[c.table.relid.into()],
+        )?
+        .unwrap_or(0);
+        tables.push(TableInfo {
+            name: c.table.name.clone(),
+            key: c.table.pk.clone(),
+            columns: c.columns.iter().map(|(n, _)| n.clone()).collect(),
+            rows,
+        });
+    }
+    Ok(to_text(&Manifest { source: me, have, from, tables }))
+}
+
+/// `sync_rows.pk` of the row `alias`, in SQL: the key as jsonb text.
+fn key_text(t: &Table, alias: &str) -> String {
+    let parts: Vec<String> = t.pk.iter().map(|k| format!("{}, {alias}.{}", quote_literal(k), quote_ident(k))).collect();
+    format!("jsonb_build_object({})::text", parts.join(", "))
+}
+
+/// Up to `limit` rows after key `after`, each with its register, read by one statement.
+fn rows_page(s: &str, c: &Copied, after: Option<&[String]>, limit: i64) -> Result<String, SyncError> {
+    let t = &c.table;
+    let keys: Vec<String> = t.pk.iter().map(|k| format!("x.{}", quote_ident(k))).collect();
+    let mut conds = Vec::new();
+    if let Some(f) = &c.filter {
+        conds.push(format!("({f})"));
+    }
+    if after.is_some() {
+        let bounds: Vec<String> = c
+            .columns
+            .iter()
+            .take(t.pk.len())
+            .enumerate()
+            .map(|(i, (_, ty))| format!("($1[{}])::{ty}", i + 1))
+            .collect();
+        conds.push(format!("({}) > ({})", keys.join(", "), bounds.join(", ")));
+    }
+    let wher = if conds.is_empty() { String::new() } else { format!("WHERE {}", conds.join(" AND ")) };
+    let values: Vec<String> =
+        c.columns.iter().enumerate().map(|(i, (n, _))| format!("x.{}::text AS _{i}", quote_ident(n))).collect();
+    let cols: Vec<String> = c
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _))| format!("{}, array_agg(_{i} ORDER BY o)", quote_literal(n)))
+        .collect();
+    let last: Vec<String> = (0..t.pk.len()).map(|i| format!("_{i}")).collect();
+    let sql = format!(
+        "SELECT json_build_object('n', count(*), \
+                'last', (array_agg(json_build_array({last}) ORDER BY o DESC))[1], \
+                'pk', array_agg(p.pk ORDER BY o), 'versions', array_agg(r.versions::text ORDER BY o), \
+                'life', array_agg(r.life::text ORDER BY o), 'cols', json_build_object({cols}))::text \
+           FROM (SELECT row_number() OVER (ORDER BY {keys}) AS o, {key} AS pk, {values} \
+                   FROM {table} x {wher} ORDER BY {keys} LIMIT {limit}) p \
+           LEFT JOIN {s}.sync_rows r ON r.relid = {relid}::oid::regclass AND r.pk = p.pk",
+        last = last.join(", "),
+        cols = cols.join(", "),
+        keys = keys.join(", "),
+        key = key_text(t, "x"),
+        values = values.join(", "),
+        table = t.name,
+        relid = t.relid.to_u32(),
+    );
+    let after: Vec<String> = after.map(<[String]>::to_vec).unwrap_or_default();
+    Ok(Spi::get_one_with_args::<String>(&sql, &[after.into()])?.unwrap_or_default())
+}
+
+/// Up to `limit` registers of rows that are gone, after `after` (`sync_rows.pk` order).
+fn tombstones_page(s: &str, c: &Copied, after: Option<&str>, limit: i64) -> Result<String, SyncError> {
+    let t = &c.table;
+    let mut same: Vec<String> =
+        t.pk.iter()
+            .map(|k| {
+                let ty = c.columns.iter().find(|(n, _)| n == k).map(|(_, ty)| ty.as_str()).unwrap_or("text");
+                format!("x.{} = (r.pk::jsonb ->> {})::{ty}", quote_ident(k), quote_literal(k))
+            })
+            .collect();
+    if let Some(f) = &c.filter {
+        same.push(format!("({f})"));
+    }
+    let sql = format!(
+        "SELECT json_build_object('n', count(*), 'last', max(pk), 'pk', array_agg(pk ORDER BY pk), \
+                'versions', array_agg(versions::text ORDER BY pk), 'life', array_agg(life::text ORDER BY pk))::text \
+           FROM (SELECT r.pk, r.versions, r.life FROM {s}.sync_rows r \
+                  WHERE r.relid = {relid}::oid::regclass AND ($1::text IS NULL OR r.pk > $1::text) \
+                    AND NOT EXISTS (SELECT 1 FROM {table} x WHERE {same}) \
+                  ORDER BY r.pk LIMIT {limit}) g",
+        relid = t.relid.to_u32(),
+        table = t.name,
+        same = same.join(" AND "),
+    );
+    Ok(Spi::get_one_with_args::<String>(&sql, &[after.map(str::to_string).into()])?.unwrap_or_default())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The joiner
+
+/// From whom this node should join now: `Some(None)` from any peer that holds something (it is
+/// new), `Some(Some(id))` from that peer (a join under way, or asked for), `None`: it need not.
+pub fn wanted() -> Result<Option<Option<Uuid>>, SyncError> {
+    let ext = clock::ext();
+    if let Some(j) = &ext.joining {
+        return Ok(Some(Uuid::parse_str(j).ok()));
+    }
+    let s = &ext.schema;
+    let fresh = Spi::get_one::<bool>(&format!(
+        "SELECT NOT EXISTS (SELECT 1 FROM {s}.sync_join) AND NOT EXISTS (SELECT 1 FROM {s}.sync_origins) \
+            AND NOT EXISTS (SELECT 1 FROM {s}.sync_log) AND NOT EXISTS (SELECT 1 FROM {s}.sync_rows) \
+            AND EXISTS (SELECT 1 FROM {s}.sync_tables)"
+    ))?;
+    Ok((fresh == Some(true) && sequencer::committed_prefix(s, ext.node_id)? == 0).then_some(None))
+}
+
+/// How a join began.
+pub enum Began {
+    /// Copy these tables (the source's that this node tracks).
+    Copy(Vec<String>),
+    /// Nothing to copy: the node need not join (or, new, its peer holds nothing either).
+    Nothing,
+    /// The source lacks changes only this node holds (origin -> number): it must take them
+    /// first. Meanwhile the node is marked joining from it, so that it writes no more.
+    SourceLacks(BTreeMap<Uuid, i64>),
+}
+
+/// Begin a join from the source of `manifest` (`rejoin`: it no longer keeps what this node
+/// lacks): lock the tracked tables, check that nothing would be lost, then empty them, their
+/// registers and what was received, and mark the node joining.
+pub fn begin(manifest: &Manifest, name: &str, rejoin: bool) -> Result<Began, SyncError> {
+    sequencer::require_read_committed("a join")?;
+    let ext = clock::ext();
+    let s = &ext.schema;
+    let here = apply::load_tables(s)?;
+    // Writers of tracked tables finish first (and count below); later ones see `joining`.
+    let mut names: Vec<&str> = here.values().map(|t| t.name.as_str()).collect();
+    names.sort();
+    if !names.is_empty() {
+        Spi::run(&format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", names.join(", ")))?;
+    }
+    let fresh = match wanted()? {
+        None if !rejoin => return Ok(Began::Nothing),
+        Some(None) if manifest.have.values().all(|n| *n == 0) => return Ok(Began::Nothing),
+        Some(Some(id)) if id != manifest.source => return Err(SyncError::Joining(id.to_string())),
+        w => w == Some(None),
+    };
+    if let Err(e) = fits(manifest, &here) {
+        if !fresh {
+            return Err(e);
+        }
+        // A new node whose tables differ from the peer's catches up by replaying the changes
+        // instead, which holds what does not fit with its reason.
+        decline(s, manifest, name, &e.to_string())?;
+        return Ok(Began::Nothing);
+    }
+    let lacks = snapshot::lacking(&manifest.have, &have_vector()?);
+    if !lacks.is_empty() {
+        Spi::run_with_args(&format!("UPDATE {s}.sync_node SET joining = $1"), &[manifest.source.to_string().into()])?;
+        clock::identity_changed();
+        return Ok(Began::SourceLacks(lacks));
+    }
+    empty(s, ext.node_id, manifest, &here)?;
+    record_start(s, manifest, name)?;
+    sequencer::remote_have_changed();
+    clock::identity_changed();
+    Ok(Began::Copy(manifest.tables.iter().map(|t| t.name.clone()).collect()))
+}
+
+/// Every table the source copies is tracked here, with every column it copies.
+fn fits(manifest: &Manifest, here: &HashMap<String, Table>) -> Result<(), SyncError> {
+    let untracked: Vec<&str> =
+        manifest.tables.iter().filter(|t| !here.contains_key(&t.name)).map(|t| t.name.as_str()).collect();
+    if !untracked.is_empty() {
+        return Err(SyncError::JoinUntracked(untracked.join(", ")));
+    }
+    for t in &manifest.tables {
+        let mine = &here[&t.name];
+        if let Some(c) = t.columns.iter().find(|c| !mine.columns.contains(*c) && !mine.exclude.contains(c)) {
+            return Err(SyncError::JoinColumn { table: t.name.clone(), column: c.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// Remember that this new node catches up by replay, and why (`sync_status() -> 'join'`).
+fn decline(s: &str, manifest: &Manifest, name: &str, why: &str) -> Result<(), SyncError> {
+    Spi::run_with_args(
+        &format!(
+            "INSERT INTO {s}.sync_join (source, source_name, started_at, finished_at, start, tables, note) \
+             VALUES ($1, $2, clock_timestamp(), clock_timestamp(), '{{}}', '[]', $3)"
+        ),
+        &[uuid_arg(manifest.source).into(), name.to_string().into(), format!("not copied: {why}").into()],
+    )?;
+    Ok(())
+}
+
+/// Empty the tables the source copies and their registers; forget what was received (it is
+/// caught up again from `manifest.from`, which the pruned marks keep this node from serving).
+fn empty(s: &str, me: Uuid, manifest: &Manifest, here: &HashMap<String, Table>) -> Result<(), SyncError> {
+    Spi::run("SET LOCAL session_replication_role = replica")?;
+    let copied: Vec<&Table> = manifest.tables.iter().map(|t| &here[&t.name]).collect();
+    if !copied.is_empty() {
+        let names: Vec<&str> = copied.iter().map(|t| t.name.as_str()).collect();
+        Spi::run(&format!("TRUNCATE {}", names.join(", ")))?;
+        let oids: Vec<String> = copied.iter().map(|t| t.relid.to_u32().to_string()).collect();
+        Spi::run(&format!("DELETE FROM {s}.sync_rows WHERE relid::oid = ANY ('{{{}}}'::oid[])", oids.join(",")))?;
+    }
+    Spi::run_with_args(
+        &format!(
+            "DELETE FROM {s}.sync_unfolded; DELETE FROM {s}.sync_inbox; \
+             DELETE FROM {s}.sync_log WHERE origin <> $1; DELETE FROM {s}.sync_origins; DELETE FROM {s}.sync_pruned; \
+             INSERT INTO {s}.sync_origins SELECT key::uuid, value::bigint FROM jsonb_each_text($2::jsonb) WHERE key::uuid <> $1; \
+             INSERT INTO {s}.sync_pruned SELECT key::uuid, value::bigint FROM jsonb_each_text($2::jsonb) WHERE key::uuid <> $1; \
+             UPDATE {s}.sync_node SET joining = $3, \
+                    indexed_upto = least(indexed_upto, coalesce(($2::jsonb ->> $1::text)::bigint, 0))"
+        ),
+        &[uuid_arg(me).into(), to_text(&manifest.from).into(), manifest.source.to_string().into()],
+    )?;
+    Ok(())
+}
+
+fn record_start(s: &str, manifest: &Manifest, name: &str) -> Result<(), SyncError> {
+    let tables: Vec<Value> = manifest
+        .tables
+        .iter()
+        .map(|t| json!({"table": t.name, "expected": t.rows, "copied": 0, "done": false}))
+        .collect();
+    Spi::run_with_args(
+        &format!(
+            "DELETE FROM {s}.sync_join; \
+             INSERT INTO {s}.sync_join (source, source_name, started_at, start, tables) \
+             VALUES ($1, $2, clock_timestamp(), $3::jsonb, $4::jsonb)"
+        ),
+        &[
+            uuid_arg(manifest.source).into(),
+            name.to_string().into(),
+            to_text(&manifest.from).into(),
+            Value::Array(tables).to_string().into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Load one page of `table` (rows with their registers, or `tombstones`); returns its head.
+pub fn load(table: &str, tombstones: bool, page: &str) -> Result<PageHead, SyncError> {
+    let ext = clock::ext();
+    let s = &ext.schema;
+    let head: PageHead = serde_json::from_str(page).map_err(|e| SyncError::BadBatch(e.to_string()))?;
+    let here = apply::load_tables(s)?;
+    let t = here.get(table).ok_or_else(|| SyncError::NotTracked(table.to_string()))?;
+    let relid = t.relid.to_u32();
+    Spi::run("SET LOCAL session_replication_role = replica")?;
+    if head.n > 0 {
+        if tombstones {
+            let types = column_types(t)?;
+            let same: Vec<String> =
+                t.pk.iter()
+                    .map(|k| {
+                        let ty = types.get(k).map(String::as_str).unwrap_or("text");
+                        format!("x.{} = (g.p::jsonb ->> {})::{ty}", quote_ident(k), quote_literal(k))
+                    })
+                    .collect();
+            Spi::run_with_args(
+                &format!(
+                    "DELETE FROM {table} x USING (SELECT unnest(pk) AS p FROM json_to_record($1::json) AS j(pk text[])) g \
+                      WHERE {}",
+                    same.join(" AND "),
+                    table = t.name
+                ),
+                &[page.into()],
+            )?;
+        } else {
+            insert_rows(t, page)?;
+        }
+        Spi::run_with_args(
+            &format!(
+                "INSERT INTO {s}.sync_rows (relid, pk, versions, life) \
+                 SELECT {relid}::oid::regclass, u.p, u.v::json, u.l::json \
+                   FROM json_to_record($1::json) AS j(pk text[], versions text[], life text[]), \
+                        unnest(j.pk, j.versions, j.life) AS u(p, v, l) \
+                  WHERE u.v IS NOT NULL \
+                 ON CONFLICT (relid, pk) DO UPDATE SET versions = excluded.versions, life = excluded.life"
+            ),
+            &[page.into()],
+        )?;
+    }
+    Spi::run_with_args(
+        &format!(
+            "UPDATE {s}.sync_join SET rows_copied = rows_copied + $2, tables = (
+                SELECT jsonb_agg(CASE WHEN e ->> 'table' = $1 THEN e || jsonb_build_object(
+                           'copied', (e ->> 'copied')::bigint + CASE WHEN $3 THEN 0 ELSE $2 END,
+                           'done', $3 AND $4) ELSE e END ORDER BY i)
+                  FROM jsonb_array_elements(tables) WITH ORDINALITY AS a(e, i))"
+        ),
+        &[table.into(), head.n.into(), tombstones.into(), (head.n < snapshot::PAGE_ROWS).into()],
+    )?;
+    Ok(head)
+}
+
+/// A table's columns and their types, as `format_type` prints them (usable in casts).
+fn column_types(t: &Table) -> Result<HashMap<String, String>, SyncError> {
+    Spi::connect(|c| {
+        let mut out = HashMap::new();
+        for row in c.select(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+            None,
+            &[t.relid.into()],
+        )? {
+            if let (Some(n), Some(ty)) = (row.get::<String>(1)?, row.get::<String>(2)?) {
+                out.insert(n, ty);
+            }
+        }
+        Ok::<_, SyncError>(out)
+    })
+}
+
+/// The page's rows into the table: the columns it has, cast from their text.
+fn insert_rows(t: &Table, page: &str) -> Result<(), SyncError> {
+    let cols: Vec<String> = Spi::get_one_with_args::<Vec<String>>(
+        "SELECT array_agg(c) FROM json_object_keys($1::json -> 'cols') AS c",
+        &[page.into()],
+    )?
+    .unwrap_or_default();
+    let types = column_types(t)?;
+    let mut names = Vec::new();
+    let mut arrays = Vec::new();
+    let mut casts = Vec::new();
+    for (i, c) in cols.iter().enumerate() {
+        let ty = types.get(c).ok_or_else(|| SyncError::JoinColumn { table: t.name.clone(), column: c.clone() })?;
+        names.push(quote_ident(c));
+        arrays.push(format!("{} text[]", quote_ident(c)));
+        casts.push(format!("u._{i}::{ty}"));
+    }
+    let aliases: Vec<String> = (0..cols.len()).map(|i| format!("_{i}")).collect();
+    let unnest: Vec<String> = cols.iter().map(|c| format!("c.{}", quote_ident(c))).collect();
+    Spi::run_with_args(
+        &format!(
+            "INSERT INTO {table} ({names}) OVERRIDING SYSTEM VALUE \
+             SELECT {casts} FROM json_to_record($1::json -> 'cols') AS c({arrays}), \
+                    unnest({unnest}) AS u({aliases})",
+            table = t.name,
+            names = names.join(", "),
+            casts = casts.join(", "),
+            arrays = arrays.join(", "),
+            unnest = unnest.join(", "),
+            aliases = aliases.join(", "),
+        ),
+        &[page.into()],
+    )?;
+    Ok(())
+}
+
+/// End a join: from now on, nothing is applied blind until this node holds `finish.upto`; the
+/// clock passes the source's; sequences pass the copied keys; capture and apply resume.
+pub fn finish(finish: &Finish) -> Result<i64, SyncError> {
+    let ext = clock::ext();
+    let s = &ext.schema;
+    clock::observe(sync_bridge::Hlc(finish.hlc.max(0) as u64));
+    let mut tables = apply::load_tables(s)?;
+    for t in tables.values_mut() {
+        let types = column_types(t)?;
+        for (column, _) in t.sequences.clone() {
+            if !matches!(types.get(&column).map(String::as_str), Some("smallint" | "integer" | "bigint")) {
+                continue;
+            }
+            let top = Spi::get_one::<i64>(&format!("SELECT max({})::bigint FROM {}", quote_ident(&column), t.name))?;
+            if let Some(top) = top {
+                t.written_max.insert(column, top);
+            }
+        }
+    }
+    apply::advance_sequences(&tables)?;
+    Spi::run_with_args(
+        &format!(
+            "UPDATE {s}.sync_join SET finished_at = clock_timestamp(), upto = $1::jsonb; \
+             UPDATE {s}.sync_node SET joining = NULL"
+        ),
+        &[to_text(&finish.upto).into()],
+    )?;
+    let rows = Spi::get_one::<i64>(&format!("SELECT rows_copied FROM {s}.sync_join"))?.unwrap_or(0);
+    sequencer::remote_have_changed();
+    clock::identity_changed();
+    Ok(rows)
+}
+
+/// What a finished join copied cover: nothing is applied blind below it (see the module doc of
+/// `sync_bridge::snapshot`).
+pub fn copied_upto(schema: &str) -> Result<BTreeMap<Uuid, i64>, SyncError> {
+    let text =
+        Spi::get_one::<String>(&format!("SELECT (SELECT upto::text FROM {schema}.sync_join WHERE upto IS NOT NULL)"))?;
+    Ok(text.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default())
+}
+
+/// `sync_status() -> 'join'`: the last join, or the one under way, with its progress.
+pub fn status(schema: &str) -> Result<Value, SyncError> {
+    Ok(Spi::get_one::<pgrx::JsonB>(&format!(
+        "SELECT (SELECT jsonb_build_object('source', source, 'source_name', source_name,
+                'state', CASE WHEN note IS NOT NULL THEN 'declined' WHEN finished_at IS NULL THEN 'copying' ELSE 'done' END,
+                'started_at', started_at, 'finished_at', finished_at, 'tables', tables,
+                'note', note, 'rows_copied', rows_copied,
+                'rows_per_s', round(rows_copied / greatest(extract(epoch FROM
+                        coalesce(finished_at, clock_timestamp()) - started_at), 0.001)))
+           FROM {schema}.sync_join)"
+    ))?
+    .map(|j| j.0)
+    .unwrap_or(Value::Null))
+}
+
+/// Ask this node to copy its tracked tables again from peer `peer` (by id), after that peer
+/// has taken everything only this node holds. The worker does it; `sync_status() -> 'join'`
+/// shows the progress.
+#[pg_extern]
+fn sync_resync(peer: pgrx::Uuid) -> crate::error::SyncResult<()> {
+    if !unsafe { pg_sys::superuser() } {
+        return Err(SyncError::ResyncNotAllowed.into());
+    }
+    let ext = clock::ext();
+    let s = &ext.schema;
+    let known = Spi::get_one_with_args::<bool>(
+        &format!("SELECT EXISTS (SELECT 1 FROM {s}.sync_peers WHERE id = $1)"),
+        &[peer.into()],
+    )
+    .map_err(SyncError::from)?;
+    let id = Uuid::from_bytes(*peer.as_bytes());
+    if known != Some(true) {
+        return Err(SyncError::UnknownPeer(id.to_string()).into());
+    }
+    Spi::run_with_args(&format!("UPDATE {s}.sync_node SET joining = $1"), &[id.to_string().into()])
+        .map_err(SyncError::from)?;
+    clock::identity_changed();
+    Ok(())
+}
