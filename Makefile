@@ -56,6 +56,7 @@ bench: install
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-$(PGV)-pglogical)
 	cargo run -p pg_peersync_tests --release --bin bench
 	cargo run -p pg_peersync_tests --release --bin netbench
+	cargo run -p pg_peersync_tests --release --bin joinbench
 
 # sysbench's oltp_write_only on two nodes at once, then convergence (Debian's sysbench,
 # installed here when missing).

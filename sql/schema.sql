@@ -230,6 +230,15 @@ CREATE TABLE sync_pruned (
 );
 SELECT pg_catalog.pg_extension_config_dump('sync_pruned', '');
 
+-- Per origin, up to where this node's data came from a copy of a peer's tables (src/snapshot.rs):
+-- its log holds nothing of that origin up to there, so a node that lacks those changes is told
+-- to ask another peer, not that they are gone.
+CREATE TABLE sync_copied (
+    origin uuid PRIMARY KEY,
+    upto   bigint NOT NULL
+);
+SELECT pg_catalog.pg_extension_config_dump('sync_copied', '');
+
 -- The last join from a peer's snapshot (src/snapshot.rs), or the one under way: where it
 -- started catching up from, per table what was copied, and once done, up to what the copy
 -- reached (nothing is applied blind below it).

@@ -127,8 +127,11 @@ pub(crate) fn batch(
     let ext = clock::ext();
     // Origins whose changes the caller lacks and this node deleted: none of them is served.
     let gone = serve::gone(&crate::log::retention::pruned(&ext.schema)?, since);
+    // And those it lacks from before this node's data was copied: another peer serves them.
+    let mut absent = serve::gone(&crate::snapshot::copied_marks(&ext.schema)?, since);
+    absent.retain(|o, _| !gone.contains_key(o));
     let mut have = have.clone();
-    have.retain(|o, _| !gone.contains_key(o));
+    have.retain(|o, _| !gone.contains_key(o) && !absent.contains_key(o));
     let windows = windows(&ext.schema, since, &have, max_events)?;
     let cut = serve::cut(since, &windows, max_events);
     let mut txns = read_transactions(&ext.schema, &cut)?;
@@ -144,6 +147,7 @@ pub(crate) fn batch(
         events,
         more: cut.more,
         gone,
+        absent,
     })
 }
 

@@ -56,6 +56,10 @@ static SYNC_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(30);
 /// Events per batch exchanged with peers.
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
+/// A new node copies a peer's tables (rather than replaying its log) from this many changes
+/// in the peer's log, or when the peer deleted some.
+static JOIN_COPY_FROM: GucSetting<i32> = GucSetting::<i32>::new(100_000);
+
 /// Seconds a change stays in the log at least, even once every peer holds it.
 static LOG_MIN_AGE: GucSetting<i32> = GucSetting::<i32>::new(600);
 
@@ -108,6 +112,16 @@ pub fn init() {
         3600,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"peersync.join_copy_from",
+        c"Changes in a peer's log from which a new node copies that peer's tables instead of replaying the log.",
+        c"A node also copies when the peer deleted changes from its log; 0: a new node always copies.",
+        &JOIN_COPY_FROM,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"peersync.log_min_age",
@@ -326,6 +340,11 @@ pub fn node_number() -> Option<i64> {
 
 pub fn batch_size() -> i32 {
     BATCH_SIZE.get()
+}
+
+/// Changes in a peer's log from which a new node copies its tables (`snapshot`).
+pub fn join_copy_from() -> i64 {
+    JOIN_COPY_FROM.get() as i64
 }
 
 /// Seconds a change stays in the log at least.

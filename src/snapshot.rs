@@ -20,6 +20,7 @@ use crate::apply::{self, Table};
 use crate::changes::have_vector;
 use crate::clock;
 use crate::error::SyncError;
+use crate::gucs;
 use crate::sequencer;
 use pgrx::prelude::*;
 use serde_json::{Value, json};
@@ -132,6 +133,8 @@ fn manifest(s: &str, me: Uuid) -> Result<String, SyncError> {
     let unfolded = vector_of(&format!("SELECT origin, min(origin_seq) FROM {s}.sync_unfolded GROUP BY origin"))?;
     let folded = Spi::get_one::<i64>(&format!("SELECT indexed_upto FROM {s}.sync_node"))?.unwrap_or(0);
     let from = snapshot::start_vector(&have, &unfolded, me, folded);
+    let logged = Spi::get_one::<i64>(&format!("SELECT coalesce(sum(n), 0)::bigint FROM {s}.sync_log"))?.unwrap_or(0);
+    let pruned = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT 1 FROM {s}.sync_pruned)"))?.unwrap_or(false);
     let mut tables = Vec::new();
     for c in copied_tables(s)? {
         let rows = Spi::get_one_with_args::<i64>(
@@ -146,7 +149,7 @@ fn manifest(s: &str, me: Uuid) -> Result<String, SyncError> {
             rows,
         });
     }
-    Ok(to_text(&Manifest { source: me, have, from, tables }))
+    Ok(to_text(&Manifest { source: me, have, from, logged, pruned, tables }))
 }
 
 /// `sync_rows.pk` of the row `alias`, in SQL: the key as jsonb text.
@@ -280,6 +283,14 @@ pub fn begin(manifest: &Manifest, name: &str, rejoin: bool) -> Result<Began, Syn
         Some(Some(id)) if id != manifest.source => return Err(SyncError::Joining(id.to_string())),
         w => w == Some(None),
     };
+    if fresh && !snapshot::worth_copying(manifest.logged, manifest.pruned, gucs::join_copy_from()) {
+        let why = format!(
+            "the peer's log holds {} changes, fewer than peersync.join_copy_from: replaying them is as quick",
+            manifest.logged
+        );
+        decline(s, manifest, name, &why)?;
+        return Ok(Began::Nothing);
+    }
     if let Err(e) = fits(manifest, &here) {
         if !fresh {
             return Err(e);
@@ -295,11 +306,35 @@ pub fn begin(manifest: &Manifest, name: &str, rejoin: bool) -> Result<Began, Syn
         clock::identity_changed();
         return Ok(Began::SourceLacks(lacks));
     }
-    empty(s, ext.node_id, manifest, &here)?;
+    let me = fresh_identity(s, ext.node_id)?;
+    empty(s, me, manifest, &here)?;
     record_start(s, manifest, name)?;
     sequencer::remote_have_changed();
     clock::identity_changed();
     Ok(Began::Copy(manifest.tables.iter().map(|t| t.name.clone()).collect()))
+}
+
+/// The identity this node joins under. A register keeps, of each version's causal context,
+/// only the holding node's entry (`resolve::Stored::l`): the copied ones say what their writers
+/// held of the source, not of this node, so they load without it, which is right only for a node
+/// nobody has seen a change of. A node that wrote before (rejoining) therefore takes a new
+/// identity; what it wrote is then another origin's history, which the source holds.
+fn fresh_identity(s: &str, me: Uuid) -> Result<Uuid, SyncError> {
+    let wrote = sequencer::committed_prefix(s, me)? > 0
+        || Spi::get_one_with_args::<bool>(
+            &format!("SELECT EXISTS (SELECT 1 FROM {s}.sync_log WHERE origin = $1)"),
+            &[uuid_arg(me).into()],
+        )?
+        .unwrap_or(false);
+    if !wrote {
+        return Ok(me);
+    }
+    let new = Uuid::new_v4();
+    Spi::run_with_args(&format!("UPDATE {s}.sync_node SET id = $1, indexed_upto = 0"), &[uuid_arg(new).into()])?;
+    clock::identity_changed();
+    sequencer::forget_numbering();
+    pgrx::log!("pg_peersync: this node rejoins under a new identity {new}; what it wrote as {me} is kept by its peers");
+    Ok(new)
 }
 
 /// Every table the source copies is tracked here, with every column it copies.
@@ -325,13 +360,14 @@ fn decline(s: &str, manifest: &Manifest, name: &str, why: &str) -> Result<(), Sy
             "INSERT INTO {s}.sync_join (source, source_name, started_at, finished_at, start, tables, note) \
              VALUES ($1, $2, clock_timestamp(), clock_timestamp(), '{{}}', '[]', $3)"
         ),
-        &[uuid_arg(manifest.source).into(), name.to_string().into(), format!("not copied: {why}").into()],
+        &[uuid_arg(manifest.source).into(), name.to_string().into(), format!("not copied ({why})").into()],
     )?;
     Ok(())
 }
 
 /// Empty the tables the source copies and their registers; forget what was received (it is
-/// caught up again from `manifest.from`, which the pruned marks keep this node from serving).
+/// caught up again from `manifest.from`; `sync_copied` says this node cannot serve what came
+/// before, see `changes::batch`).
 fn empty(s: &str, me: Uuid, manifest: &Manifest, here: &HashMap<String, Table>) -> Result<(), SyncError> {
     Spi::run("SET LOCAL session_replication_role = replica")?;
     let copied: Vec<&Table> = manifest.tables.iter().map(|t| &here[&t.name]).collect();
@@ -344,9 +380,9 @@ fn empty(s: &str, me: Uuid, manifest: &Manifest, here: &HashMap<String, Table>) 
     Spi::run_with_args(
         &format!(
             "DELETE FROM {s}.sync_unfolded; DELETE FROM {s}.sync_inbox; \
-             DELETE FROM {s}.sync_log WHERE origin <> $1; DELETE FROM {s}.sync_origins; DELETE FROM {s}.sync_pruned; \
+             DELETE FROM {s}.sync_log WHERE origin <> $1; DELETE FROM {s}.sync_origins; DELETE FROM {s}.sync_pruned; DELETE FROM {s}.sync_copied; \
              INSERT INTO {s}.sync_origins SELECT key::uuid, value::bigint FROM jsonb_each_text($2::jsonb) WHERE key::uuid <> $1; \
-             INSERT INTO {s}.sync_pruned SELECT key::uuid, value::bigint FROM jsonb_each_text($2::jsonb) WHERE key::uuid <> $1; \
+             INSERT INTO {s}.sync_copied SELECT key::uuid, value::bigint FROM jsonb_each_text($2::jsonb) WHERE key::uuid <> $1; \
              UPDATE {s}.sync_node SET joining = $3, \
                     indexed_upto = least(indexed_upto, coalesce(($2::jsonb ->> $1::text)::bigint, 0))"
         ),
@@ -411,7 +447,8 @@ pub fn load(table: &str, tombstones: bool, page: &str) -> Result<PageHead, SyncE
         Spi::run_with_args(
             &format!(
                 "INSERT INTO {s}.sync_rows (relid, pk, versions, life) \
-                 SELECT {relid}::oid::regclass, u.p, u.v::json, u.l::json \
+                 SELECT {relid}::oid::regclass, u.p, \
+                        (SELECT json_agg(e::jsonb - 'l') FROM json_array_elements(u.v::json) e), u.l::json \
                    FROM json_to_record($1::json) AS j(pk text[], versions text[], life text[]), \
                         unnest(j.pk, j.versions, j.life) AS u(p, v, l) \
                   WHERE u.v IS NOT NULL \
@@ -518,6 +555,11 @@ pub fn finish(finish: &Finish) -> Result<i64, SyncError> {
     sequencer::remote_have_changed();
     clock::identity_changed();
     Ok(rows)
+}
+
+/// Per origin, up to where this node's data was copied (its log has nothing of it up to there).
+pub fn copied_marks(schema: &str) -> Result<BTreeMap<Uuid, i64>, SyncError> {
+    vector_of(&format!("SELECT origin, upto FROM {schema}.sync_copied"))
 }
 
 /// What a finished join copied cover: nothing is applied blind below it (see the module doc of

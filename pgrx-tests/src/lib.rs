@@ -362,17 +362,23 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
 /// registration key, `extra` more settings) and table `t (id bigint PRIMARY KEY, who text,
 /// n int)` tracked; returned once each sees both peers up.
 pub fn mesh_of_three(names: [&str; 3], key: &str, extra: &[&str]) -> [Cluster; 3] {
+    mesh_of_three_with(
+        names,
+        key,
+        extra,
+        "CREATE EXTENSION pg_peersync;
+         CREATE TABLE t (id bigint PRIMARY KEY, who text, n int);
+         SELECT sync_track_table('t');",
+    )
+}
+
+/// `mesh_of_three`, each node set up with `setup` (SQL) instead of table `t`.
+pub fn mesh_of_three_with(names: [&str; 3], key: &str, extra: &[&str], setup: &str) -> [Cluster; 3] {
     let ports = [free_port(), free_port(), free_port()];
     let nodes = [0, 1, 2].map(|i| {
         let others: Vec<u16> = (0..3).filter(|j| *j != i).map(|j| ports[j]).collect();
         let c = Cluster::start_peer(names[i], key, ports[i], &others, extra);
-        c.connect()
-            .batch_execute(
-                "CREATE EXTENSION pg_peersync;
-                 CREATE TABLE t (id bigint PRIMARY KEY, who text, n int);
-                 SELECT sync_track_table('t');",
-            )
-            .unwrap();
+        c.connect().batch_execute(setup).unwrap();
         c
     });
     for n in &nodes {
@@ -401,4 +407,24 @@ pub fn pgbench(c: &Cluster, script: &str, per_client: u32) {
         &["-n", "-c", "2", "-j", "2", "-t", &per_client, "-f", path.to_str().unwrap(), "postgres"],
     );
     assert!(out.status.success(), "pgbench on {}: {}", c.name, String::from_utf8_lossy(&out.stderr));
+}
+
+/// `pg_dump -t table` of `from`'s `postgres` database piped into `psql` on `to`'s database
+/// `db`, as user postgres (the baseline a snapshot copy is measured against).
+pub fn pg_dump_into(from: &Cluster, table: &str, to: &Cluster, db: &str) {
+    let pipe = format!(
+        "{PG_BIN}/pg_dump -h {} -p 5432 -U postgres -t {table} postgres | {PG_BIN}/psql -q -v ON_ERROR_STOP=1 -h {} -p 5432 -U postgres -d {db}",
+        from.socket_dir().display(),
+        to.socket_dir().display()
+    );
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "sh", "-c", &pipe]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &pipe]);
+        c
+    };
+    check("pg_dump | psql", cmd.output().unwrap());
 }

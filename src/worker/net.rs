@@ -595,7 +595,7 @@ impl Puller {
     /// when there was nothing to copy; an error when the peer must first take this node's own
     /// changes, or the copy failed (it starts again at the next exchange).
     async fn join(&mut self, addr: SocketAddr, session: &mut Session, rejoin: bool) -> Result<bool, String> {
-        use sync_bridge::snapshot::{Ask as Q, PAGE_ROWS};
+        use sync_bridge::snapshot::{Ask as Q, PAGE_ROWS, PageHead};
         let client = &self.shared.client;
         let (manifest, t) = client.snapshot(addr, &Q::Manifest).await.map_err(|e| e.to_string())?;
         session.bytes_in += t.received;
@@ -608,6 +608,8 @@ impl Puller {
             ));
         }
         let Some(tables) = begun["tables"].as_array() else { return Ok(false) };
+        // The next page travels while this node loads the last one.
+        let mut loading: Option<tokio::task::JoinHandle<Result<String, String>>> = None;
         for table in tables.iter().filter_map(Value::as_str) {
             for tombstones in [false, true] {
                 let mut after = Value::Null;
@@ -622,15 +624,22 @@ impl Puller {
                     };
                     let (page, t) = client.snapshot(addr, &q).await.map_err(|e| e.to_string())?;
                     session.bytes_in += t.received;
+                    let head: PageHead = serde_json::from_str(&page).map_err(|e| format!("malformed page: {e}"))?;
+                    if let Some(previous) = loading.take() {
+                        previous.await.map_err(|e| e.to_string())??;
+                    }
+                    let shared = self.shared.clone();
                     let step = JoinStep::Load { table: table.into(), tombstones, page };
-                    let head: Value = serde_json::from_str(&ask(&self.shared.tx, |r| Ask::Join(step, r)).await?)
-                        .map_err(|e| e.to_string())?;
-                    if head["n"].as_i64().unwrap_or(0) < PAGE_ROWS {
+                    loading = Some(tokio::spawn(async move { ask(&shared.tx, |r| Ask::Join(step, r)).await }));
+                    if head.n < PAGE_ROWS {
                         break;
                     }
-                    after = head["last"].clone();
+                    after = head.last.unwrap_or(Value::Null);
                 }
             }
+        }
+        if let Some(previous) = loading.take() {
+            previous.await.map_err(|e| e.to_string())??;
         }
         let (finish, _) = client.snapshot(addr, &Q::Finish).await.map_err(|e| e.to_string())?;
         ask(&self.shared.tx, |r| Ask::Join(JoinStep::Finish(finish), r)).await?;

@@ -130,6 +130,11 @@ pub struct Batch {
     /// per origin, the greatest number it deleted. The batch carries nothing of them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub gone: BTreeMap<Uuid, i64>,
+    /// Origins the caller lacks changes of that the source never held (its data was copied from
+    /// a peer's snapshot): per origin, up to where. The batch carries nothing of them; another
+    /// peer may serve them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub absent: BTreeMap<Uuid, i64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -212,6 +217,7 @@ mod tests {
             events,
             more: false,
             gone: BTreeMap::new(),
+            absent: BTreeMap::new(),
         }
     }
 

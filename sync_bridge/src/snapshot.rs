@@ -54,6 +54,11 @@ pub struct Manifest {
     pub have: BTreeMap<Uuid, i64>,
     /// Catch up from here (`start_vector`).
     pub from: BTreeMap<Uuid, i64>,
+    /// Changes in the source's log, and whether it deleted some: what replaying it would take.
+    #[serde(default)]
+    pub logged: i64,
+    #[serde(default)]
+    pub pruned: bool,
     pub tables: Vec<TableInfo>,
 }
 
@@ -97,6 +102,14 @@ pub fn start_vector(
         })
         .filter(|(_, n)| *n > 0)
         .collect()
+}
+
+/// Whether a new node copies from a source whose log holds `logged` changes (and `pruned`:
+/// deleted some) rather than replaying that log: it must when changes are gone, and copying
+/// pays from `copy_from` changes on (a copy refuses local writes while it runs; a replay does
+/// not, and for a short log it is as quick).
+pub fn worth_copying(logged: i64, pruned: bool, copy_from: i64) -> bool {
+    pruned || logged >= copy_from
 }
 
 /// Per origin the greater of the two vectors.
@@ -144,6 +157,14 @@ mod tests {
         assert_eq!(serde_json::from_str::<Ask>(&text).unwrap(), ask);
         assert_eq!(serde_json::from_str::<Ask>(r#"{"ask":"manifest"}"#).unwrap(), Ask::Manifest);
         assert!(serde_json::from_str::<Ask>(r#"{"ask":"everything"}"#).is_err());
+    }
+
+    #[test]
+    fn a_new_node_copies_a_long_or_pruned_log_and_replays_a_short_one() {
+        assert!(!worth_copying(99, false, 100));
+        assert!(worth_copying(100, false, 100));
+        assert!(worth_copying(1, true, 100));
+        assert!(worth_copying(0, false, 0));
     }
 
     #[test]
