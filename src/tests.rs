@@ -549,6 +549,7 @@ mod tests {
             events: vec![e],
             more: false,
             gone: Default::default(),
+            absent: Default::default(),
         };
         let text = serde_json::to_string(&batch).unwrap();
         let apply = || {
