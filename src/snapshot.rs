@@ -158,7 +158,10 @@ fn key_text(t: &Table, alias: &str) -> String {
     format!("jsonb_build_object({})::text", parts.join(", "))
 }
 
-/// Up to `limit` rows after key `after`, each with its register, read by one statement.
+/// Up to `limit` rows after key `after`, each with its register, read by one statement. The
+/// arrays of one aggregate pass line up whatever order it reads the rows in; only `last` needs
+/// key order. The register is probed per row (`LIMIT 1` keeps the planner from hashing all of
+/// `sync_rows` for every page).
 fn rows_page(s: &str, c: &Copied, after: Option<&[String]>, limit: i64) -> Result<String, SyncError> {
     let t = &c.table;
     let keys: Vec<String> = t.pk.iter().map(|k| format!("x.{}", quote_ident(k))).collect();
@@ -183,17 +186,18 @@ fn rows_page(s: &str, c: &Copied, after: Option<&[String]>, limit: i64) -> Resul
         .columns
         .iter()
         .enumerate()
-        .map(|(i, (n, _))| format!("{}, array_agg(_{i} ORDER BY o)", quote_literal(n)))
+        .map(|(i, (n, _))| format!("{}, array_agg(_{i})", quote_literal(n)))
         .collect();
     let last: Vec<String> = (0..t.pk.len()).map(|i| format!("_{i}")).collect();
     let sql = format!(
         "SELECT json_build_object('n', count(*), \
                 'last', (array_agg(json_build_array({last}) ORDER BY o DESC))[1], \
-                'pk', array_agg(p.pk ORDER BY o), 'versions', array_agg(r.versions::text ORDER BY o), \
-                'life', array_agg(r.life::text ORDER BY o), 'cols', json_build_object({cols}))::text \
+                'pk', array_agg(p.pk), 'versions', array_agg(r.versions::text), \
+                'life', array_agg(r.life::text), 'cols', json_build_object({cols}))::text \
            FROM (SELECT row_number() OVER (ORDER BY {keys}) AS o, {key} AS pk, {values} \
                    FROM {table} x {wher} ORDER BY {keys} LIMIT {limit}) p \
-           LEFT JOIN {s}.sync_rows r ON r.relid = {relid}::oid::regclass AND r.pk = p.pk",
+           LEFT JOIN LATERAL (SELECT r.versions, r.life FROM {s}.sync_rows r \
+                               WHERE r.relid = {relid}::oid::regclass AND r.pk = p.pk LIMIT 1) r ON true",
         last = last.join(", "),
         cols = cols.join(", "),
         keys = keys.join(", "),
@@ -220,8 +224,8 @@ fn tombstones_page(s: &str, c: &Copied, after: Option<&str>, limit: i64) -> Resu
         same.push(format!("({f})"));
     }
     let sql = format!(
-        "SELECT json_build_object('n', count(*), 'last', max(pk), 'pk', array_agg(pk ORDER BY pk), \
-                'versions', array_agg(versions::text ORDER BY pk), 'life', array_agg(life::text ORDER BY pk))::text \
+        "SELECT json_build_object('n', count(*), 'last', max(pk), 'pk', array_agg(pk), \
+                'versions', array_agg(versions::text), 'life', array_agg(life::text))::text \
            FROM (SELECT r.pk, r.versions, r.life FROM {s}.sync_rows r \
                   WHERE r.relid = {relid}::oid::regclass AND ($1::text IS NULL OR r.pk > $1::text) \
                     AND NOT EXISTS (SELECT 1 FROM {table} x WHERE {same}) \
@@ -448,7 +452,9 @@ pub fn load(table: &str, tombstones: bool, page: &str) -> Result<PageHead, SyncE
             &format!(
                 "INSERT INTO {s}.sync_rows (relid, pk, versions, life) \
                  SELECT {relid}::oid::regclass, u.p, \
-                        (SELECT json_agg(e::jsonb - 'l') FROM json_array_elements(u.v::json) e), u.l::json \
+                        CASE WHEN strpos(u.v, '\"l\":') = 0 THEN u.v::json \
+                             ELSE (SELECT json_agg(e::jsonb - 'l') FROM json_array_elements(u.v::json) e) END, \
+                        u.l::json \
                    FROM json_to_record($1::json) AS j(pk text[], versions text[], life text[]), \
                         unnest(j.pk, j.versions, j.life) AS u(p, v, l) \
                   WHERE u.v IS NOT NULL \

@@ -410,10 +410,11 @@ pub fn pgbench(c: &Cluster, script: &str, per_client: u32) {
 }
 
 /// `pg_dump -t table` of `from`'s `postgres` database piped into `psql` on `to`'s database
-/// `db`, as user postgres (the baseline a snapshot copy is measured against).
+/// `db`, as user postgres (the baseline a snapshot copy is measured against), without the
+/// table's triggers (pg_peersync's capture, which `db` need not have).
 pub fn pg_dump_into(from: &Cluster, table: &str, to: &Cluster, db: &str) {
     let pipe = format!(
-        "{PG_BIN}/pg_dump -h {} -p 5432 -U postgres -t {table} postgres | {PG_BIN}/psql -q -v ON_ERROR_STOP=1 -h {} -p 5432 -U postgres -d {db}",
+        "{PG_BIN}/pg_dump -h {} -p 5432 -U postgres -t {table} postgres | sed '/^CREATE TRIGGER/d' | {PG_BIN}/psql -q -v ON_ERROR_STOP=1 -h {} -p 5432 -U postgres -d {db}",
         from.socket_dir().display(),
         to.socket_dir().display()
     );
