@@ -239,6 +239,20 @@ CREATE TABLE sync_copied (
 );
 SELECT pg_catalog.pg_extension_config_dump('sync_copied', '');
 
+-- Transactions received under a number this node holds for a different transaction (a copied or
+-- restored node numbering on under another's identity; src/apply/twins.rs): the fingerprints
+-- of both and the events received, kept for the operator.
+CREATE TABLE sync_twins (
+    origin     uuid NOT NULL,
+    origin_seq bigint NOT NULL,
+    seen_at    timestamptz NOT NULL DEFAULT now(),
+    ours       jsonb NOT NULL,
+    theirs     jsonb NOT NULL,
+    events     jsonb NOT NULL,
+    PRIMARY KEY (origin, origin_seq)
+);
+SELECT pg_catalog.pg_extension_config_dump('sync_twins', '');
+
 -- The last join from a peer's snapshot (src/snapshot.rs), or the one under way: where it
 -- started catching up from, per table what was copied, and once done, up to what the copy
 -- reached (nothing is applied blind below it).

@@ -25,7 +25,7 @@ use crate::sequencer;
 use pgrx::prelude::*;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
-use sync_bridge::snapshot::{self, Ask, Finish, Manifest, PageHead, TableInfo};
+use sync_bridge::snapshot::{self, Ask, Finish, Manifest, TableInfo};
 use uuid::Uuid;
 
 fn uuid_arg(u: Uuid) -> pgrx::Uuid {
@@ -182,12 +182,8 @@ fn rows_page(s: &str, c: &Copied, after: Option<&[String]>, limit: i64) -> Resul
     let wher = if conds.is_empty() { String::new() } else { format!("WHERE {}", conds.join(" AND ")) };
     let values: Vec<String> =
         c.columns.iter().enumerate().map(|(i, (n, _))| format!("x.{}::text AS _{i}", quote_ident(n))).collect();
-    let cols: Vec<String> = c
-        .columns
-        .iter()
-        .enumerate()
-        .map(|(i, (n, _))| format!("{}, array_agg(_{i})", quote_literal(n)))
-        .collect();
+    let cols: Vec<String> =
+        c.columns.iter().enumerate().map(|(i, (n, _))| format!("{}, array_agg(_{i})", quote_literal(n))).collect();
     let last: Vec<String> = (0..t.pk.len()).map(|i| format!("_{i}")).collect();
     let sql = format!(
         "SELECT json_build_object('n', count(*), \
@@ -258,8 +254,8 @@ pub fn wanted() -> Result<Option<Option<Uuid>>, SyncError> {
 
 /// How a join began.
 pub enum Began {
-    /// Copy these tables (the source's that this node tracks).
-    Copy(Vec<String>),
+    /// Copy these tables (the source's; this node tracks each with its columns).
+    Copy(Vec<TableInfo>),
     /// Nothing to copy: the node need not join (or, new, its peer holds nothing either).
     Nothing,
     /// The source lacks changes only this node holds (origin -> number): it must take them
@@ -315,7 +311,7 @@ pub fn begin(manifest: &Manifest, name: &str, rejoin: bool) -> Result<Began, Syn
     record_start(s, manifest, name)?;
     sequencer::remote_have_changed();
     clock::identity_changed();
-    Ok(Began::Copy(manifest.tables.iter().map(|t| t.name.clone()).collect()))
+    Ok(Began::Copy(manifest.tables.clone()))
 }
 
 /// The identity this node joins under. A register keeps, of each version's causal context,
@@ -417,18 +413,28 @@ fn record_start(s: &str, manifest: &Manifest, name: &str) -> Result<(), SyncErro
     Ok(())
 }
 
-/// Load one page of `table` (rows with their registers, or `tombstones`); returns its head.
-pub fn load(table: &str, tombstones: bool, page: &str) -> Result<PageHead, SyncError> {
+/// Load one page of `table` (`info`, as the source has it): its `n` rows with their registers,
+/// or `tombstones`. One statement parses the page once.
+pub fn load(info: &TableInfo, tombstones: bool, n: i64, page: &str) -> Result<(), SyncError> {
     let ext = clock::ext();
     let s = &ext.schema;
-    let head: PageHead = serde_json::from_str(page).map_err(|e| SyncError::BadBatch(e.to_string()))?;
     let here = apply::load_tables(s)?;
-    let t = here.get(table).ok_or_else(|| SyncError::NotTracked(table.to_string()))?;
-    let relid = t.relid.to_u32();
+    let t = here.get(&info.name).ok_or_else(|| SyncError::NotTracked(info.name.clone()))?;
+    let types = column_types(t)?;
     Spi::run("SET LOCAL session_replication_role = replica")?;
-    if head.n > 0 {
-        if tombstones {
-            let types = column_types(t)?;
+    if n > 0 {
+        let registers = format!(
+            "INSERT INTO {s}.sync_rows (relid, pk, versions, life) \
+             SELECT {relid}::oid::regclass, u.p, \
+                    CASE WHEN strpos(u.v, '\"l\":') = 0 THEN u.v::json \
+                         ELSE (SELECT json_agg(e::jsonb - 'l') FROM json_array_elements(u.v::json) e) END, \
+                    u.l::json \
+               FROM j, unnest(j.pk, j.versions, j.life) AS u(p, v, l) \
+              WHERE u.v IS NOT NULL \
+             ON CONFLICT (relid, pk) DO UPDATE SET versions = excluded.versions, life = excluded.life",
+            relid = t.relid.to_u32()
+        );
+        let (cols, write) = if tombstones {
             let same: Vec<String> =
                 t.pk.iter()
                     .map(|k| {
@@ -436,29 +442,23 @@ pub fn load(table: &str, tombstones: bool, page: &str) -> Result<PageHead, SyncE
                         format!("x.{} = (g.p::jsonb ->> {})::{ty}", quote_ident(k), quote_literal(k))
                     })
                     .collect();
-            Spi::run_with_args(
-                &format!(
-                    "DELETE FROM {table} x USING (SELECT unnest(pk) AS p FROM json_to_record($1::json) AS j(pk text[])) g \
-                      WHERE {}",
-                    same.join(" AND "),
-                    table = t.name
-                ),
-                &[page.into()],
-            )?;
+            let delete = format!(
+                "DELETE FROM {} x USING (SELECT unnest(pk) AS p FROM j) g WHERE {}",
+                t.name,
+                same.join(" AND ")
+            );
+            ("", delete)
         } else {
-            insert_rows(t, page)?;
-        }
+            // Not the columns this node keeps to itself or computes.
+            let columns: Vec<String> =
+                info.columns.iter().filter(|c| !t.exclude.contains(*c) && !t.generated.contains(*c)).cloned().collect();
+            (", cols json", insert_rows(t, &columns, &types)?)
+        };
         Spi::run_with_args(
             &format!(
-                "INSERT INTO {s}.sync_rows (relid, pk, versions, life) \
-                 SELECT {relid}::oid::regclass, u.p, \
-                        CASE WHEN strpos(u.v, '\"l\":') = 0 THEN u.v::json \
-                             ELSE (SELECT json_agg(e::jsonb - 'l') FROM json_array_elements(u.v::json) e) END, \
-                        u.l::json \
-                   FROM json_to_record($1::json) AS j(pk text[], versions text[], life text[]), \
-                        unnest(j.pk, j.versions, j.life) AS u(p, v, l) \
-                  WHERE u.v IS NOT NULL \
-                 ON CONFLICT (relid, pk) DO UPDATE SET versions = excluded.versions, life = excluded.life"
+                "WITH j AS MATERIALIZED (SELECT * FROM json_to_record($1::json) AS j(pk text[], versions text[], life text[]{cols})), \
+                      w AS ({write}) \
+                 {registers}"
             ),
             &[page.into()],
         )?;
@@ -471,9 +471,9 @@ pub fn load(table: &str, tombstones: bool, page: &str) -> Result<PageHead, SyncE
                            'done', $3 AND $4) ELSE e END ORDER BY i)
                   FROM jsonb_array_elements(tables) WITH ORDINALITY AS a(e, i))"
         ),
-        &[table.into(), head.n.into(), tombstones.into(), (head.n < snapshot::PAGE_ROWS).into()],
+        &[info.name.clone().into(), n.into(), tombstones.into(), (n < snapshot::PAGE_ROWS).into()],
     )?;
-    Ok(head)
+    Ok(())
 }
 
 /// A table's columns and their types, as `format_type` prints them (usable in casts).
@@ -494,40 +494,30 @@ fn column_types(t: &Table) -> Result<HashMap<String, String>, SyncError> {
     })
 }
 
-/// The page's rows into the table: the columns it has, cast from their text.
-fn insert_rows(t: &Table, page: &str) -> Result<(), SyncError> {
-    let cols: Vec<String> = Spi::get_one_with_args::<Vec<String>>(
-        "SELECT array_agg(c) FROM json_object_keys($1::json -> 'cols') AS c",
-        &[page.into()],
-    )?
-    .unwrap_or_default();
-    let types = column_types(t)?;
+/// The statement that writes a page's rows (from `j.cols`: per column, its values' text) into
+/// the table, each cast to the column's type here.
+fn insert_rows(t: &Table, columns: &[String], types: &HashMap<String, String>) -> Result<String, SyncError> {
     let mut names = Vec::new();
     let mut arrays = Vec::new();
     let mut casts = Vec::new();
-    for (i, c) in cols.iter().enumerate() {
+    for (i, c) in columns.iter().enumerate() {
         let ty = types.get(c).ok_or_else(|| SyncError::JoinColumn { table: t.name.clone(), column: c.clone() })?;
         names.push(quote_ident(c));
         arrays.push(format!("{} text[]", quote_ident(c)));
         casts.push(format!("u._{i}::{ty}"));
     }
-    let aliases: Vec<String> = (0..cols.len()).map(|i| format!("_{i}")).collect();
-    let unnest: Vec<String> = cols.iter().map(|c| format!("c.{}", quote_ident(c))).collect();
-    Spi::run_with_args(
-        &format!(
-            "INSERT INTO {table} ({names}) OVERRIDING SYSTEM VALUE \
-             SELECT {casts} FROM json_to_record($1::json -> 'cols') AS c({arrays}), \
-                    unnest({unnest}) AS u({aliases})",
-            table = t.name,
-            names = names.join(", "),
-            casts = casts.join(", "),
-            arrays = arrays.join(", "),
-            unnest = unnest.join(", "),
-            aliases = aliases.join(", "),
-        ),
-        &[page.into()],
-    )?;
-    Ok(())
+    let aliases: Vec<String> = (0..columns.len()).map(|i| format!("_{i}")).collect();
+    let unnest: Vec<String> = columns.iter().map(|c| format!("c.{}", quote_ident(c))).collect();
+    Ok(format!(
+        "INSERT INTO {table} ({names}) OVERRIDING SYSTEM VALUE \
+         SELECT {casts} FROM j, json_to_record(j.cols) AS c({arrays}), unnest({unnest}) AS u({aliases})",
+        table = t.name,
+        names = names.join(", "),
+        casts = casts.join(", "),
+        arrays = arrays.join(", "),
+        unnest = unnest.join(", "),
+        aliases = aliases.join(", "),
+    ))
 }
 
 /// End a join: from now on, nothing is applied blind until this node holds `finish.upto`; the

@@ -36,6 +36,7 @@ fn sync_status() -> SyncResult<JsonB> {
                         'conflicts', (SELECT count(*) FROM {s}.sync_conflicts),
                         'conflicts_to_review', (SELECT count(*) FROM {s}.sync_conflicts WHERE review = 'pending'),
                         'same_key_conflicts', (SELECT count(*) FROM {s}.sync_conflicts WHERE kind = 'same_key'),
+                        'twins', (SELECT count(*) FROM {s}.sync_twins),
                         'held', (SELECT coalesce(jsonb_agg(jsonb_build_object(
                                     'origin', h.origin, 'table', h.tbl, 'transactions', h.n,
                                     'oldest_s', h.age, 'reason', h.reason) ORDER BY h.age DESC), '[]'::jsonb)

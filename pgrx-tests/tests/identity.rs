@@ -94,3 +94,40 @@ fn a_restored_node_takes_a_new_identity_and_gets_its_lost_changes_back() {
         |c: &Cluster| -> String { c.connect().query_one("SELECT sync_table_digest('t')", &[]).unwrap().get(0) };
     wait_for(30, "equal tables", || (digest(&a) == digest(&b)).then_some(()));
 }
+
+/// A copy of a node's database (here `CREATE DATABASE ... TEMPLATE`, a file-level copy of one
+/// database, identity included) numbers a transaction like one its original made. A third node that receives both keeps
+/// the second in `sync_twins` with a WARNING, instead of skipping it as already held; the
+/// original, receiving the copy's, also stops capturing under the shared identity.
+#[test]
+fn two_transactions_under_one_number_are_reported_where_they_meet() {
+    use pg_peersync_tests::{nodes, pull};
+    let c = Cluster::start("identity-twins", &["fsync = off"]);
+    let schema =
+        "CREATE EXTENSION pg_peersync; CREATE TABLE t (id int PRIMARY KEY, v text); SELECT sync_track_table('t');";
+    let mut n = nodes(&c, 2, schema);
+    n[0].batch_execute("INSERT INTO t VALUES (1, 'before the copy')").unwrap();
+    let (a, third) = n.split_at_mut(1);
+    pull(&mut a[0], &mut third[0]);
+    drop(n);
+    c.connect().batch_execute("CREATE DATABASE node0_copy TEMPLATE node0").unwrap();
+    let (mut a, mut copy, mut third) = (c.connect_db("node0"), c.connect_db("node0_copy"), c.connect_db("node1"));
+    let id = |db: &mut postgres::Client| -> String { db.query_one("SELECT sync_node_id()::text", &[]).unwrap().get(0) };
+    assert_eq!(id(&mut a), id(&mut copy), "the copy keeps its original's identity");
+    a.batch_execute("INSERT INTO t VALUES (2, 'the original''s')").unwrap();
+    copy.batch_execute("INSERT INTO t VALUES (3, 'the copy''s')").unwrap();
+    pull(&mut a, &mut third);
+    let counts = pull(&mut copy, &mut third);
+    assert_eq!(counts["skipped"], serde_json::json!(1), "{counts:?}");
+    let row = third.query_one("SELECT origin::text, origin_seq, events::text FROM sync_twins", &[]).unwrap();
+    let (origin, seq, events): (String, i64, String) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((origin, seq), (id(&mut a), 2));
+    assert!(events.contains("the copy's"), "the copy's transaction is kept: {events}");
+    assert!(c.log().contains("two different transactions are numbered"), "a WARNING in the log");
+    let twins: i64 = third.query_one("SELECT (sync_status() -> 'apply' ->> 'twins')::bigint", &[]).unwrap().get(0);
+    assert_eq!(twins, 1);
+    // The original hears of the copy's transaction: capture stops until the copy is dealt with.
+    pull(&mut copy, &mut a);
+    let e = a.batch_execute("INSERT INTO t VALUES (4, 'numbered like the copy''s next?')").unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "55000", "{e:?}");
+}

@@ -36,6 +36,30 @@ fn converged_on(nodes: &[&Cluster], tables: &[&str]) -> Option<()> {
     (state.iter().all(|s| *s == state[0]) && state[0].2 == 0).then_some(())
 }
 
+/// Wait for `converged_on`; on a timeout, print what differs first.
+fn await_convergence(secs: u64, what: &str, nodes: &[&Cluster], tables: &[&str]) {
+    let started = std::time::Instant::now();
+    while started.elapsed().as_secs() < secs {
+        if converged_on(nodes, tables).is_some() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    for c in nodes {
+        let mut db = c.connect();
+        let state: String = db
+            .query_one(
+                "SELECT jsonb_build_object('have', sync_have(), 'apply', sync_status() -> 'apply',                         'join', sync_status() -> 'join', 'peers', sync_status() -> 'worker' -> 'peers')::text",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        let digests: Vec<String> = tables.iter().map(|t| digest(&mut db, t)).collect();
+        eprintln!("{}: {digests:?} {state}", c.name);
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}
+
 fn converged(nodes: &[&Cluster]) -> Option<()> {
     converged_on(nodes, &["t"])
 }
@@ -122,7 +146,7 @@ fn a_node_joins_with_application_schemas() {
              INSERT INTO stock SELECT 'sku' || g, 0 FROM generate_series(1, 100) g;",
         )
         .unwrap();
-    wait_for(120, "B to hold A's rows", || converged_on(&[&nodes[0], &nodes[1]], &tables));
+    await_convergence(120, "B to hold A's rows", &[&nodes[0], &nodes[1]], &tables);
     // A sells and restocks; B counts stock and closes accounts (their orders go with them).
     let a_script = "\\set s random(1, 100)\n\\set c random(1, 2000)\n\
         UPDATE stock SET on_hand = on_hand + 1 WHERE sku = 'sku' || :s;\n\
@@ -137,14 +161,14 @@ fn a_node_joins_with_application_schemas() {
         });
     };
     run(&nodes[0], &nodes[1], 500);
-    wait_for(120, "A and B to converge", || converged_on(&[&nodes[0], &nodes[1]], &tables));
+    await_convergence(120, "A and B to converge", &[&nodes[0], &nodes[1]], &tables);
     let [a, b, c] = &mut nodes;
     std::thread::scope(|s| {
         s.spawn(|| run(a, b, 1000));
         c.start_server();
         wait_for(120, "C to finish its copy", || (join_status(c)["state"] == "done").then_some(()));
     });
-    wait_for(180, "C to catch up", || converged_on(&[&nodes[0], &nodes[1], &nodes[2]], &tables));
+    await_convergence(180, "C to catch up", &[&nodes[0], &nodes[1], &nodes[2]], &tables);
     // C sells too: its serial and identity sequences are past the keys it holds.
     nodes[2]
         .connect()
@@ -154,7 +178,7 @@ fn a_node_joins_with_application_schemas() {
              UPDATE stock SET on_hand = on_hand + 1 WHERE sku = 'sku1';",
         )
         .unwrap();
-    wait_for(180, "the three to converge", || converged_on(&[&nodes[0], &nodes[1], &nodes[2]], &tables));
+    await_convergence(180, "the three to converge", &[&nodes[0], &nodes[1], &nodes[2]], &tables);
     // Every increment counted once: two clients on A and on B, 1,500 each, and C's one.
     for n in &nodes {
         let total: i64 = n.connect().query_one("SELECT sum(on_hand)::bigint FROM stock", &[]).unwrap().get(0);

@@ -26,6 +26,7 @@ pub(crate) mod plans;
 mod rows;
 use rows::Mode;
 mod store;
+mod twins;
 
 pub(crate) use rows::advance_sequences;
 pub(crate) mod subxact;
@@ -419,11 +420,11 @@ impl Run {
         self.keep_the_rest(&txns, &pending, &applied, &failures)
     }
 
-    /// Drop what this node already holds (a copy left in the inbox goes) and repeats (the
-    /// inbox's copy, which comes first, stays); set aside the inbox entries that failed but
+    /// Drop what this node already holds (a copy left in the inbox goes; one received is
+    /// compared with the log, `twins`) and repeats (the inbox's copy, which comes first, stays); set aside the inbox entries that failed but
     /// that the have-vector already counts (`passed`), to be tried out of order.
     fn sort_out(&mut self, txns: Vec<Txn>) -> Result<(Vec<Txn>, Vec<Txn>), SyncError> {
-        let (mut late, mut fresh) = (Vec::new(), Vec::new());
+        let (mut late, mut fresh, mut held) = (Vec::new(), Vec::new(), Vec::new());
         let mut seen = std::collections::HashSet::new();
         for t in txns {
             if !seen.insert((t.origin, t.seq)) {
@@ -436,11 +437,14 @@ impl Run {
                     store::remove_from_inbox(&self.schema, &t)?;
                 } else {
                     self.counts.skipped += t.events.len() as i64;
+                    held.push(t);
                 }
             } else {
                 fresh.push(t);
             }
         }
+        // What this node holds already must be what it received now.
+        twins::check(&self.schema, self.me, &held.iter().collect::<Vec<_>>())?;
         Ok((late, fresh))
     }
 

@@ -390,9 +390,9 @@ fn join_step(step: net::JoinStep) -> Result<String, crate::error::SyncError> {
                 Began::SourceLacks(v) => json!({"source_lacks": v}),
             }
         }
-        net::JoinStep::Load { table, tombstones, page } => {
-            let head = snapshot::load(&table, tombstones, &page)?;
-            json!({"n": head.n, "last": head.last})
+        net::JoinStep::Load { table, tombstones, n, page } => {
+            snapshot::load(&table, tombstones, n, &page)?;
+            json!({"n": n})
         }
         net::JoinStep::Finish(text) => {
             let f: sync_bridge::snapshot::Finish = serde_json::from_str(&text).map_err(bad)?;

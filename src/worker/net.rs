@@ -42,8 +42,10 @@ pub enum JoinStep {
         rejoin: bool,
     },
     Load {
-        table: String,
+        table: sync_bridge::snapshot::TableInfo,
         tombstones: bool,
+        /// Rows in the page (the puller read its head).
+        n: i64,
         page: String,
     },
     Finish(String),
@@ -595,7 +597,7 @@ impl Puller {
     /// when there was nothing to copy; an error when the peer must first take this node's own
     /// changes, or the copy failed (it starts again at the next exchange).
     async fn join(&mut self, addr: SocketAddr, session: &mut Session, rejoin: bool) -> Result<bool, String> {
-        use sync_bridge::snapshot::{Ask as Q, PAGE_ROWS, PageHead};
+        use sync_bridge::snapshot::{Ask as Q, PAGE_ROWS, PageHead, TableInfo};
         let client = &self.shared.client;
         let (manifest, t) = client.snapshot(addr, &Q::Manifest).await.map_err(|e| e.to_string())?;
         session.bytes_in += t.received;
@@ -607,10 +609,12 @@ impl Puller {
                 "waiting for the peer to take the changes only this node holds ({lacks}) before copying from it"
             ));
         }
-        let Some(tables) = begun["tables"].as_array() else { return Ok(false) };
+        let Some(tables) = begun.get("tables") else { return Ok(false) };
+        let tables: Vec<TableInfo> = serde_json::from_value(tables.clone()).map_err(|e| e.to_string())?;
         // The next page travels while this node loads the last one.
         let mut loading: Option<tokio::task::JoinHandle<Result<String, String>>> = None;
-        for table in tables.iter().filter_map(Value::as_str) {
+        for info in &tables {
+            let table = info.name.as_str();
             for tombstones in [false, true] {
                 let mut after = Value::Null;
                 loop {
@@ -629,7 +633,7 @@ impl Puller {
                         previous.await.map_err(|e| e.to_string())??;
                     }
                     let shared = self.shared.clone();
-                    let step = JoinStep::Load { table: table.into(), tombstones, page };
+                    let step = JoinStep::Load { table: info.clone(), tombstones, n: head.n, page };
                     loading = Some(tokio::spawn(async move { ask(&shared.tx, |r| Ask::Join(step, r)).await }));
                     if head.n < PAGE_ROWS {
                         break;

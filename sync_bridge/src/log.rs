@@ -29,6 +29,27 @@ pub struct Part {
     pub rows: String,
 }
 
+/// What tells two transactions numbered alike apart: the origin's transaction id, its greatest
+/// clock and its change count. One origin transaction always shows the same; two different
+/// ones under one `(origin, seq)` (a copied or restored node numbering on) almost never do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Fingerprint {
+    pub xact: i64,
+    pub hlc: i64,
+    pub n: i64,
+}
+
+impl Fingerprint {
+    /// Of one origin transaction's events (all of them: a batch never splits one).
+    pub fn of(events: &[Event]) -> Fingerprint {
+        Fingerprint {
+            xact: events.first().map_or(0, |e| e.xact),
+            hlc: events.iter().map(|e| e.hlc).max().unwrap_or(0),
+            n: events.len() as i64,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct LogRow {
     pub origin: Uuid,
@@ -376,6 +397,34 @@ mod tests {
         assert_eq!((again[0].len(), again[0].first(), again[0].hlc()), (3, 1, 11));
         assert_eq!(again[0].parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [2, 1]);
         assert_eq!(again[0].events().unwrap(), events);
+    }
+
+    #[test]
+    fn one_transaction_keeps_its_fingerprint_and_another_under_its_number_does_not() {
+        let origin = Uuid::from_u128(7);
+        let part = |hlc, rows: &str| Part {
+            hlc,
+            table: "public.t".into(),
+            op: Op::Insert,
+            pk_columns: r#"["id"]"#.into(),
+            first: 1,
+            rows: rows.into(),
+        };
+        let row = |xact, hlc, rows: &str| LogRow {
+            origin,
+            seq: 2,
+            xact,
+            vclock: BTreeMap::from([(origin, 2)]),
+            parts: vec![part(hlc, rows)],
+        };
+        let a = row(731, 50, r#"[{"id":1}]"#).events().unwrap();
+        // Served again, through any node, it shows the same.
+        let relayed = LogRow::from_events(&a).remove(0).events().unwrap();
+        assert_eq!(Fingerprint::of(&a), Fingerprint::of(&relayed));
+        assert_eq!(Fingerprint::of(&a), Fingerprint { xact: 731, hlc: 50, n: 1 });
+        // The copy's transaction (A, 2): same xid, a later clock; or two rows.
+        assert_ne!(Fingerprint::of(&a), Fingerprint::of(&row(731, 61, r#"[{"id":1}]"#).events().unwrap()));
+        assert_ne!(Fingerprint::of(&a), Fingerprint::of(&row(731, 50, r#"[{"id":1},{"id":2}]"#).events().unwrap()));
     }
 
     #[test]
