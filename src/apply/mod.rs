@@ -444,7 +444,7 @@ impl Run {
             }
         }
         // What this node holds already must be what it received now.
-        twins::check(&self.schema, self.me, &held.iter().collect::<Vec<_>>())?;
+        twins::check(&self.schema, &held.iter().collect::<Vec<_>>())?;
         Ok((late, fresh))
     }
 

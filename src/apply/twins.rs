@@ -2,8 +2,8 @@
 //! on under an identity another node also uses (`sync_bridge::log::Fingerprint` tells them
 //! apart). Whoever receives the second says so loudly: a WARNING with a hint, a row in
 //! `sync_twins` keeping the one received (so neither is dropped silently: this node's is in its
-//! log), and, when the origin is this node itself, the identity doubt that stops capture
-//! (`crate::identity`).
+//! log). (A node never receives its own origin's transactions back; it finds a copy of itself
+//! by `discovery::Doubt` instead.)
 
 use super::Txn;
 use crate::error::SyncError;
@@ -13,7 +13,7 @@ use sync_bridge::log::Fingerprint;
 use uuid::Uuid;
 
 /// Compare the transactions a batch brought that this node already holds with its log.
-pub fn check(schema: &str, me: Uuid, held: &[&Txn]) -> Result<(), SyncError> {
+pub fn check(schema: &str, held: &[&Txn]) -> Result<(), SyncError> {
     if held.is_empty() {
         return Ok(());
     }
@@ -45,13 +45,13 @@ pub fn check(schema: &str, me: Uuid, held: &[&Txn]) -> Result<(), SyncError> {
         let Some(mine) = ours.get(&(t.origin, t.seq)) else { continue };
         let theirs = Fingerprint::of(&t.events);
         if *mine != theirs {
-            report(schema, me, t, *mine, theirs)?;
+            report(schema, t, *mine, theirs)?;
         }
     }
     Ok(())
 }
 
-fn report(schema: &str, me: Uuid, t: &Txn, mine: Fingerprint, theirs: Fingerprint) -> Result<(), SyncError> {
+fn report(schema: &str, t: &Txn, mine: Fingerprint, theirs: Fingerprint) -> Result<(), SyncError> {
     let first = Spi::get_one_with_args::<bool>(
         &format!(
             "WITH i AS (INSERT INTO {schema}.sync_twins (origin, origin_seq, ours, theirs, events) \
@@ -80,8 +80,5 @@ fn report(schema: &str, me: Uuid, t: &Txn, mine: Fingerprint, theirs: Fingerprin
          SELECT sync_new_identity(). The transaction received is kept in sync_twins; this node's is in sync_log.",
     )
     .report(PgLogLevel::WARNING);
-    if t.origin == me {
-        crate::identity::record_doubt(&what)?;
-    }
     Ok(())
 }
