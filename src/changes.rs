@@ -139,6 +139,13 @@ pub(crate) fn batch(
     for key in &cut.order {
         events.extend(txns.remove(key).unwrap_or_default());
     }
+    let starts: Vec<(Uuid, i64)> = cut
+        .from
+        .iter()
+        .filter(|(o, n)| **n > 0 && events.iter().any(|e| e.origin == **o))
+        .map(|(o, n)| (*o, *n))
+        .collect();
+    let at = crate::apply::twins::fingerprints(&ext.schema, &starts)?.into_iter().map(|((o, _), f)| (o, f)).collect();
     Ok(Batch {
         format: sync_bridge::FORMAT_VERSION,
         source: ext.node_id,
@@ -148,6 +155,7 @@ pub(crate) fn batch(
         more: cut.more,
         gone,
         absent,
+        at,
     })
 }
 

@@ -550,6 +550,7 @@ mod tests {
             more: false,
             gone: Default::default(),
             absent: Default::default(),
+            at: Default::default(),
         };
         let text = serde_json::to_string(&batch).unwrap();
         let apply = || {

@@ -98,7 +98,8 @@ fn a_restored_node_takes_a_new_identity_and_gets_its_lost_changes_back() {
 /// A copy of a node's database (here `CREATE DATABASE ... TEMPLATE`, a file-level copy of one
 /// database, identity included) numbers a transaction like one its original made. A node that
 /// holds the original's and receives the copy's keeps the second in `sync_twins` with a
-/// WARNING, instead of skipping it as already held.
+/// WARNING, instead of skipping it as already held; and a batch of the copy's later
+/// transactions, which starts from its own (A, 2), is not applied after the original's.
 #[test]
 fn two_transactions_under_one_number_are_reported_where_they_meet() {
     use pg_peersync_tests::{nodes, pull};
@@ -129,4 +130,14 @@ fn two_transactions_under_one_number_are_reported_where_they_meet() {
     assert!(c.log().contains("two different transactions are numbered"), "a WARNING in the log");
     let twins: i64 = third.query_one("SELECT (sync_status() -> 'apply' ->> 'twins')::bigint", &[]).unwrap().get(0);
     assert_eq!(twins, 1);
+    // The copy numbers on: its (A, 3) continues its own (A, 2), not the original's that the
+    // third node holds. A batch says what its start looks like, so the third node applies none
+    // of it, rather than its next transaction under A.
+    copy.batch_execute("INSERT INTO t VALUES (4, 'the copy''s next')").unwrap();
+    let counts = pull(&mut copy, &mut third);
+    assert_eq!(counts["transactions"], serde_json::json!(0), "{counts:?}");
+    let held: i64 = third.query_one("SELECT (sync_have() ->> $1)::bigint", &[&id(&mut a)]).unwrap().get(0);
+    assert_eq!(held, 2, "the third node still holds A up to its (A, 2)");
+    let rows: i64 = third.query_one("SELECT count(*) FROM t WHERE id IN (3, 4)", &[]).unwrap().get(0);
+    assert_eq!(rows, 0, "none of the copy's rows went in under the original's identity");
 }

@@ -26,7 +26,7 @@ pub(crate) mod plans;
 mod rows;
 use rows::Mode;
 mod store;
-mod twins;
+pub(crate) mod twins;
 
 pub(crate) use rows::advance_sequences;
 pub(crate) mod subxact;
@@ -674,14 +674,20 @@ fn _sync_apply_text(batch: &str) -> SyncResult<JsonB> {
         return Err(SyncError::UntrackedTable(e.table.clone()).into());
     }
     let before = run.have.clone();
+    // An origin whose events continue another transaction than the one held here at their
+    // start (a copy numbering on under its original's identity) is reported and not applied.
+    let diverging = twins::diverging(&run.schema, &batch.from, &batch.at)?;
+    let mut top = batch.have.clone();
+    top.retain(|o, _| !diverging.contains(o));
+    let events: Vec<Event> = batch.events.into_iter().filter(|e| !diverging.contains(&e.origin)).collect();
     let mut last = BTreeMap::new();
-    for e in &batch.events {
+    for e in &events {
         last.insert(e.origin, e.seq);
     }
     let mut txns = run.inbox(store::Held::Retryable)?;
-    txns.extend(transactions(batch.events, &batch.from, run.me));
+    txns.extend(transactions(events, &batch.from, run.me));
     run.deliver(txns)?;
-    run.raise_to_batch(&batch.from, &batch.have, &last);
+    run.raise_to_batch(&batch.from, &top, &last);
     let mut out = run.finish(before)?;
     if !batch.gone.is_empty() {
         // The source deleted changes this node lacks: it cannot catch up from that log.

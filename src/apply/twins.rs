@@ -17,9 +17,27 @@ pub fn check(schema: &str, held: &[&Txn]) -> Result<(), SyncError> {
     if held.is_empty() {
         return Ok(());
     }
-    let origins: Vec<pgrx::Uuid> = held.iter().map(|t| pgrx::Uuid::from_bytes(*t.origin.as_bytes())).collect();
-    let seqs: Vec<i64> = held.iter().map(|t| t.seq).collect();
-    let mut ours = BTreeMap::new();
+    let keys: Vec<(Uuid, i64)> = held.iter().map(|t| (t.origin, t.seq)).collect();
+    let ours = fingerprints(schema, &keys)?;
+    for t in held {
+        // Pruned from the log: nothing to compare with.
+        let Some(mine) = ours.get(&(t.origin, t.seq)) else { continue };
+        let theirs = Fingerprint::of(&t.events);
+        if *mine != theirs {
+            report(schema, t, *mine, theirs)?;
+        }
+    }
+    Ok(())
+}
+
+/// This node's fingerprints of the transactions `keys` (origin, seq) that its log keeps.
+pub fn fingerprints(schema: &str, keys: &[(Uuid, i64)]) -> Result<BTreeMap<(Uuid, i64), Fingerprint>, SyncError> {
+    let mut out = BTreeMap::new();
+    if keys.is_empty() {
+        return Ok(out);
+    }
+    let origins: Vec<pgrx::Uuid> = keys.iter().map(|(o, _)| pgrx::Uuid::from_bytes(*o.as_bytes())).collect();
+    let seqs: Vec<i64> = keys.iter().map(|(_, q)| *q).collect();
     Spi::connect(|c| {
         for row in c.select(
             &format!(
@@ -36,22 +54,47 @@ pub fn check(schema: &str, held: &[&Txn]) -> Result<(), SyncError> {
                 hlc: row.get(4)?.unwrap_or(0),
                 n: row.get(5)?.unwrap_or(0),
             };
-            ours.insert((Uuid::from_bytes(*o.as_bytes()), q), f);
+            out.insert((Uuid::from_bytes(*o.as_bytes()), q), f);
         }
         Ok::<_, SyncError>(())
     })?;
-    for t in held {
-        // Pruned from the log: nothing to compare with.
-        let Some(mine) = ours.get(&(t.origin, t.seq)) else { continue };
-        let theirs = Fingerprint::of(&t.events);
-        if *mine != theirs {
-            report(schema, t, *mine, theirs)?;
+    Ok(out)
+}
+
+/// The origins of a batch that does not continue from the transaction this node holds at its
+/// start (`Batch::at`): each is reported, and none of its events may be applied (they would
+/// continue another history).
+pub fn diverging(
+    schema: &str,
+    from: &BTreeMap<Uuid, i64>,
+    at: &BTreeMap<Uuid, Fingerprint>,
+) -> Result<Vec<Uuid>, SyncError> {
+    let keys: Vec<(Uuid, i64)> = at.keys().filter_map(|o| Some((*o, *from.get(o)?))).collect();
+    let ours = fingerprints(schema, &keys)?;
+    let mut out = Vec::new();
+    for (o, q) in keys {
+        let (Some(mine), Some(theirs)) = (ours.get(&(o, q)), at.get(&o)) else { continue };
+        if mine != theirs {
+            record(schema, o, q, *mine, *theirs, "[]")?;
+            out.push(o);
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 fn report(schema: &str, t: &Txn, mine: Fingerprint, theirs: Fingerprint) -> Result<(), SyncError> {
+    record(schema, t.origin, t.seq, mine, theirs, &serde_json::to_string(&t.events).expect("serialises"))
+}
+
+/// Keep `theirs` in `sync_twins` and, the first time, say so with a WARNING.
+fn record(
+    schema: &str,
+    origin: Uuid,
+    seq: i64,
+    mine: Fingerprint,
+    theirs: Fingerprint,
+    events: &str,
+) -> Result<(), SyncError> {
     let first = Spi::get_one_with_args::<bool>(
         &format!(
             "WITH i AS (INSERT INTO {schema}.sync_twins (origin, origin_seq, ours, theirs, events) \
@@ -59,20 +102,20 @@ fn report(schema: &str, t: &Txn, mine: Fingerprint, theirs: Fingerprint) -> Resu
              SELECT EXISTS (SELECT 1 FROM i)"
         ),
         &[
-            pgrx::Uuid::from_bytes(*t.origin.as_bytes()).into(),
-            t.seq.into(),
+            pgrx::Uuid::from_bytes(*origin.as_bytes()).into(),
+            seq.into(),
             serde_json::to_string(&mine).expect("serialises").into(),
             serde_json::to_string(&theirs).expect("serialises").into(),
-            serde_json::to_string(&t.events).expect("serialises").into(),
+            events.to_string().into(),
         ],
     )?;
     if first != Some(true) {
         return Ok(());
     }
-    let what = format!("two different transactions are numbered ({}, {})", t.origin, t.seq);
+    let what = format!("two different transactions are numbered ({origin}, {seq})");
     pgrx::pg_sys::panic::ErrorReport::new(
         PgSqlErrorCode::ERRCODE_WARNING,
-        format!("pg_peersync: {what}: another node uses node {}'s identity", t.origin),
+        format!("pg_peersync: {what}: another node uses node {origin}'s identity"),
         "pg_peersync",
     )
     .set_hint(

@@ -135,6 +135,11 @@ pub struct Batch {
     /// peer may serve them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub absent: BTreeMap<Uuid, i64>,
+    /// Per origin whose events the batch carries, the transaction at `from` (the last one the
+    /// caller holds) as the source has it, when it still keeps it: the caller checks that it
+    /// continues from the same one (`log::Fingerprint`; a copied node numbers on otherwise).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub at: BTreeMap<Uuid, crate::log::Fingerprint>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -218,6 +223,7 @@ mod tests {
             more: false,
             gone: BTreeMap::new(),
             absent: BTreeMap::new(),
+            at: BTreeMap::new(),
         }
     }
 

@@ -32,7 +32,7 @@ pub struct Part {
 /// What tells two transactions numbered alike apart: the origin's transaction id, its greatest
 /// clock and its change count. One origin transaction always shows the same; two different
 /// ones under one `(origin, seq)` (a copied or restored node numbering on) almost never do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Fingerprint {
     pub xact: i64,
     pub hlc: i64,
