@@ -391,6 +391,23 @@ pub fn mesh_of_three_with(names: [&str; 3], key: &str, extra: &[&str], setup: &s
     nodes
 }
 
+/// Equal digests of `tables` and have-vectors, nothing held.
+pub fn converged_on(nodes: &[&Cluster], tables: &[&str]) -> Option<()> {
+    let state: Vec<(Vec<String>, serde_json::Value, i64)> = nodes
+        .iter()
+        .map(|c| {
+            let mut db = c.connect();
+            let inbox: i64 = db.query_one("SELECT count(*) FROM sync_inbox", &[]).unwrap().get(0);
+            // (An origin held up to 0 is the same as one not listed: a node that joined under a
+            // new identity has written nothing under it yet.)
+            let mut held = have(&mut db);
+            held.as_object_mut().unwrap().retain(|_, v| v != &serde_json::json!(0));
+            (tables.iter().map(|t| digest(&mut db, t)).collect(), held, inbox)
+        })
+        .collect();
+    (state.iter().all(|s| *s == state[0]) && state[0].2 == 0).then_some(())
+}
+
 /// The node's id, as `sync_status()` reports it.
 pub fn node_id(c: &Cluster) -> String {
     c.connect().query_one("SELECT sync_status() ->> 'node_id'", &[]).unwrap().get(0)

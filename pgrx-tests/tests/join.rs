@@ -3,7 +3,9 @@
 //! from the copy, without replaying the history; a node that comes back past its peers'
 //! retention is in `retention.rs`.
 
-use pg_peersync_tests::{Cluster, digest, have, mesh_of_three, mesh_of_three_with, pgbench, wait_for, worker_status};
+use pg_peersync_tests::{
+    Cluster, converged_on, digest, mesh_of_three, mesh_of_three_with, pgbench, wait_for, worker_status,
+};
 use serde_json::Value;
 
 /// Every new node copies, however short its peer's log (a seed of 50,000 rows stands for a
@@ -18,22 +20,6 @@ fn log_rows(c: &Cluster) -> i64 {
 fn join_status(c: &Cluster) -> Value {
     let text: String = c.connect().query_one("SELECT (sync_status() -> 'join')::text", &[]).unwrap().get(0);
     serde_json::from_str(&text).unwrap()
-}
-
-/// Equal digests of `tables` and have-vectors, nothing held.
-fn converged_on(nodes: &[&Cluster], tables: &[&str]) -> Option<()> {
-    let state: Vec<(Vec<String>, Value, i64)> = nodes
-        .iter()
-        .map(|c| {
-            let mut db = c.connect();
-            let inbox: i64 = db.query_one("SELECT count(*) FROM sync_inbox", &[]).unwrap().get(0);
-            // (An origin held up to 0 is the same as one not listed.)
-            let mut held = have(&mut db);
-            held.as_object_mut().unwrap().retain(|_, v| v != &serde_json::json!(0));
-            (tables.iter().map(|t| digest(&mut db, t)).collect(), held, inbox)
-        })
-        .collect();
-    (state.iter().all(|s| *s == state[0]) && state[0].2 == 0).then_some(())
 }
 
 /// Wait for `converged_on`; on a timeout, print what differs first.
