@@ -78,6 +78,16 @@ pub enum SyncError {
     JoinUntracked(String),
     #[error("sync_resync() replaces this node's tracked tables: only a superuser may call it")]
     ResyncNotAllowed,
+    #[error("peer {0} has no known address")]
+    PeerNotFound(String),
+    #[error("peer {0} did not answer: {1}")]
+    PeerUnreachable(String, String),
+    #[error("the registration key cannot be used: {0}")]
+    NoKey(String),
+    #[error("permission denied to compare table {0}: it needs {1}")]
+    NotAllowedOn(String, String),
+    #[error("table {0} has counter columns, which sync_repair() cannot write")]
+    RepairCounters(String),
     #[error("pg_peersync internal SPI error: {0}")]
     Spi(#[from] pgrx::spi::SpiError),
 }
@@ -119,6 +129,11 @@ impl SyncError {
             SyncError::JoinColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
             SyncError::JoinUntracked(_) => ERRCODE_UNDEFINED_TABLE,
             SyncError::ResyncNotAllowed => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            SyncError::PeerNotFound(_) => ERRCODE_CONNECTION_DOES_NOT_EXIST,
+            SyncError::PeerUnreachable(..) => ERRCODE_CONNECTION_FAILURE,
+            SyncError::NoKey(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SyncError::NotAllowedOn(..) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            SyncError::RepairCounters(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             SyncError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -129,6 +144,20 @@ impl SyncError {
                  sync_ddl(), or run the DDL on each node yourself."
                 .into(),
             SyncError::IdentityNotAllowed | SyncError::ResyncNotAllowed => "Ask a superuser to run it.".into(),
+            SyncError::PeerNotFound(_) => "This node's worker has not found that peer: sync_status() -> 'peers' \
+                 lists the peers it reaches, with their ids. Wait for discovery, or list the peer in peersync.peers."
+                .into(),
+            SyncError::PeerUnreachable(..) => "sync_status() -> 'peers' shows the peer's state and last error; \
+                 its worker must be running with the same registration key."
+                .into(),
+            SyncError::NoKey(_) => "Set peersync.registration_key_file (or peersync.registration_key) as on the \
+                 other nodes, then SELECT pg_reload_conf()."
+                .into(),
+            SyncError::NotAllowedOn(_, what) => format!("Ask the table's owner or a superuser to GRANT {what} on it."),
+            SyncError::RepairCounters(_) => "A counter's value is the sum of every node's changes, so writing the \
+                 peer's value here would count the difference twice; SELECT sync_resync(peer) copies the table \
+                 from the peer instead."
+                .into(),
             SyncError::Joining(_) => "Wait for the copy to finish: sync_status() -> 'join' shows its progress. \
                  Changes made meanwhile would be overwritten by it."
                 .into(),

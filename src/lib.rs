@@ -26,6 +26,7 @@ mod log;
 mod sequencer;
 mod snapshot;
 mod status;
+mod verify;
 mod worker;
 
 pgrx::pg_module_magic!(name, version);

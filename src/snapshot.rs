@@ -61,14 +61,14 @@ fn to_text(v: &impl serde::Serialize) -> String {
 // The source
 
 /// A tracked table as a snapshot copies it.
-struct Copied {
-    table: Table,
-    filter: Option<String>,
+pub(crate) struct Copied {
+    pub table: Table,
+    pub filter: Option<String>,
     /// Copied columns (captured, not generated) with their types, key columns first in key order.
-    columns: Vec<(String, String)>,
+    pub columns: Vec<(String, String)>,
 }
 
-fn copied_tables(schema: &str) -> Result<Vec<Copied>, SyncError> {
+pub(crate) fn copied_tables(schema: &str) -> Result<Vec<Copied>, SyncError> {
     let mut tables: Vec<Table> = apply::load_tables(schema)?.into_values().collect();
     tables.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out = Vec::new();
@@ -153,7 +153,7 @@ fn manifest(s: &str, me: Uuid) -> Result<String, SyncError> {
 }
 
 /// `sync_rows.pk` of the row `alias`, in SQL: the key as jsonb text.
-fn key_text(t: &Table, alias: &str) -> String {
+pub(crate) fn key_text(t: &Table, alias: &str) -> String {
     let parts: Vec<String> = t.pk.iter().map(|k| format!("{}, {alias}.{}", quote_literal(k), quote_ident(k))).collect();
     format!("jsonb_build_object({})::text", parts.join(", "))
 }

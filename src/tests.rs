@@ -238,6 +238,57 @@ mod tests {
         assert_eq!(one::<i64>("SELECT count(*) FROM items WHERE id = 91"), 0);
     }
 
+    /// The two sides of `sync_verify` compute the same buckets from the same rows whatever
+    /// their physical order, and a changed row changes exactly its bucket and its listing.
+    #[pg_test]
+    fn verify_buckets_find_the_changed_row() {
+        use sync_bridge::verify::{Answer, Ask};
+        run("CREATE TABLE va (id int PRIMARY KEY, name text, twice int GENERATED ALWAYS AS (id * 2) STORED);
+             CREATE TABLE vb (LIKE va INCLUDING ALL);
+             INSERT INTO va (id, name) SELECT g, 'n' || g FROM generate_series(1, 3000) g;
+             INSERT INTO vb (id, name) SELECT g, 'n' || g FROM generate_series(3000, 1, -1) g;
+             SELECT sync_track_table('va'); SELECT sync_track_table('vb');");
+        let ask = |t: &str, depth: usize, under: &[&str]| Ask::Buckets {
+            table: t.into(),
+            depth,
+            under: under.iter().map(|u| u.to_string()).collect(),
+        };
+        let answer = |a: &Ask| -> Answer { serde_json::from_str(&crate::verify::serve(a).unwrap()).unwrap() };
+        let (a, b) = (answer(&ask("public.va", 1, &[""])), answer(&ask("public.vb", 1, &[""])));
+        assert_eq!(a.buckets.len(), 16);
+        assert_eq!(a.buckets, b.buckets, "same rows, other order");
+        assert_eq!(a.buckets.values().map(|b| b.n).sum::<i64>(), 3000);
+        run("UPDATE vb SET name = 'changed' WHERE id = 1234");
+        let b = answer(&ask("public.vb", 1, &[""]));
+        let differing: Vec<&String> = a.buckets.keys().filter(|k| a.buckets[*k] != b.buckets[*k]).collect();
+        assert_eq!(differing.len(), 1, "{differing:?}");
+        let under = vec![differing[0].clone()];
+        let rows = |t: &str| answer(&Ask::Rows { table: t.into(), under: under.clone() }).rows;
+        let changed = sync_bridge::verify::differing_rows(&rows("public.va"), &rows("public.vb"));
+        assert_eq!(changed.keys().collect::<Vec<_>>(), vec!["{\"id\": 1234}"]);
+        let values = answer(&Ask::Values {
+            table: "public.vb".into(),
+            keys: vec!["{\"id\": 1234}".into(), "{\"id\": 0}".into()],
+        });
+        assert_eq!(values.values.len(), 1);
+        assert_eq!(values.values["{\"id\": 1234}"], json!({"id": 1234, "name": "changed", "twice": 2468}));
+    }
+
+    /// `sync_verify` names the peer it cannot reach and the table it may not read, with hints.
+    #[pg_test]
+    fn verify_refuses_an_unknown_peer_and_an_unreadable_table() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        let peer = "00000000-0000-0000-0000-00000000000b";
+        let unknown = caught(&format!("PERFORM sync_verify('{peer}')"));
+        assert_eq!(unknown["state"], json!("08003"), "{unknown}");
+        assert!(unknown["hint"].as_str().unwrap().contains("sync_status() -> 'peers'"), "{unknown}");
+        run("CREATE ROLE verify_reader; GRANT USAGE ON SCHEMA public TO verify_reader");
+        let denied = caught(&format!("SET LOCAL ROLE verify_reader; PERFORM sync_verify('{peer}', 'items')"));
+        assert_eq!(denied["state"], json!("42501"), "{denied}");
+        assert!(denied["hint"].as_str().unwrap().contains("GRANT SELECT"), "{denied}");
+    }
+
     #[pg_test]
     fn capture_refuses_while_the_identity_is_in_doubt() {
         shop();

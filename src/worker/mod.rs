@@ -347,6 +347,7 @@ fn answer(ask: net::Ask) {
         ),
         net::Ask::Snapshot(q, reply) => (reply, call(|| crate::snapshot::serve(&q))),
         net::Ask::Join(step, reply) => (reply, call(|| join_step(step))),
+        net::Ask::Verify(q, reply) => (reply, call(|| crate::verify::serve(&q))),
         // What a peer may know of this node: who it is and what it holds (no data, no settings).
         net::Ask::Status(reply) => (
             reply,

@@ -31,6 +31,8 @@ pub enum Ask {
     Snapshot(sync_bridge::snapshot::Ask, Reply),
     /// A step of this node's join from a peer's snapshot.
     Join(JoinStep, Reply),
+    /// A peer's question comparing one of this node's tables with its own (`verify::serve`).
+    Verify(sync_bridge::verify::Ask, Reply),
 }
 
 /// The steps of a join (`crate::snapshot`), each in a transaction of its own.
@@ -140,6 +142,11 @@ impl Node for Bridge {
     fn snapshot(&self, q: sync_bridge::snapshot::Ask) -> NodeFuture {
         let shared = self.0.clone();
         Box::pin(async move { ask(&shared.tx, |r| Ask::Snapshot(q, r)).await })
+    }
+
+    fn verify(&self, q: sync_bridge::verify::Ask) -> NodeFuture {
+        let shared = self.0.clone();
+        Box::pin(async move { ask(&shared.tx, |r| Ask::Verify(q, r)).await })
     }
 
     fn poke(&self, from: SocketAddr) {

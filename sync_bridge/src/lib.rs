@@ -4,8 +4,8 @@
 //! PostgreSQL: the wire types of events and batches and their canonical checksum (`event`,
 //! `canonical`), the hybrid logical clock (`hlc`), causal delivery order (`delivery`), who wins
 //! a conflict (`resolve`), the membership crypto derived from the registration key (`auth`),
-//! finding peers by multicast (`discovery`) and the HTTP server and client between nodes
-//! (`transport`). The extension loads state through SPI and calls these functions.
+//! finding peers by multicast (`discovery`), the HTTP server and client between nodes
+//! (`transport`), joining from a snapshot (`snapshot`) and comparing tables (`verify`). The extension loads state through SPI and calls these functions.
 
 pub mod auth;
 pub mod canonical;
@@ -20,6 +20,7 @@ pub mod resolve;
 pub mod serve;
 pub mod snapshot;
 pub mod transport;
+pub mod verify;
 
 pub use event::{Batch, BatchError, Event, FORMAT_VERSION, Op};
 pub use hlc::Hlc;

@@ -8,6 +8,8 @@
 //! - `POST /v1/status`: body `{}`, answer the node's identity, protocol and have-vector;
 //! - `POST /v1/snapshot`: body a `snapshot::Ask`, answer a manifest, a page of rows with their
 //!   registers, or the vector that covers the copy (joining from a snapshot);
+//! - `POST /v1/verify`: body a `verify::Ask`, answer a `verify::Answer`: buckets, rows or
+//!   values of a tracked table (comparing tables, `sync_verify`);
 //! - `POST /v1/poke`: body `{"port": n}`: "I have new changes, pull from me (at my address,
 //!   port n)"; answer `{}`. This is how a commit reaches peers within milliseconds.
 //!
@@ -32,6 +34,8 @@ use tokio::sync::watch;
 pub const SIGNATURE_HEADER: &str = "x-peersync-signature";
 /// Messages older or newer than this are stale.
 pub const REPLAY_WINDOW_MS: u64 = 60_000;
+/// The authenticated routes.
+const PATHS: [&str; 6] = ["/v1/changes", "/v1/push", "/v1/poke", "/v1/status", "/v1/snapshot", "/v1/verify"];
 
 /// A node's answer: JSON text, passed through as it is (a batch can be large: it is neither
 /// parsed nor printed again on its way).
@@ -49,6 +53,8 @@ pub trait Node: Send + Sync + 'static {
     fn status(&self) -> NodeFuture;
     /// A part of a snapshot of the node's tracked tables (`snapshot::Ask`).
     fn snapshot(&self, ask: crate::snapshot::Ask) -> NodeFuture;
+    /// Buckets, rows or values of a tracked table, to compare it (`verify::Ask`).
+    fn verify(&self, ask: crate::verify::Ask) -> NodeFuture;
 }
 
 pub fn now_ms() -> u64 {
@@ -116,9 +122,7 @@ impl<N: Node> Server<N> {
                               "uptime_s": self.started.elapsed().as_secs()});
             return respond(StatusCode::OK, body.to_string().into_bytes(), None);
         }
-        if method != Method::POST
-            || !["/v1/changes", "/v1/push", "/v1/poke", "/v1/status", "/v1/snapshot"].contains(&path.as_str())
-        {
+        if method != Method::POST || !PATHS.contains(&path.as_str()) {
             return respond(StatusCode::NOT_FOUND, Vec::new(), None);
         }
         self.counters.lock().expect("counters").requests += 1;
@@ -146,6 +150,10 @@ impl<N: Node> Server<N> {
             "/v1/status" => self.node.status().await,
             "/v1/snapshot" => match serde_json::from_value(input) {
                 Ok(ask) => self.node.snapshot(ask).await,
+                Err(_) => return self.reject(Rejection::Malformed),
+            },
+            "/v1/verify" => match serde_json::from_value(input) {
+                Ok(ask) => self.node.verify(ask).await,
                 Err(_) => return self.reject(Rejection::Malformed),
             },
             "/v1/poke" => match input["port"].as_u64().and_then(|p| u16::try_from(p).ok()) {
@@ -292,6 +300,11 @@ impl Client {
         serde_json::from_str(&answer).map_err(|_| CallError::BadAnswer(Rejection::Malformed))
     }
 
+    /// Buckets, rows or values of one of `peer`'s tracked tables, and the bytes it took.
+    pub async fn verify(&self, peer: SocketAddr, ask: &crate::verify::Ask) -> Result<(String, Traffic), CallError> {
+        self.call(peer, "/v1/verify", &serde_json::to_string(ask).expect("an ask serialises")).await
+    }
+
     /// Tell `peer` this node (serving on `port`) has new changes.
     /// `peer`'s status (identity, protocol, have-vector).
     pub async fn status(&self, peer: SocketAddr) -> Result<Value, CallError> {
@@ -341,6 +354,9 @@ mod tests {
         fn snapshot(&self, ask: crate::snapshot::Ask) -> NodeFuture {
             Box::pin(async move { Ok(json!({"asked": ask}).to_string()) })
         }
+        fn verify(&self, ask: crate::verify::Ask) -> NodeFuture {
+            Box::pin(async move { Ok(json!({"asked": ask}).to_string()) })
+        }
     }
 
     async fn start() -> (SocketAddr, Arc<Fake>, Arc<Mutex<Counters>>, watch::Sender<bool>) {
@@ -370,6 +386,12 @@ mod tests {
         assert_eq!(client.status(addr).await.unwrap()["name"], "fake");
         let (page, _) = client.snapshot(addr, &crate::snapshot::Ask::Manifest).await.unwrap();
         assert_eq!(serde_json::from_str::<Value>(&page).unwrap()["asked"], json!({"ask": "manifest"}));
+        let ask = crate::verify::Ask::Values { table: "t".into(), keys: vec!["k".into()] };
+        let (answer, _) = client.verify(addr, &ask).await.unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&answer).unwrap()["asked"],
+            json!({"ask": "values", "table": "t", "keys": ["k"]})
+        );
         assert_eq!(counters.lock().unwrap().rejected, BTreeMap::new());
         // /health needs no key and tells nothing secret.
         let health: Value = reqwest::get(format!("http://{addr}/health")).await.unwrap().json().await.unwrap();
