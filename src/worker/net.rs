@@ -594,6 +594,7 @@ impl Puller {
         }
         session.events_in = x.events;
         session.have = Some(x.theirs.clone());
+        x.source = session.peer_id.as_deref().and_then(|id| Uuid::parse_str(id).ok());
         Ok(x)
     }
 }

@@ -250,6 +250,10 @@ impl Roster {
                     self.suspect = Some((key.to_string(), theirs));
                 }
                 let p = self.peers.get_mut(key).expect("found above");
+                // A configured peer found without multicast is known by id from its batches.
+                if p.node_id.is_none() {
+                    p.node_id = x.source;
+                }
                 p.last_heard_ms = Some(now_ms);
                 p.last_ok_ms = Some(now_ms);
                 p.last_error = None;
@@ -297,6 +301,8 @@ pub struct Exchanged {
     pub theirs: BTreeMap<String, i64>,
     /// What the waiting transactions miss, when the last batch applied nothing.
     pub stall: Option<BTreeMap<String, i64>>,
+    /// The peer's node id, as its batches name it.
+    pub source: Option<Uuid>,
 }
 
 /// Transactions `have` holds that `other` lacks.
@@ -534,6 +540,15 @@ mod tests {
     const T: Duration = Duration::from_secs(120);
 
     #[test]
+    fn a_configured_peer_is_known_by_the_id_its_batches_carry() {
+        let mut r = Roster::new(Uuid::from_u128(1));
+        r.add_static("db-b:8765", None);
+        assert_eq!(r.get("db-b:8765").unwrap().node_id, None);
+        r.exchanged("db-b:8765", Ok(Exchanged { source: Some(Uuid::from_u128(2)), ..Default::default() }), 10);
+        assert_eq!(r.get("db-b:8765").unwrap().node_id, Some(Uuid::from_u128(2)));
+    }
+
+    #[test]
     fn a_peer_holding_more_of_this_nodes_own_transactions_raises_a_doubt() {
         let (me, peer) = (Uuid::from_u128(1), Uuid::from_u128(2));
         let mut r = Roster::new(me);
@@ -625,6 +640,7 @@ mod tests {
             ours: have(&[("a", 5), ("b", 1)]),
             theirs: have(&[("a", 3), ("b", 4)]),
             stall: Some(missing),
+            source: None,
         };
         r.exchanged(&key, Ok(x), 2_000);
         let p = r.get(&key).unwrap();
@@ -636,6 +652,7 @@ mod tests {
             ours: have(&[("a", 5), ("b", 1)]),
             theirs: have(&[("a", 3), ("b", 4)]),
             stall: Some(have(&[("b", 4)])),
+            source: None,
         };
         r.exchanged(&key, Ok(x), 2_500);
         let stall = r.get(&key).unwrap().stall.clone().expect("a stall");
@@ -650,6 +667,7 @@ mod tests {
             ours: have(&[("a", 5), ("b", 4)]),
             theirs: have(&[("a", 5), ("b", 4)]),
             stall: None,
+            source: None,
         };
         r.exchanged(&key, Ok(x), 200_500);
         let p = r.get(&key).unwrap();
