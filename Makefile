@@ -57,6 +57,7 @@ bench: install
 	cargo run -p pg_peersync_tests --release --bin bench
 	cargo run -p pg_peersync_tests --release --bin netbench
 	cargo run -p pg_peersync_tests --release --bin joinbench
+	cargo run -p pg_peersync_tests --release --bin verifybench
 
 # sysbench's oltp_write_only on two nodes at once, then convergence (Debian's sysbench,
 # installed here when missing).

@@ -9,7 +9,7 @@
 //! their exchanges in `sync_sessions`, and when this node's changes move (a local commit, or
 //! received events to relay) it pokes the peers, which pull at once.
 
-mod net;
+pub(crate) mod net;
 
 use crate::gucs;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};

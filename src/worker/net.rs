@@ -182,16 +182,16 @@ pub struct Net {
     multicast: bool,
 }
 
-/// Build the runtime with every signal blocked in its threads: PostgreSQL's handlers must run
-/// on the main thread only.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+/// Build a runtime of `threads` threads with every signal blocked in them: PostgreSQL's
+/// handlers must run on the main thread only.
+pub(crate) fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     // SAFETY: plain libc signal-mask calls on the current thread; the mask is restored below.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build();
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         rt
     }
@@ -210,7 +210,7 @@ fn listen_ips(listen: &[String]) -> Result<Vec<IpAddr>, String> {
 
 impl Net {
     pub fn start(s: Settings) -> Result<Net, String> {
-        let runtime = runtime().map_err(|e| format!("cannot start the network runtime: {e}"))?;
+        let runtime = runtime(2).map_err(|e| format!("cannot start the network runtime: {e}"))?;
         let ips = listen_ips(&s.listen)?;
         if ips.is_empty() {
             return Err("peersync.listen_addresses is empty".into());
