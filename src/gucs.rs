@@ -66,7 +66,8 @@ static LOG_MIN_AGE: GucSetting<i32> = GucSetting::<i32>::new(600);
 /// Seconds a silent peer still holds changes in the log for; past it, the log no longer waits
 /// for that peer. 0 keeps every change (no pruning), the default until nodes can join from a
 /// copy of a peer: a node that lacks pruned changes cannot catch up from the log.
-static LOG_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Fourteen days: a laptop away for a week or two comes back by catch-up.
+static LOG_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(14 * 24 * 3600);
 
 pub fn init() {
     GucRegistry::define_string_guc(
