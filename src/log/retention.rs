@@ -79,6 +79,19 @@ pub fn forget_silent(schema: &str) -> Result<Vec<String>, SyncError> {
     })
 }
 
+/// The peers the log keeps changes for (those not forgotten).
+pub fn kept_peers(schema: &str) -> Result<std::collections::BTreeSet<Uuid>, SyncError> {
+    Spi::connect(|c| {
+        let mut out = std::collections::BTreeSet::new();
+        for row in c.select(&format!("SELECT id FROM {schema}.sync_peers"), None, &[])? {
+            if let Some(id) = row.get::<pgrx::Uuid>(1)? {
+                out.insert(Uuid::from_bytes(*id.as_bytes()));
+            }
+        }
+        Ok(out)
+    })
+}
+
 /// Delete what no peer needs any more (see the module comment), a bounded slice; returns how
 /// many log rows went. Nothing while retention is off or no peer has been heard from.
 pub fn prune(schema: &str, me: Uuid) -> Result<i64, SyncError> {

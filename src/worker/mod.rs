@@ -195,6 +195,7 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
             ticks = ticks.wrapping_add(1);
             if ticks.is_multiple_of(HOUSEKEEPING_EVERY) {
                 housekeeping(&schema);
+                drop_forgotten(n);
                 let (id, doubt) = BackgroundWorker::transaction(|| {
                     let e = crate::clock::ext();
                     (e.node_id, e.doubt.is_some())
@@ -561,6 +562,21 @@ fn prune_log() {
                 warning!("pg_peersync worker: cannot prune the change log: {} ({})", f.message, f.sqlstate);
                 return;
             }
+        }
+    }
+}
+
+/// Drop from the roster the announced peers that were forgotten (`sync_forget_peer`, or silent
+/// past the retention) and are down.
+fn drop_forgotten(n: &net::Net) {
+    let kept = BackgroundWorker::transaction(|| {
+        let s = crate::clock::ext().schema;
+        crate::apply::subxact::run(|| crate::log::retention::kept_peers(&s))
+    });
+    // Nothing is dropped when the list cannot be read.
+    if let Ok(Ok(kept)) = kept {
+        for key in n.drop_forgotten(&kept, gucs::peer_timeout()) {
+            log!("pg_peersync worker: peer {key} left the roster: forgotten and not heard from");
         }
     }
 }

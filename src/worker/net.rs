@@ -373,6 +373,19 @@ impl Net {
     }
 
     /// The first sign, if any, that another node uses this node's identity.
+    /// Drop from the roster the announced peers that are down and not in `kept` (see
+    /// `Roster::drop_forgotten`); their pullers stop. Returns their keys.
+    pub fn drop_forgotten(&self, kept: &std::collections::BTreeSet<Uuid>, peer_timeout: Duration) -> Vec<String> {
+        let gone = self.shared.roster.lock().expect("roster").drop_forgotten(kept, now_ms(), peer_timeout);
+        let mut wakes = self.shared.wakes.lock().expect("wakes");
+        for key in &gone {
+            if let Some(w) = wakes.remove(key) {
+                w.notify_one();
+            }
+        }
+        gone
+    }
+
     pub fn identity_doubt(&self) -> Option<Doubt> {
         let seen = self.shared.roster.lock().expect("roster").doubt().cloned();
         seen.or_else(|| self.shared.discovery.lock().expect("discovery").twin.clone())
@@ -443,6 +456,9 @@ impl Puller {
         // After a failure, try again soon, backing off up to a minute (or the interval).
         let mut backoff = Duration::from_secs(1);
         loop {
+            if self.shared.roster.lock().expect("roster").get(&self.key).is_none() {
+                return; // forgotten
+            }
             let outcome = self.exchange().await;
             let wait = if outcome.is_ok() {
                 backoff = Duration::from_secs(1);

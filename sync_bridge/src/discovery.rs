@@ -8,7 +8,7 @@
 
 use crate::auth::{Announcement, Keys, ReplayGuard};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -269,6 +269,23 @@ impl Roster {
             }
             Err(e) => p.last_error = Some(e),
         }
+    }
+
+    /// Drop the announced peers that are down and not in `kept` (the peers the log still keeps
+    /// changes for: a forgotten one is not); returns their keys. Configured peers stay, and a
+    /// dropped peer that announces itself again is added again.
+    pub fn drop_forgotten(&mut self, kept: &BTreeSet<Uuid>, now_ms: u64, timeout: Duration) -> Vec<String> {
+        let gone: Vec<String> = self
+            .peers
+            .values()
+            .filter(|p| p.found_by == FoundBy::Multicast && p.state(now_ms, timeout) == "down")
+            .filter(|p| p.node_id.is_none_or(|id| !kept.contains(&id)))
+            .map(|p| p.key.clone())
+            .collect();
+        for k in &gone {
+            self.peers.remove(k);
+        }
+        gone
     }
 
     /// A configured peer's address, as resolved before an exchange.
@@ -538,6 +555,29 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(120);
+
+    #[test]
+    fn forgotten_peers_leave_the_roster_once_down_and_configured_ones_stay() {
+        let (me, other) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut r = Roster::new(me);
+        r.add_static("db-c:8765", None);
+        let ip: IpAddr = "10.0.0.2".parse().unwrap();
+        r.observe(&announcement(other, &["10.0.0.2"], 8765), ip, 1_000);
+        let key = other.to_string();
+        r.exchanged(&key, Ok(Exchanged::default()), 1_000);
+        let kept = BTreeSet::new();
+        // Up: kept, even though forgotten (it counts again from its next exchange).
+        assert!(r.drop_forgotten(&kept, 2_000, T).is_empty());
+        // Down and still kept by the log: stays.
+        let later = 1_000 + T.as_millis() as u64 + 1;
+        assert!(r.drop_forgotten(&BTreeSet::from([other]), later, T).is_empty());
+        // Down and forgotten: dropped; the configured peer stays.
+        assert_eq!(r.drop_forgotten(&kept, later, T), vec![key.clone()]);
+        assert!(r.get(&key).is_none());
+        assert!(r.get("db-c:8765").is_some());
+        // It announces itself again: back.
+        assert_eq!(r.observe(&announcement(other, &["10.0.0.2"], 8765), ip, later), Observed::New(key));
+    }
 
     #[test]
     fn a_configured_peer_is_known_by_the_id_its_batches_carry() {
