@@ -252,7 +252,9 @@ fn compare(peer: &mut Peer, c: &Copied) -> Result<Compared, SyncError> {
             settled = same_vector(&h.have, &t.have);
             let now = verify::differing_values(listed.iter().cloned(), &h.values, &t.values);
             (here, there) = (h.values, t.values);
-            differing.retain(|k, _| !listed.contains(k));
+            for k in &listed {
+                differing.remove(k);
+            }
             differing.extend(now);
             if differing.is_empty() || settled || started.elapsed() >= SETTLE {
                 break;
