@@ -182,20 +182,29 @@ fn rows_page(s: &str, c: &Copied, after: Option<&[String]>, limit: i64) -> Resul
     let wher = if conds.is_empty() { String::new() } else { format!("WHERE {}", conds.join(" AND ")) };
     let values: Vec<String> =
         c.columns.iter().enumerate().map(|(i, (n, _))| format!("x.{}::text AS _{i}", quote_ident(n))).collect();
-    let cols: Vec<String> =
-        c.columns.iter().enumerate().map(|(i, (n, _))| format!("{}, array_agg(_{i})", quote_literal(n))).collect();
+    // Each column's values at the top level, as "c.<column>": the joiner's one parse of the
+    // page reads them straight into arrays (and no function's argument limit caps the columns).
+    let cols: Vec<String> = c
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _))| {
+            let name = quote_literal(&format!("c.{n}"));
+            format!("',' || to_json({name}::text)::text || ':' || coalesce(to_json(array_agg(_{i}))::text, 'null')")
+        })
+        .collect();
     let last: Vec<String> = (0..t.pk.len()).map(|i| format!("_{i}")).collect();
     let sql = format!(
-        "SELECT json_build_object('n', count(*), \
+        "SELECT left(json_build_object('n', count(*), \
                 'last', (array_agg(json_build_array({last}) ORDER BY o DESC))[1], \
                 'pk', array_agg(p.pk), 'versions', array_agg(r.versions::text), \
-                'life', array_agg(r.life::text), 'cols', json_build_object({cols}))::text \
+                'life', array_agg(r.life::text))::text, -1) || {cols} || '}}' \
            FROM (SELECT row_number() OVER (ORDER BY {keys}) AS o, {key} AS pk, {values} \
                    FROM {table} x {wher} ORDER BY {keys} LIMIT {limit}) p \
            LEFT JOIN LATERAL (SELECT r.versions, r.life FROM {s}.sync_rows r \
                                WHERE r.relid = {relid}::oid::regclass AND r.pk = p.pk LIMIT 1) r ON true",
         last = last.join(", "),
-        cols = cols.join(", "),
+        cols = cols.join(" || "),
         keys = keys.join(", "),
         key = key_text(t, "x"),
         values = values.join(", "),
@@ -423,15 +432,27 @@ pub fn load(info: &TableInfo, tombstones: bool, n: i64, page: &str) -> Result<()
     let types = column_types(t)?;
     Spi::run("SET LOCAL session_replication_role = replica")?;
     if n > 0 {
+        // A version's context entry for the source (`l`) means nothing here. Serialized
+        // versions put it right after the clock (`h`): where no version keeps a row image (`r`,
+        // whose values could look alike), a pattern removes it (checked gone), else the
+        // versions are rebuilt, which costs three times as much.
+        let strip = "CASE WHEN strpos(u.v, '\"l\":') = 0 THEN u.v::json \
+                          WHEN strpos(q.z, '\"l\":') = 0 THEN q.z::json \
+                          ELSE (SELECT json_agg(e::jsonb - 'l') FROM json_array_elements(u.v::json) e) END";
+        let pattern = "LATERAL (SELECT CASE WHEN strpos(u.v, '\"l\":') > 0 AND strpos(u.v, '\"r\":') = 0 \
+                          THEN regexp_replace(u.v, '(\"h\":[0-9]+),\"l\":-?[0-9]+', '\\1', 'g') END AS z) q";
+        // Pages of rows hold keys no page held before (and the copy began with no registers);
+        // a tombstone's key may have been copied as a row just before it went.
+        let upsert = if tombstones {
+            " ON CONFLICT (relid, pk) DO UPDATE SET versions = excluded.versions, life = excluded.life"
+        } else {
+            ""
+        };
         let registers = format!(
             "INSERT INTO {s}.sync_rows (relid, pk, versions, life) \
-             SELECT {relid}::oid::regclass, u.p, \
-                    CASE WHEN strpos(u.v, '\"l\":') = 0 THEN u.v::json \
-                         ELSE (SELECT json_agg(e::jsonb - 'l') FROM json_array_elements(u.v::json) e) END, \
-                    u.l::json \
-               FROM j, unnest(j.pk, j.versions, j.life) AS u(p, v, l) \
-              WHERE u.v IS NOT NULL \
-             ON CONFLICT (relid, pk) DO UPDATE SET versions = excluded.versions, life = excluded.life",
+             SELECT {relid}::oid::regclass, u.p, {strip}, u.l::json \
+               FROM j, unnest(j.pk, j.versions, j.life) AS u(p, v, l), {pattern} \
+              WHERE u.v IS NOT NULL{upsert}",
             relid = t.relid.to_u32()
         );
         let (cols, write) = if tombstones {
@@ -447,12 +468,14 @@ pub fn load(info: &TableInfo, tombstones: bool, n: i64, page: &str) -> Result<()
                 t.name,
                 same.join(" AND ")
             );
-            ("", delete)
+            (String::new(), delete)
         } else {
             // Not the columns this node keeps to itself or computes.
             let columns: Vec<String> =
                 info.columns.iter().filter(|c| !t.exclude.contains(*c) && !t.generated.contains(*c)).cloned().collect();
-            (", cols json", insert_rows(t, &columns, &types)?)
+            let arrays: Vec<String> =
+                columns.iter().map(|c| format!(", {} text[]", quote_ident(&format!("c.{c}")))).collect();
+            (arrays.concat(), insert_rows(t, &columns, &types)?)
         };
         Spi::run_with_args(
             &format!(
@@ -494,8 +517,8 @@ fn column_types(t: &Table) -> Result<HashMap<String, String>, SyncError> {
     })
 }
 
-/// The statement that writes a page's rows (from `j.cols`: per column, its values' text) into
-/// the table, each cast to the column's type here.
+/// The statement that writes a page's rows (from `j."c.<column>"`: per column, its values'
+/// text) into the table, each cast to the column's type here.
 fn insert_rows(t: &Table, columns: &[String], types: &HashMap<String, String>) -> Result<String, SyncError> {
     let mut names = Vec::new();
     let mut arrays = Vec::new();
@@ -503,19 +526,17 @@ fn insert_rows(t: &Table, columns: &[String], types: &HashMap<String, String>) -
     for (i, c) in columns.iter().enumerate() {
         let ty = types.get(c).ok_or_else(|| SyncError::JoinColumn { table: t.name.clone(), column: c.clone() })?;
         names.push(quote_ident(c));
-        arrays.push(format!("{} text[]", quote_ident(c)));
+        arrays.push(format!("j.{}", quote_ident(&format!("c.{c}"))));
         casts.push(format!("u._{i}::{ty}"));
     }
     let aliases: Vec<String> = (0..columns.len()).map(|i| format!("_{i}")).collect();
-    let unnest: Vec<String> = columns.iter().map(|c| format!("c.{}", quote_ident(c))).collect();
     Ok(format!(
         "INSERT INTO {table} ({names}) OVERRIDING SYSTEM VALUE \
-         SELECT {casts} FROM j, json_to_record(j.cols) AS c({arrays}), unnest({unnest}) AS u({aliases})",
+         SELECT {casts} FROM j, unnest({arrays}) AS u({aliases})",
         table = t.name,
         names = names.join(", "),
         casts = casts.join(", "),
         arrays = arrays.join(", "),
-        unnest = unnest.join(", "),
         aliases = aliases.join(", "),
     ))
 }

@@ -108,8 +108,9 @@ fn a_new_node_joins_from_a_snapshot_while_the_others_write() {
 }
 
 /// The copy holds on tables the way applications write them: an identity key, a unique column,
-/// a generated column, a serial key, a foreign key whose parent deletes cascade, and a counter
-/// column that every node increments, while the new node copies and afterwards.
+/// a generated column, a serial key, a foreign key whose parent deletes cascade, a counter
+/// column that every node increments, while the new node copies and afterwards, and a table of
+/// 61 columns.
 #[test]
 fn a_node_joins_with_application_schemas() {
     let extra = EXTRA;
@@ -120,16 +121,20 @@ fn a_node_joins_with_application_schemas() {
                               qty int NOT NULL);
          CREATE TABLE stock (sku text PRIMARY KEY, on_hand int NOT NULL);
          SELECT sync_track_table('customers'); SELECT sync_track_table('orders'); SELECT sync_track_table('stock');
-         SELECT sync_set_counters('stock', '{on_hand}');";
+         SELECT sync_set_counters('stock', '{on_hand}');
+         DO $$ BEGIN EXECUTE 'CREATE TABLE wide (id int PRIMARY KEY, '
+             || (SELECT string_agg('c' || g || ' int', ', ') FROM generate_series(1, 60) g) || ')'; END $$;
+         SELECT sync_track_table('wide');";
     let mut nodes = mesh_of_three_with(["apps-a", "apps-b", "apps-c"], "join-apps-registration-key", &extra, setup);
-    let tables = ["customers", "orders", "stock"];
+    let tables = ["customers", "orders", "stock", "wide"];
     nodes[2].stop_server(false);
     nodes[0]
         .connect()
         .batch_execute(
             "INSERT INTO customers (email, name) SELECT 'c' || g || '@shop', 'name ' || g FROM generate_series(1, 2000) g;
              INSERT INTO orders (customer, qty) SELECT 1 + g % 2000, g % 7 FROM generate_series(1, 6000) g;
-             INSERT INTO stock SELECT 'sku' || g, 0 FROM generate_series(1, 100) g;",
+             INSERT INTO stock SELECT 'sku' || g, 0 FROM generate_series(1, 100) g;
+             INSERT INTO wide (id, c1, c30, c60) SELECT g, g, g % 3, -g FROM generate_series(1, 500) g;",
         )
         .unwrap();
     await_convergence(120, "B to hold A's rows", &[&nodes[0], &nodes[1]], &tables);

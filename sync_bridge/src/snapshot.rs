@@ -70,7 +70,7 @@ pub struct Finish {
     pub hlc: i64,
 }
 
-/// What the joiner reads of a page; the rest (`cols`, `versions`, `life`) goes to SQL as text.
+/// What the joiner reads of a page; the rest (`c.<column>`, `versions`, `life`) goes to SQL as text.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct PageHead {
     /// Rows (or tombstones) in the page; fewer than asked: the table (or phase) is done.
