@@ -245,23 +245,30 @@ fn compare(peer: &mut Peer, c: &Copied) -> Result<Compared, SyncError> {
     let listed: Vec<String> = differing.keys().take(LISTED).cloned().collect();
     let (mut here, mut there) = (BTreeMap::new(), BTreeMap::new());
     if !listed.is_empty() {
-        // Read the listed rows again until both nodes hold the same changes.
+        // Read the listed rows again until both nodes hold the same changes. When they are
+        // settled, the previous round's rows are the ones known to have been read quietly.
         let started = Instant::now();
-        loop {
+        let mut settle = verify::Settle::default();
+        let mut previous = None;
+        let last = loop {
             let (h, t) = peer.both(&Ask::Values { table: c.table.name.clone(), keys: listed.clone() })?;
-            settled = same_vector(&h.have, &t.have);
-            let now = verify::differing_values(listed.iter().cloned(), &h.values, &t.values);
-            (here, there) = (h.values, t.values);
-            for k in &listed {
-                differing.remove(k);
+            settled = settle.round(&h.have, &t.have);
+            let round = (verify::differing_values(listed.iter().cloned(), &h.values, &t.values), h.values, t.values);
+            if settled {
+                break previous.unwrap_or(round);
             }
-            differing.extend(now);
-            if differing.is_empty() || settled || started.elapsed() >= SETTLE {
-                break;
+            if round.0.is_empty() || started.elapsed() >= SETTLE {
+                break round;
             }
+            previous = Some(round);
             std::thread::sleep(SETTLE_STEP);
             pgrx::check_for_interrupts!();
+        };
+        for k in &listed {
+            differing.remove(k);
         }
+        differing.extend(last.0);
+        (here, there) = (last.1, last.2);
     }
     Ok(Compared { rows_here: out.rows_here, rows_there: out.rows_there, differing, here, there, settled })
 }

@@ -170,6 +170,28 @@ pub fn differing_values(
     out
 }
 
+/// Whether two nodes' rows, read again round after round, can be told apart from changes still
+/// on their way: both nodes held the same changes (equal have-vectors, origins at 0 aside)
+/// when this round's rows were read, and the same ones a round earlier. A node reads its
+/// have-vector just before its rows, so an unchanged vector across two rounds means no change
+/// came in while this round's rows were read.
+#[derive(Debug, Default)]
+pub struct Settle {
+    previous: Option<Vec<(Uuid, i64)>>,
+}
+
+impl Settle {
+    /// Record one round's have-vectors; true when the round's rows are comparable.
+    pub fn round(&mut self, here: &BTreeMap<Uuid, i64>, there: &BTreeMap<Uuid, i64>) -> bool {
+        let held =
+            |v: &BTreeMap<Uuid, i64>| v.iter().filter(|(_, n)| **n > 0).map(|(o, n)| (*o, *n)).collect::<Vec<_>>();
+        let now = (held(here) == held(there)).then(|| held(here));
+        let settled = now.is_some() && now == self.previous;
+        self.previous = now;
+        settled
+    }
+}
+
 /// Find the rows of `table` that differ between here and a peer. `both` answers an ask here
 /// and at the peer (one round trip); `estimate` is about how many rows the table holds.
 pub fn descend<E>(
@@ -297,6 +319,18 @@ mod tests {
         let out = descend("t", 0, |ask| Ok::<_, ()>((answer(&here, ask), answer(&there, ask)))).unwrap();
         assert_eq!(out.differing.len(), 1);
         assert!(out.round_trips <= 3, "{} round trips", out.round_trips);
+    }
+
+    #[test]
+    fn rows_are_settled_after_two_rounds_with_one_vector_on_both_nodes() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let v = |x: i64, y: i64| BTreeMap::from([(a, x), (b, y)]);
+        let mut s = Settle::default();
+        assert!(!s.round(&v(3, 4), &v(3, 4)), "one round proves nothing");
+        assert!(s.round(&v(3, 4), &v(3, 4)));
+        assert!(!s.round(&v(3, 5), &v(3, 4)), "a change on its way");
+        assert!(!s.round(&v(3, 5), &v(3, 5)), "arrived since the last round");
+        assert!(s.round(&v(3, 5), &BTreeMap::from([(a, 3), (b, 5), (Uuid::from_u128(3), 0)])), "origins at 0 aside");
     }
 
     #[test]
