@@ -146,6 +146,7 @@ pub(crate) fn batch(
         .map(|(o, n)| (*o, *n))
         .collect();
     let at = crate::apply::twins::fingerprints(&ext.schema, &starts)?.into_iter().map(|((o, _), f)| (o, f)).collect();
+    let twins = crate::apply::twins::known(&ext.schema)?;
     Ok(Batch {
         format: sync_bridge::FORMAT_VERSION,
         source: ext.node_id,
@@ -156,6 +157,7 @@ pub(crate) fn batch(
         gone,
         absent,
         at,
+        twins,
     })
 }
 

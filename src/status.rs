@@ -69,6 +69,8 @@ fn sync_status() -> SyncResult<JsonB> {
         "version": env!("CARGO_PKG_VERSION"),
         "enabled": gucs::enabled(),
         "clock": clock::current().as_i64(),
+        // Why changes to tracked tables are refused, when another node seems to use this identity.
+        "identity_doubt": ext.doubt,
         "tables": stored["tables"],
         "events": stored["events"],
         "log": crate::log::retention::status(s)?,

@@ -140,4 +140,14 @@ fn two_transactions_under_one_number_are_reported_where_they_meet() {
     assert_eq!(held, 2, "the third node still holds A up to its (A, 2)");
     let rows: i64 = third.query_one("SELECT count(*) FROM t WHERE id IN (3, 4)", &[]).unwrap().get(0);
     assert_eq!(rows, 0, "none of the copy's rows went in under the original's identity");
+    // The third node passes the pair on in its batches: the original and the copy, each
+    // holding one of the two, learn that another node uses their identity and stop capturing.
+    for (name, db) in [("the original", &mut a), ("the copy", &mut copy)] {
+        pull(&mut third, db);
+        let e = db.batch_execute("INSERT INTO t VALUES (10, 'after the pair was seen')").unwrap_err();
+        let e = e.as_db_error().unwrap();
+        assert_eq!(e.code().code(), "55000", "{name}: {e:?}");
+        assert!(e.message().contains("identity"), "{name}: {e:?}");
+        assert!(e.hint().unwrap_or_default().contains("sync_new_identity()"), "{name}: {e:?}");
+    }
 }

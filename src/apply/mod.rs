@@ -674,6 +674,8 @@ fn _sync_apply_text(batch: &str) -> SyncResult<JsonB> {
         return Err(SyncError::UntrackedTable(e.table.clone()).into());
     }
     let before = run.have.clone();
+    // The source may have met two transactions under this node's own identity.
+    twins::betrayed(&run.schema, run.me, batch.source, &batch.twins)?;
     // An origin whose events continue another transaction than the one held here at their
     // start (a copy numbering on under its original's identity) is reported and not applied.
     let diverging = twins::diverging(&run.schema, &batch.from, &batch.at)?;

@@ -2,14 +2,18 @@
 //! on under an identity another node also uses (`sync_bridge::log::Fingerprint` tells them
 //! apart). Whoever receives the second says so loudly: a WARNING with a hint, a row in
 //! `sync_twins` keeping the one received (so neither is dropped silently: this node's is in its
-//! log). (A node never receives its own origin's transactions back; it finds a copy of itself
-//! by `discovery::Doubt` instead.)
+//! log). A node never receives its own origin's transactions back: it learns of a copy of
+//! itself from the pairs its peers pass on in their batches (`Batch::twins`: holding one of
+//! the two, it stops capturing), or by `discovery::Doubt`.
 
 use super::Txn;
 use crate::error::SyncError;
 use pgrx::prelude::*;
 use std::collections::BTreeMap;
-use sync_bridge::log::Fingerprint;
+use sync_bridge::log::{Fingerprint, Twin};
+
+/// Pairs passed on per batch.
+const PASSED_ON: i64 = 100;
 use uuid::Uuid;
 
 /// Compare the transactions a batch brought that this node already holds with its log.
@@ -59,6 +63,50 @@ pub fn fingerprints(schema: &str, keys: &[(Uuid, i64)]) -> Result<BTreeMap<(Uuid
         Ok::<_, SyncError>(())
     })?;
     Ok(out)
+}
+
+/// Pairs this node keeps (the most recent, a batch's worth), to pass on in its batches.
+pub fn known(schema: &str) -> Result<Vec<Twin>, SyncError> {
+    Spi::connect(|c| {
+        let mut out = Vec::new();
+        for row in c.select(
+            &format!(
+                "SELECT origin, origin_seq, ours::text, theirs::text FROM {schema}.sync_twins \
+                  ORDER BY seen_at DESC LIMIT {PASSED_ON}"
+            ),
+            None,
+            &[],
+        )? {
+            let (Some(o), Some(seq), Some(a), Some(b)) =
+                (row.get::<pgrx::Uuid>(1)?, row.get::<i64>(2)?, row.get::<String>(3)?, row.get::<String>(4)?)
+            else {
+                continue;
+            };
+            if let (Ok(a), Ok(b)) = (serde_json::from_str(&a), serde_json::from_str(&b)) {
+                out.push(Twin { origin: Uuid::from_bytes(*o.as_bytes()), seq, a, b });
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// A peer passed on pairs under this node's own identity: if this node holds one of them,
+/// another node numbers under its identity, and it stops capturing (`identity::record_doubt`).
+pub fn betrayed(schema: &str, me: Uuid, source: Uuid, twins: &[Twin]) -> Result<(), SyncError> {
+    let own: Vec<&Twin> = twins.iter().filter(|t| t.origin == me).collect();
+    if own.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<(Uuid, i64)> = own.iter().map(|t| (t.origin, t.seq)).collect();
+    let ours = fingerprints(schema, &keys)?;
+    if let Some(t) = own.iter().find(|t| t.betrays(me, ours.get(&(t.origin, t.seq)).copied())) {
+        crate::identity::record_doubt(&format!(
+            "peer {source} holds two different transactions numbered ({me}, {}): another node numbers \
+             under this node's identity",
+            t.seq
+        ))?;
+    }
+    Ok(())
 }
 
 /// The origins of a batch that does not continue from the transaction this node holds at its

@@ -140,6 +140,10 @@ pub struct Batch {
     /// continues from the same one (`log::Fingerprint`; a copied node numbers on otherwise).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub at: BTreeMap<Uuid, crate::log::Fingerprint>,
+    /// Pairs of transactions the source holds under one number: a node whose own origin is
+    /// named, and which holds one of them, stops capturing (another node uses its identity).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub twins: Vec<crate::log::Twin>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -224,6 +228,7 @@ mod tests {
             gone: BTreeMap::new(),
             absent: BTreeMap::new(),
             at: BTreeMap::new(),
+            twins: Vec::new(),
         }
     }
 

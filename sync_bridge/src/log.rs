@@ -50,6 +50,25 @@ impl Fingerprint {
     }
 }
 
+/// Two different transactions one node holds under one `(origin, seq)` (its `sync_twins`),
+/// passed on in its batches: the node whose identity it is learns that another node uses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Twin {
+    pub origin: Uuid,
+    pub seq: i64,
+    pub a: Fingerprint,
+    pub b: Fingerprint,
+}
+
+impl Twin {
+    /// Whether this pair tells node `me`, which holds `mine` under the same number, that
+    /// another node numbers under its identity: the pair is its own origin's and differs (one
+    /// of the two is `mine`, the other someone else's; or neither is).
+    pub fn betrays(&self, me: Uuid, mine: Option<Fingerprint>) -> bool {
+        self.origin == me && self.a != self.b && mine.is_some()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct LogRow {
     pub origin: Uuid,
@@ -317,6 +336,18 @@ pub fn jsonb_number(s: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pair_under_this_nodes_identity_betrays_a_copy_only_to_a_holder() {
+        let (me, other) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let f = |xact| Fingerprint { xact, hlc: 10, n: 1 };
+        let pair = Twin { origin: me, seq: 2, a: f(100), b: f(200) };
+        assert!(pair.betrays(me, Some(f(100))), "the original");
+        assert!(pair.betrays(me, Some(f(200))), "the copy");
+        assert!(!pair.betrays(me, None), "nothing held under that number here");
+        assert!(!pair.betrays(other, Some(f(100))), "another node's identity");
+        assert!(!Twin { b: f(100), ..pair }.betrays(me, Some(f(100))), "one transaction seen twice");
+    }
 
     #[test]
     fn numbers_read_as_jsonb_prints_them() {
