@@ -602,6 +602,7 @@ mod tests {
             gone: Default::default(),
             absent: Default::default(),
             at: Default::default(),
+            twins: Default::default(),
         };
         let text = serde_json::to_string(&batch).unwrap();
         let apply = || {
