@@ -182,7 +182,7 @@ fn fold_rows(
     // Per (table, key): the changes not seen by another change to fold (normally one).
     let mut latest: BTreeMap<(String, String), Vec<Change>> = BTreeMap::new();
     // Per row of a table with counters: every change, in order, to count into its life.
-    let mut counted: BTreeMap<(String, String), Vec<(Version, Option<serde_json::Value>)>> = BTreeMap::new();
+    let mut counted: Counted = BTreeMap::new();
     let has_counters = |table: &str| tables.get(table).is_some_and(|t| !t.counters.is_empty());
     Spi::connect_mut(|client| {
         // Log rows unpacked in Rust: several times faster than through the sync_events view.
@@ -263,6 +263,9 @@ fn fold_rows(
     Ok(())
 }
 
+/// Per row (table, key) of a table with counters: every change, in order, with its counter values.
+type Counted = BTreeMap<(String, String), Vec<(Version, Option<serde_json::Value>)>>;
+
 /// The lives of rows of a table with counters after counting the changes folded now into
 /// them (`None` for other tables): local writes are counted here, as received ones are by
 /// `sync_apply`; a change counted already is not counted again. `local`: this node and its
@@ -272,7 +275,7 @@ fn count_lives(
     table: &str,
     keys: &[&str],
     held: &[Option<Held>],
-    counted: &mut BTreeMap<(String, String), Vec<(Version, Option<serde_json::Value>)>>,
+    counted: &mut Counted,
     local: Option<(Uuid, i64)>,
 ) -> Vec<Option<Life>> {
     if t.counters.is_empty() {
