@@ -144,12 +144,16 @@ impl SyncError {
                  sync_ddl(), or run the DDL on each node yourself."
                 .into(),
             SyncError::IdentityNotAllowed | SyncError::ResyncNotAllowed => "Ask a superuser to run it.".into(),
-            SyncError::PeerNotFound(_) => "This node's worker has not found that peer: sync_status() -> 'peers' \
+            SyncError::PeerNotFound(_) => {
+                "This node's worker has not found that peer: sync_status() -> 'worker' -> 'peers' \
                  lists the peers it reaches, with their ids. Wait for discovery, or list the peer in peersync.peers."
-                .into(),
-            SyncError::PeerUnreachable(..) => "sync_status() -> 'peers' shows the peer's state and last error; \
+                    .into()
+            }
+            SyncError::PeerUnreachable(..) => {
+                "sync_status() -> 'worker' -> 'peers' shows the peer's state and last error; \
                  its worker must be running with the same registration key."
-                .into(),
+                    .into()
+            }
             SyncError::NoKey(_) => "Set peersync.registration_key_file (or peersync.registration_key) as on the \
                  other nodes, then SELECT pg_reload_conf()."
                 .into(),

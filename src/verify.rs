@@ -10,10 +10,11 @@
 //! A row's key is its `sync_rows.pk` text, its bucket path the md5 (hex) of its key columns
 //! as a row's text, and its hash the first 64 bits of the md5 of its captured columns as a
 //! row's text, in name order. Tables change while they are compared: rows found to differ
-//! are read again on both sides until both nodes hold the same changes (equal have-vectors,
-//! "settled") or `SETTLE` has passed, so that a change still in flight is not reported as a
-//! divergence.
+//! are read again on both sides until both nodes held the same changes over two reads in a
+//! row ("settled", `sync_bridge::verify::Settle`) or `SETTLE` has passed, so that a change
+//! still in flight is not reported as a divergence.
 
+use crate::apply::quote_ident;
 use crate::changes::have_vector;
 use crate::clock;
 use crate::error::{SyncError, SyncResult};
@@ -132,10 +133,6 @@ fn values(c: &Copied, keys: &[String]) -> Result<String, SyncError> {
 fn run(sql: &str, c: &Copied, list: &[String]) -> Result<String, SyncError> {
     let args = [c.table.exclude.clone().into(), list.to_vec().into()];
     Ok(Spi::get_one_with_args::<String>(sql, &args)?.unwrap_or_else(|| "{}".into()))
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ use rows::Mode;
 mod store;
 pub(crate) mod twins;
 
-pub(crate) use rows::advance_sequences;
+pub(crate) use rows::{advance_sequences, quote_ident};
 pub(crate) mod subxact;
 
 use crate::changes::have_vector;
