@@ -230,6 +230,20 @@ CREATE TABLE sync_pruned (
 );
 SELECT pg_catalog.pg_extension_config_dump('sync_pruned', '');
 
+-- What a transaction deleted from sync_log looked like (sync_bridge::log::Fingerprint), kept
+-- for peersync.log_retention: a copy's transaction under the same number is still told apart
+-- (src/apply/twins.rs). A transaction pruned in two slices adds up here.
+CREATE TABLE sync_fingerprints (
+    origin     uuid NOT NULL,
+    origin_seq bigint NOT NULL,
+    xact       bigint NOT NULL,
+    hlc        bigint NOT NULL,
+    n          bigint NOT NULL,
+    pruned_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (origin, origin_seq)
+);
+SELECT pg_catalog.pg_extension_config_dump('sync_fingerprints', '');
+
 -- Per origin, up to where this node's data came from a copy of a peer's tables (src/snapshot.rs):
 -- its log holds nothing of that origin up to there, so a node that lacks those changes is told
 -- to ask another peer, not that they are gone.

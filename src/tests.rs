@@ -203,6 +203,33 @@ mod tests {
         assert!(caught["hint"].as_str().unwrap().contains("sync_status()"));
     }
 
+    /// A transaction pruned from the log keeps its fingerprint, so that a copy's transaction
+    /// under the same number is still told apart (`apply::twins`), and it adds up over the
+    /// transaction's log rows.
+    #[pg_test]
+    fn a_pruned_transaction_keeps_its_fingerprint() {
+        let x = "00000000-0000-0000-0000-0000000000aa";
+        for (seq, first, xact, hlc) in [(1, 0, 700, 10), (1, 2, 700, 12), (2, 0, 701, 20)] {
+            run(&format!(
+                "INSERT INTO sync_log (origin, origin_seq, first_idx, origin_xact, n, hlc, vclock, part_hlc, part_table,
+                                       part_op, part_pk, part_first, part_n, part_rows, created_at)
+                 VALUES ('{x}', {seq}, {first}, {xact}, 2, {hlc}, '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}',
+                         now() - interval '1 day')"
+            ));
+        }
+        run(&format!(
+            "INSERT INTO sync_peers VALUES ('00000000-0000-0000-0000-0000000000bb', 'bo', '{{\"{x}\": 2}}', now())"
+        ));
+        let ext = crate::clock::ext();
+        let deleted = crate::log::retention::prune(&ext.schema, ext.node_id).unwrap();
+        assert_eq!(deleted, 2, "both rows of (x, 1); (x, 2), the newest, stays");
+        let origin = uuid::Uuid::parse_str(x).unwrap();
+        let kept = crate::apply::twins::fingerprints(&ext.schema, &[(origin, 1), (origin, 2)]).unwrap();
+        let f = |xact, hlc, n| sync_bridge::log::Fingerprint { xact, hlc, n };
+        assert_eq!(kept.get(&(origin, 1)), Some(&f(700, 12, 4)), "from sync_fingerprints");
+        assert_eq!(kept.get(&(origin, 2)), Some(&f(701, 20, 2)), "from sync_log");
+    }
+
     /// A node that lacks changes deleted from the log is told so, and sent nothing of that
     /// origin (what is left would have a hole in it); one that holds them is not. (Serving
     /// what is left after a prune is tested end to end, in `retention.rs`.)
@@ -282,7 +309,7 @@ mod tests {
         let peer = "00000000-0000-0000-0000-00000000000b";
         let unknown = caught(&format!("PERFORM sync_verify('{peer}')"));
         assert_eq!(unknown["state"], json!("08003"), "{unknown}");
-        assert!(unknown["hint"].as_str().unwrap().contains("sync_status() -> 'peers'"), "{unknown}");
+        assert!(unknown["hint"].as_str().unwrap().contains("sync_status() -> 'worker' -> 'peers'"), "{unknown}");
         run("CREATE ROLE verify_reader; GRANT USAGE ON SCHEMA public TO verify_reader");
         let denied = caught(&format!("SET LOCAL ROLE verify_reader; PERFORM sync_verify('{peer}', 'items')"));
         assert_eq!(denied["state"], json!("42501"), "{denied}");

@@ -24,7 +24,7 @@ pub fn check(schema: &str, held: &[&Txn]) -> Result<(), SyncError> {
     let keys: Vec<(Uuid, i64)> = held.iter().map(|t| (t.origin, t.seq)).collect();
     let ours = fingerprints(schema, &keys)?;
     for t in held {
-        // Pruned from the log: nothing to compare with.
+        // Pruned longer ago than the retention: nothing to compare with.
         let Some(mine) = ours.get(&(t.origin, t.seq)) else { continue };
         let theirs = Fingerprint::of(&t.events);
         if *mine != theirs {
@@ -34,7 +34,8 @@ pub fn check(schema: &str, held: &[&Txn]) -> Result<(), SyncError> {
     Ok(())
 }
 
-/// This node's fingerprints of the transactions `keys` (origin, seq) that its log keeps.
+/// This node's fingerprints of the transactions `keys` (origin, seq) that its log keeps, or
+/// kept (`sync_fingerprints`, for `peersync.log_retention` after they were pruned).
 pub fn fingerprints(schema: &str, keys: &[(Uuid, i64)]) -> Result<BTreeMap<(Uuid, i64), Fingerprint>, SyncError> {
     let mut out = BTreeMap::new();
     if keys.is_empty() {
@@ -45,9 +46,15 @@ pub fn fingerprints(schema: &str, keys: &[(Uuid, i64)]) -> Result<BTreeMap<(Uuid
     Spi::connect(|c| {
         for row in c.select(
             &format!(
-                "SELECT l.origin, l.origin_seq, min(l.origin_xact), max(l.hlc), sum(l.n)::bigint \
-                   FROM unnest($1::uuid[], $2::bigint[]) AS k(o, q) \
-                   JOIN {schema}.sync_log l ON l.origin = k.o AND l.origin_seq = k.q GROUP BY 1, 2"
+                "SELECT o, q, min(x), max(h), sum(n)::bigint FROM ( \
+                   SELECT l.origin, l.origin_seq, l.origin_xact, l.hlc, l.n::bigint \
+                     FROM unnest($1::uuid[], $2::bigint[]) AS k(o, q) \
+                     JOIN {schema}.sync_log l ON l.origin = k.o AND l.origin_seq = k.q \
+                   UNION ALL \
+                   SELECT f.origin, f.origin_seq, f.xact, f.hlc, f.n \
+                     FROM unnest($1::uuid[], $2::bigint[]) AS k(o, q) \
+                     JOIN {schema}.sync_fingerprints f ON f.origin = k.o AND f.origin_seq = k.q) AS t(o, q, x, h, n) \
+                 GROUP BY 1, 2"
             ),
             None,
             &[origins.into(), seqs.into()],

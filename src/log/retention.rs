@@ -124,10 +124,20 @@ pub fn prune(schema: &str, me: Uuid) -> Result<i64, SyncError> {
                                    WHERE i.origin = l.origin AND i.origin_seq = l.origin_seq)
                 LIMIT $4),
              gone AS (
-               DELETE FROM {schema}.sync_log l USING doomed d WHERE l.ctid = d.t RETURNING l.origin, l.origin_seq),
+               DELETE FROM {schema}.sync_log l USING doomed d WHERE l.ctid = d.t
+               RETURNING l.origin, l.origin_seq, l.origin_xact, l.hlc, l.n),
              noted AS (
                INSERT INTO {schema}.sync_pruned AS p SELECT origin, max(origin_seq) FROM gone GROUP BY origin
-               ON CONFLICT (origin) DO UPDATE SET upto = greatest(p.upto, excluded.upto))
+               ON CONFLICT (origin) DO UPDATE SET upto = greatest(p.upto, excluded.upto)),
+             kept AS (
+               INSERT INTO {schema}.sync_fingerprints AS f (origin, origin_seq, xact, hlc, n)
+               SELECT origin, origin_seq, min(origin_xact), max(hlc), sum(n) FROM gone GROUP BY 1, 2
+               ON CONFLICT (origin, origin_seq) DO UPDATE
+                  SET xact = least(f.xact, excluded.xact), hlc = greatest(f.hlc, excluded.hlc), n = f.n + excluded.n),
+             expired AS (
+               DELETE FROM {schema}.sync_fingerprints WHERE ctid IN (
+                 SELECT ctid FROM {schema}.sync_fingerprints
+                  WHERE pruned_at < now() - make_interval(secs => $2) LIMIT $4))
              SELECT count(*) FROM gone"
         ),
         &[uuid(me).into(), (retention as f64).into(), (gucs::log_min_age() as f64).into(), PRUNE_ROWS.into()],
