@@ -170,6 +170,16 @@ fn main() {
         "SELECT peer, direction, events_in::text, bytes_out::text, bytes_in::text, duration_ms::text, coalesce(error, '')
            FROM sync_sessions ORDER BY id DESC LIMIT 5",
     );
+    let b = pg_peersync_tests::node_id(&nodes[1]);
+    show(
+        &mut a,
+        "shop-a: sync_verify against shop-b (range digests: only bucket sums travel)",
+        &format!(
+            "SELECT t ->> 'table', t ->> 'rows_here', t ->> 'rows_there', t ->> 'differing', r ->> 'agree',
+                    r ->> 'round_trips', r ->> 'bytes_received'
+               FROM (SELECT sync_verify('{b}') AS r) v, jsonb_array_elements(r -> 'tables') t"
+        ),
+    );
     drop(nodes);
     println!("\nDemo finished; the clusters (and namespaces) are removed.");
 }
