@@ -301,6 +301,31 @@ mod tests {
         assert_eq!(values.values["{\"id\": 1234}"], json!({"id": 1234, "name": "changed", "twice": 2468}));
     }
 
+    /// Buckets and values on the tables applications have: a composite key with text in it,
+    /// a column kept to each node (excluded), a row filter. Rows outside the filter and the
+    /// excluded column's values do not count; rows are found again by their composite key.
+    #[pg_test]
+    fn verify_buckets_follow_composite_keys_exclusions_and_filters() {
+        use sync_bridge::verify::{Answer, Ask};
+        run("CREATE TABLE ca (shop int, sku text, qty int, private_note text, archived bool NOT NULL DEFAULT false,
+                              PRIMARY KEY (shop, sku));
+             CREATE TABLE cb (LIKE ca INCLUDING ALL);
+             INSERT INTO ca SELECT g % 7, 'sku \"' || g || E'\\'', g, 'a' FROM generate_series(1, 500) g;
+             INSERT INTO cb SELECT g % 7, 'sku \"' || g || E'\\'', g, 'b' FROM generate_series(1, 500) g;
+             INSERT INTO ca VALUES (1, 'old', 1, NULL, true);
+             INSERT INTO cb VALUES (1, 'old', 2, NULL, true);
+             SELECT sync_track_table('ca', row_filter => 'NOT archived', exclude_columns => '{private_note}');
+             SELECT sync_track_table('cb', row_filter => 'NOT archived', exclude_columns => '{private_note}');");
+        let answer = |a: &Ask| -> Answer { serde_json::from_str(&crate::verify::serve(a).unwrap()).unwrap() };
+        let buckets = |t: &str| answer(&Ask::Buckets { table: t.into(), depth: 2, under: vec![String::new()] }).buckets;
+        assert_eq!(buckets("public.ca"), buckets("public.cb"), "only excluded values and filtered rows differ");
+        assert_eq!(buckets("public.ca").values().map(|b| b.n).sum::<i64>(), 500);
+        let key = r#"{"sku": "sku \"17'", "shop": 3}"#.to_string();
+        let values = answer(&Ask::Values { table: "public.cb".into(), keys: vec![key.clone()] }).values;
+        assert_eq!(values.len(), 1, "{values:?}");
+        assert_eq!(values[&key], json!({"shop": 3, "sku": "sku \"17'", "qty": 17, "archived": false}));
+    }
+
     /// `sync_verify` names the peer it cannot reach and the table it may not read, with hints.
     #[pg_test]
     fn verify_refuses_an_unknown_peer_and_an_unreadable_table() {
