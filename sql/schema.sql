@@ -32,7 +32,10 @@ CREATE TABLE sync_tables (
     -- Columns received from peers that this table lacks (ignored on apply).
     missing_columns text[] NOT NULL DEFAULT '{}',
     -- Counter columns (see sync_set_counters()): concurrent changes add up.
-    counters        text[] NOT NULL DEFAULT '{}'
+    counters        text[] NOT NULL DEFAULT '{}',
+    -- The rows it held when tracked were not captured: every node held them already
+    -- (existing_rows => 'shared'), or they were copied from such a node. No log holds them.
+    shared_rows     boolean NOT NULL DEFAULT false
 );
 
 -- The change log: one row per committed local transaction that changed tracked tables (or per

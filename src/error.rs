@@ -78,6 +78,8 @@ pub enum SyncError {
     JoinUntracked(String),
     #[error("sync_resync() replaces this node's tracked tables: only a superuser may call it")]
     ResyncNotAllowed,
+    #[error("invalid existing_rows \"{0}\"")]
+    BadExistingRows(String),
     #[error("peer {0} has no known address")]
     PeerNotFound(String),
     #[error("peer {0} did not answer: {1}")]
@@ -129,6 +131,7 @@ impl SyncError {
             SyncError::JoinColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
             SyncError::JoinUntracked(_) => ERRCODE_UNDEFINED_TABLE,
             SyncError::ResyncNotAllowed => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            SyncError::BadExistingRows(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::PeerNotFound(_) => ERRCODE_CONNECTION_DOES_NOT_EXIST,
             SyncError::PeerUnreachable(..) => ERRCODE_CONNECTION_FAILURE,
             SyncError::NoKey(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -144,6 +147,11 @@ impl SyncError {
                  sync_ddl(), or run the DDL on each node yourself."
                 .into(),
             SyncError::IdentityNotAllowed | SyncError::ResyncNotAllowed => "Ask a superuser to run it.".into(),
+            SyncError::BadExistingRows(_) => {
+                "Use 'capture' (the default: the rows are sent to every peer) or 'shared' \
+                 (every node already holds these same rows, restored from one dump)."
+                    .into()
+            }
             SyncError::PeerNotFound(_) => {
                 "This node's worker has not found that peer: sync_status() -> 'worker' -> 'peers' \
                  lists the peers it reaches, with their ids. Wait for discovery, or list the peer in peersync.peers."

@@ -135,6 +135,8 @@ fn manifest(s: &str, me: Uuid) -> Result<String, SyncError> {
     let from = snapshot::start_vector(&have, &unfolded, me, folded);
     let logged = Spi::get_one::<i64>(&format!("SELECT coalesce(sum(n), 0)::bigint FROM {s}.sync_log"))?.unwrap_or(0);
     let pruned = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT 1 FROM {s}.sync_pruned)"))?.unwrap_or(false);
+    let shared = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT 1 FROM {s}.sync_tables WHERE shared_rows)"))?
+        .unwrap_or(false);
     let mut tables = Vec::new();
     for c in copied_tables(s)? {
         let rows = Spi::get_one_with_args::<i64>(
@@ -149,7 +151,7 @@ fn manifest(s: &str, me: Uuid) -> Result<String, SyncError> {
             rows,
         });
     }
-    Ok(to_text(&Manifest { source: me, have, from, logged, pruned, tables }))
+    Ok(to_text(&Manifest { source: me, have, from, logged, pruned, shared, tables }))
 }
 
 /// `sync_rows.pk` of the row `alias`, in SQL: the key as jsonb text.
@@ -256,7 +258,7 @@ pub fn wanted() -> Result<Option<Option<Uuid>>, SyncError> {
     let fresh = Spi::get_one::<bool>(&format!(
         "SELECT NOT EXISTS (SELECT 1 FROM {s}.sync_join) AND NOT EXISTS (SELECT 1 FROM {s}.sync_origins) \
             AND NOT EXISTS (SELECT 1 FROM {s}.sync_log) AND NOT EXISTS (SELECT 1 FROM {s}.sync_rows) \
-            AND EXISTS (SELECT 1 FROM {s}.sync_tables)"
+            AND EXISTS (SELECT 1 FROM {s}.sync_tables) AND NOT EXISTS (SELECT 1 FROM {s}.sync_tables WHERE shared_rows)"
     ))?;
     Ok((fresh == Some(true) && sequencer::committed_prefix(s, ext.node_id)? == 0).then_some(None))
 }
@@ -288,11 +290,11 @@ pub fn begin(manifest: &Manifest, name: &str, rejoin: bool) -> Result<Began, Syn
     }
     let fresh = match wanted()? {
         None if !rejoin => return Ok(Began::Nothing),
-        Some(None) if manifest.have.values().all(|n| *n == 0) => return Ok(Began::Nothing),
+        Some(None) if manifest.have.values().all(|n| *n == 0) && !manifest.shared => return Ok(Began::Nothing),
         Some(Some(id)) if id != manifest.source => return Err(SyncError::Joining(id.to_string())),
         w => w == Some(None),
     };
-    if fresh && !snapshot::worth_copying(manifest.logged, manifest.pruned, gucs::join_copy_from()) {
+    if fresh && !snapshot::worth_copying(manifest.logged, manifest.pruned, manifest.shared, gucs::join_copy_from()) {
         let why = format!(
             "the peer's log holds {} changes, fewer than peersync.join_copy_from: replaying them is as quick",
             manifest.logged
@@ -318,6 +320,14 @@ pub fn begin(manifest: &Manifest, name: &str, rejoin: bool) -> Result<Began, Syn
     let me = fresh_identity(s, ext.node_id)?;
     empty(s, me, manifest, &here)?;
     record_start(s, manifest, name)?;
+    if manifest.shared {
+        // The copy brings rows no log holds: a node that joins from this one must copy too.
+        let names: Vec<String> = manifest.tables.iter().map(|t| t.name.clone()).collect();
+        Spi::run_with_args(
+            &format!("UPDATE {s}.sync_tables SET shared_rows = true WHERE table_name = ANY($1)"),
+            &[names.into()],
+        )?;
+    }
     sequencer::remote_have_changed();
     clock::identity_changed();
     Ok(Began::Copy(manifest.tables.clone()))

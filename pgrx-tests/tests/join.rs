@@ -185,3 +185,54 @@ fn a_node_joins_with_application_schemas() {
         assert_eq!(orphans, 0, "orders without their customer on {}", n.name);
     }
 }
+
+/// Nodes restored from one dump track their tables with `existing_rows => 'shared'`: their
+/// rows are not captured, so nothing is exchanged for them and nothing conflicts; a new node
+/// with empty tables copies them from a peer however short its log (no log holds them); and
+/// the rows change everywhere as usual afterwards.
+#[test]
+fn nodes_restored_from_one_dump_share_their_rows_and_a_new_node_copies_them() {
+    let extra = ["fsync = off", "peersync.multicast_group = ''", "peersync.sync_interval = 1"];
+    // The dump's rows on dump-a and dump-b; dump-c starts empty.
+    let setup = "CREATE EXTENSION pg_peersync;
+         CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, qty int NOT NULL);
+         DO $$ BEGIN
+             IF current_setting('peersync.node_name') <> 'dump-c' THEN
+                 INSERT INTO items SELECT g, 'item ' || g, g % 10 FROM generate_series(1, 20000) g;
+                 PERFORM sync_track_table('items', existing_rows => 'shared');
+             ELSE
+                 PERFORM sync_track_table('items');
+             END IF;
+         END $$;";
+    let [a, b, c] = mesh_of_three_with(["dump-a", "dump-b", "dump-c"], "join-dump-registration-key", &extra, setup);
+    await_convergence(120, "the new node to copy the shared rows", &[&a, &b, &c], &["items"]);
+    for n in [&a, &b, &c] {
+        assert_eq!(log_rows(n), 0, "{}: no change captured or received for the shared rows", n.name);
+    }
+    let join = join_status(&c);
+    assert_eq!(
+        (join["state"].clone(), join["rows_copied"].clone()),
+        (Value::from("done"), Value::from(20000)),
+        "{join}"
+    );
+    assert!(join_status(&b).is_null(), "dump-b holds the rows already: it copies nothing");
+    // Writes on each node, two of them to one shared row.
+    a.connect().batch_execute("UPDATE items SET qty = qty + 100 WHERE id = 1").unwrap();
+    b.connect()
+        .batch_execute("UPDATE items SET name = 'renamed on b' WHERE id = 2; DELETE FROM items WHERE id = 3")
+        .unwrap();
+    c.connect()
+        .batch_execute("INSERT INTO items VALUES (20001, 'new on c', 1); UPDATE items SET qty = 7 WHERE id = 2")
+        .unwrap();
+    await_convergence(120, "the writes everywhere", &[&a, &b, &c], &["items"]);
+    for n in [&a, &b, &c] {
+        let mut db = n.connect();
+        let rows: i64 = db.query_one("SELECT count(*) FROM items", &[]).unwrap().get(0);
+        assert_eq!(rows, 20000, "{}", n.name);
+        let conflicts: i64 =
+            db.query_one("SELECT count(*) FROM sync_conflicts WHERE pk <> '{\"id\": 2}'::jsonb", &[]).unwrap().get(0);
+        assert_eq!(conflicts, 0, "{}: only row 2 was written concurrently", n.name);
+        let one: i32 = db.query_one("SELECT qty FROM items WHERE id = 1", &[]).unwrap().get(0);
+        assert_eq!(one, 101, "{}", n.name);
+    }
+}

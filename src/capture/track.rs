@@ -125,11 +125,38 @@ fn sync_track_table(
     strategy: default!(&str, "'lww'"),
     row_filter: default!(Option<&str>, "NULL"),
     exclude_columns: default!(Vec<String>, "'{}'"),
+    existing_rows: default!(&str, "'capture'"),
 ) -> SyncResult<()> {
-    track(tbl.oid(), strategy, row_filter, exclude_columns)
+    track(tbl.oid(), strategy, row_filter, exclude_columns, existing_rows)
 }
 
-fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Vec<String>) -> SyncResult<()> {
+/// What tracking does with the rows a table already holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Existing {
+    /// Captured as this node's inserts: every peer receives them.
+    Capture,
+    /// Not captured: every node already holds the same rows (restored from one dump).
+    Shared,
+}
+
+impl Existing {
+    fn parse(s: &str) -> Result<Existing, SyncError> {
+        match s {
+            "capture" => Ok(Existing::Capture),
+            "shared" => Ok(Existing::Shared),
+            other => Err(SyncError::BadExistingRows(other.to_string())),
+        }
+    }
+}
+
+fn track(
+    tbl: pg_sys::Oid,
+    strategy: &str,
+    row_filter: Option<&str>,
+    exclude: Vec<String>,
+    existing: &str,
+) -> SyncResult<()> {
+    let existing = Existing::parse(existing)?;
     let strategy = check_strategy(strategy)?;
     let ext = clock::ext();
     let name = display_name(tbl)?;
@@ -219,8 +246,18 @@ fn track(tbl: pg_sys::Oid, strategy: &str, row_filter: Option<&str>, exclude: Ve
             None,
             &[],
         )?;
-        if !already {
-            super::capture(tbl, Source::Existing, PgTriggerOperation::Insert, &args, None)?;
+        match (already, existing) {
+            (true, _) => {}
+            (false, Existing::Capture) => {
+                super::capture(tbl, Source::Existing, PgTriggerOperation::Insert, &args, None)?;
+            }
+            (false, Existing::Shared) => {
+                client.update(
+                    &format!("UPDATE {}.sync_tables SET shared_rows = true WHERE relid = $1", ext.schema),
+                    None,
+                    &[tbl.into()],
+                )?;
+            }
         }
         Ok::<_, SyncError>(())
     })?;
@@ -286,7 +323,7 @@ fn sync_track_schema(schema: &str, exclude: default!(Vec<String>, "'{}'")) -> Sy
             pgrx::warning!("pg_peersync: skipping {name}: it has no primary key");
             continue;
         }
-        track(oid, "lww", None, vec![])?;
+        track(oid, "lww", None, vec![], "capture")?;
         tracked += 1;
     }
     Ok(tracked)

@@ -59,6 +59,10 @@ pub struct Manifest {
     pub logged: i64,
     #[serde(default)]
     pub pruned: bool,
+    /// Some table holds rows that no log holds (tracked with `existing_rows => 'shared'`, or
+    /// copied from such a node): a new node must copy, replaying would miss them.
+    #[serde(default)]
+    pub shared: bool,
     pub tables: Vec<TableInfo>,
 }
 
@@ -105,11 +109,12 @@ pub fn start_vector(
 }
 
 /// Whether a new node copies from a source whose log holds `logged` changes (and `pruned`:
-/// deleted some) rather than replaying that log: it must when changes are gone, and copying
-/// pays from `copy_from` changes on (a copy refuses local writes while it runs; a replay does
-/// not, and for a short log it is as quick).
-pub fn worth_copying(logged: i64, pruned: bool, copy_from: i64) -> bool {
-    pruned || logged >= copy_from
+/// deleted some; `shared`: its tables hold rows no log holds) rather than replaying that log:
+/// it must when changes are gone or were never logged, and copying pays from `copy_from`
+/// changes on (a copy refuses local writes while it runs; a replay does not, and for a short
+/// log it is as quick).
+pub fn worth_copying(logged: i64, pruned: bool, shared: bool, copy_from: i64) -> bool {
+    pruned || shared || logged >= copy_from
 }
 
 /// Per origin the greater of the two vectors.
@@ -161,10 +166,11 @@ mod tests {
 
     #[test]
     fn a_new_node_copies_a_long_or_pruned_log_and_replays_a_short_one() {
-        assert!(!worth_copying(99, false, 100));
-        assert!(worth_copying(100, false, 100));
-        assert!(worth_copying(1, true, 100));
-        assert!(worth_copying(0, false, 0));
+        assert!(!worth_copying(99, false, false, 100));
+        assert!(worth_copying(100, false, false, 100));
+        assert!(worth_copying(1, true, false, 100));
+        assert!(worth_copying(0, false, true, 100), "rows no log holds");
+        assert!(worth_copying(0, false, false, 0));
     }
 
     #[test]
