@@ -216,6 +216,11 @@ fn nodes_restored_from_one_dump_share_their_rows_and_a_new_node_copies_them() {
         "{join}"
     );
     assert!(join_status(&b).is_null(), "dump-b holds the rows already: it copies nothing");
+    // The check the README recommends once the nodes are up.
+    let id_b = pg_peersync_tests::node_id(&b);
+    let text: String = a.connect().query_one("SELECT sync_verify($1::text::uuid)::text", &[&id_b]).unwrap().get(0);
+    let verified: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(verified["agree"], Value::Bool(true), "{verified}");
     // Writes on each node, two of them to one shared row.
     a.connect().batch_execute("UPDATE items SET qty = qty + 100 WHERE id = 1").unwrap();
     b.connect()
