@@ -184,6 +184,33 @@ impl Cluster {
         copy
     }
 
+    /// A second cluster made with `pg_basebackup` of this running one, as a second machine is
+    /// set up from a base backup: it keeps the node's identity (and the system identifier).
+    /// `conf` lines are appended to the copy's postgresql.conf (its own port, its peers).
+    pub fn base_backup_into(&self, name: &str, conf: &[String]) -> Cluster {
+        let dir = tempfile::Builder::new().prefix(&format!("peersync-{name}-")).tempdir_in("/tmp").unwrap();
+        if is_root() {
+            check("chown", Command::new("chown").args(["postgres:", dir.path().to_str().unwrap()]).output().unwrap());
+        }
+        let mut copy = Cluster { name: name.into(), dir, stopped: true, netns: None };
+        let host = self.dir.path().to_str().unwrap().to_string();
+        let target = copy.data_dir().to_str().unwrap().to_string();
+        check(
+            "pg_basebackup",
+            as_postgres("pg_basebackup", &["-h", &host, "-p", "5432", "-U", "postgres", "-D", &target, "-X", "stream"]),
+        );
+        let conf_path = copy.data_dir().join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).unwrap();
+        text.push_str(&format!("\nunix_socket_directories = '{}'\n", copy.dir.path().display()));
+        for l in conf {
+            text.push_str(l);
+            text.push('\n');
+        }
+        std::fs::write(&conf_path, text).unwrap();
+        copy.start_server();
+        copy
+    }
+
     /// Put back a copy made by `copy_data` (the cluster stopped): a restore of that backup.
     pub fn restore_data(&mut self, from: &Path) {
         assert!(self.stopped, "restore into a stopped cluster");

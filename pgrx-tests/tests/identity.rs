@@ -151,3 +151,67 @@ fn two_transactions_under_one_number_are_reported_where_they_meet() {
         assert!(e.hint().unwrap_or_default().contains("sync_new_identity()"), "{name}: {e:?}");
     }
 }
+
+/// A second machine set up with `pg_basebackup` of a running node keeps that node's identity
+/// (and its system identifier). Started off the network, it writes; the original writes too;
+/// both number alike. Once the copy is on the network, their peer finds that the copy's
+/// changes continue another transaction than the one it holds under that number, reports the
+/// pair and passes it on: the original and the copy both stop capturing.
+/// `sync_new_identity()` on the copy and `sync_keep_identity()` on the original set them going.
+#[test]
+fn a_base_backup_started_as_a_second_machine_is_caught() {
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let extra = ["fsync = off", "peersync.multicast_group = ''", "peersync.sync_interval = 1"];
+    let setup = "CREATE EXTENSION pg_peersync; CREATE TABLE t (id int PRIMARY KEY); SELECT sync_track_table('t');";
+    let a = Cluster::start_peer("bb-a", KEY, pa, &[pb], &extra);
+    a.connect().batch_execute(setup).unwrap();
+    let b = Cluster::start_peer("bb-b", KEY, pb, &[pa, pc], &extra);
+    b.connect().batch_execute(setup).unwrap();
+    a.connect().batch_execute("INSERT INTO t VALUES (1)").unwrap();
+    wait_for(60, "b to receive a's first row", || (count(&b) == 1).then_some(()));
+    let copy = a.base_backup_into(
+        "bb-copy",
+        &[
+            format!("peersync.port = {pc}"),
+            format!("peersync.peers = '127.0.0.1:{pb}'"),
+            "peersync.node_name = 'bb-copy'".into(),
+            "peersync.enabled = off".into(),
+        ],
+    );
+    let id = |c: &Cluster| -> String { c.connect().query_one("SELECT sync_node_id()::text", &[]).unwrap().get(0) };
+    assert_eq!(id(&copy), id(&a), "the base backup keeps its original's identity");
+    // Both number their next transactions alike; b holds the original's.
+    a.connect().batch_execute("INSERT INTO t VALUES (2)").unwrap();
+    wait_for(60, "b to receive a's second row", || (count(&b) == 2).then_some(()));
+    copy.connect().batch_execute("INSERT INTO t VALUES (3)").unwrap();
+    copy.connect().batch_execute("INSERT INTO t VALUES (4)").unwrap();
+    // The copy joins the network.
+    let mut db = copy.connect();
+    db.batch_execute("ALTER SYSTEM SET peersync.enabled = on").unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_for(60, "b to meet the pair", || {
+        let n: i64 = b.connect().query_one("SELECT count(*) FROM sync_twins", &[]).unwrap().get(0);
+        (n > 0).then_some(())
+    });
+    let rows: i64 = b.connect().query_one("SELECT count(*) FROM t WHERE id IN (3, 4)", &[]).unwrap().get(0);
+    assert_eq!(rows, 0, "none of the copy's rows went in under the original's identity");
+    let doubt = |c: &Cluster| -> Option<String> {
+        c.connect().query_one("SELECT sync_status() ->> 'identity_doubt'", &[]).unwrap().get(0)
+    };
+    for c in [&a, &copy] {
+        let why = wait_for(60, "the pair to be passed on", || doubt(c));
+        assert!(why.contains("another node numbers under this node's identity"), "{}: {why}", c.name);
+        let e = c.connect().batch_execute("INSERT INTO t VALUES (10)").unwrap_err();
+        assert_eq!(e.as_db_error().unwrap().code().code(), "55000", "{}: {e:?}", c.name);
+    }
+    // The copy becomes a node of its own; the original keeps its identity.
+    copy.connect().batch_execute("SELECT sync_new_identity()").unwrap();
+    assert_ne!(id(&copy), id(&a));
+    a.connect().batch_execute("SELECT sync_keep_identity()").unwrap();
+    copy.connect().batch_execute("INSERT INTO t VALUES (5)").unwrap();
+    a.connect().batch_execute("INSERT INTO t VALUES (6)").unwrap();
+    wait_for(60, "both to write again and b to receive it", || {
+        let n: i64 = b.connect().query_one("SELECT count(*) FROM t WHERE id IN (5, 6)", &[]).unwrap().get(0);
+        (n == 2).then_some(())
+    });
+}

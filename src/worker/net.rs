@@ -67,6 +67,10 @@ struct Head {
     #[serde(default)]
     node_have: BTreeMap<String, i64>,
     events: Vec<serde::de::IgnoredAny>,
+    /// Pairs of transactions under one number the peer met (`Batch::twins`): applied even
+    /// without events, so that a node they name learns of them.
+    #[serde(default)]
+    twins: Vec<serde::de::IgnoredAny>,
 }
 
 /// One exchange with a peer, for `sync_sessions`.
@@ -568,7 +572,7 @@ impl Puller {
             let mut progress = false;
             let mut complete = true;
             let mut missing = BTreeMap::new();
-            if n > 0 {
+            if n > 0 || !head.twins.is_empty() {
                 let counts = ask(&self.shared.tx, |r| Ask::Apply(batch, r)).await?;
                 let counts: Value = serde_json::from_str(&counts).map_err(|e| e.to_string())?;
                 progress = counts["transactions"].as_i64().unwrap_or(0) > 0;
