@@ -16,7 +16,7 @@
 //! keys are not checked (a child copied after its parent was deleted is deleted again by the
 //! changes that follow).
 
-use crate::apply::{self, Table};
+use crate::apply::{self, Table, quote_ident};
 use crate::changes::have_vector;
 use crate::clock;
 use crate::error::SyncError;
@@ -30,10 +30,6 @@ use uuid::Uuid;
 
 fn uuid_arg(u: Uuid) -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(*u.as_bytes())
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 fn quote_literal(s: &str) -> String {

@@ -208,12 +208,6 @@ impl Peer {
     }
 }
 
-/// Vectors equal but for origins at 0.
-fn same_vector(a: &BTreeMap<Uuid, i64>, b: &BTreeMap<Uuid, i64>) -> bool {
-    let held = |v: &BTreeMap<Uuid, i64>| v.iter().filter(|(_, n)| **n > 0).map(|(o, n)| (*o, *n)).collect::<Vec<_>>();
-    held(a) == held(b)
-}
-
 /// One table compared.
 struct Compared {
     rows_here: i64,
@@ -235,7 +229,7 @@ fn compare(peer: &mut Peer, c: &Copied) -> Result<Compared, SyncError> {
     let mut settled = true;
     let out = verify::descend(&c.table.name, estimate, |ask| {
         let (h, t) = peer.both(ask)?;
-        settled = same_vector(&h.have, &t.have);
+        settled = verify::same_holdings(&h.have, &t.have);
         Ok::<_, SyncError>((h, t))
     })?;
     let mut differing = out.differing;

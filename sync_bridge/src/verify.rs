@@ -170,6 +170,16 @@ pub fn differing_values(
     out
 }
 
+/// A have-vector without its origins at 0 (held up to nothing is the same as not listed).
+fn held(v: &BTreeMap<Uuid, i64>) -> Vec<(Uuid, i64)> {
+    v.iter().filter(|(_, n)| **n > 0).map(|(o, n)| (*o, *n)).collect()
+}
+
+/// Whether two nodes hold the same changes (equal have-vectors, origins at 0 aside).
+pub fn same_holdings(a: &BTreeMap<Uuid, i64>, b: &BTreeMap<Uuid, i64>) -> bool {
+    held(a) == held(b)
+}
+
 /// Whether two nodes' rows, read again round after round, can be told apart from changes still
 /// on their way: both nodes held the same changes (equal have-vectors, origins at 0 aside)
 /// when this round's rows were read, and the same ones a round earlier. A node reads its
@@ -183,9 +193,7 @@ pub struct Settle {
 impl Settle {
     /// Record one round's have-vectors; true when the round's rows are comparable.
     pub fn round(&mut self, here: &BTreeMap<Uuid, i64>, there: &BTreeMap<Uuid, i64>) -> bool {
-        let held =
-            |v: &BTreeMap<Uuid, i64>| v.iter().filter(|(_, n)| **n > 0).map(|(o, n)| (*o, *n)).collect::<Vec<_>>();
-        let now = (held(here) == held(there)).then(|| held(here));
+        let now = same_holdings(here, there).then(|| held(here));
         let settled = now.is_some() && now == self.previous;
         self.previous = now;
         settled
