@@ -70,7 +70,7 @@ struct Head {
     /// Pairs of transactions under one number the peer met (`Batch::twins`): applied even
     /// without events, so that a node they name learns of them.
     #[serde(default)]
-    twins: Vec<serde::de::IgnoredAny>,
+    twins: Vec<Value>,
 }
 
 /// One exchange with a peer, for `sync_sessions`.
@@ -441,7 +441,7 @@ async fn admit(
 fn spawn_puller(handle: &tokio::runtime::Handle, shared: &Arc<Shared>, key: String) {
     let wake = Arc::new(Notify::new());
     shared.wakes.lock().expect("wakes").insert(key.clone(), wake.clone());
-    handle.spawn(Puller { key, shared: shared.clone(), wake, stalled: None }.run());
+    handle.spawn(Puller { key, shared: shared.clone(), wake, stalled: None, twins_applied: None }.run());
 }
 
 struct Puller {
@@ -452,6 +452,9 @@ struct Puller {
     /// The peer's have-vector when its last batch applied nothing: the next pull asks only for
     /// what the waiting transactions miss (`delivery::ask_for`).
     stalled: Option<BTreeMap<Uuid, i64>>,
+    /// The peer's pairs (`Head::twins`) last applied from a batch without events: the same
+    /// list is not applied again at every pull.
+    twins_applied: Option<String>,
 }
 
 impl Puller {
@@ -572,8 +575,11 @@ impl Puller {
             let mut progress = false;
             let mut complete = true;
             let mut missing = BTreeMap::new();
-            if n > 0 || !head.twins.is_empty() {
+            let twins = (!head.twins.is_empty()).then(|| Value::Array(head.twins.clone()).to_string());
+            let new_twins = twins.is_some() && twins != self.twins_applied;
+            if n > 0 || new_twins {
                 let counts = ask(&self.shared.tx, |r| Ask::Apply(batch, r)).await?;
+                self.twins_applied = twins;
                 let counts: Value = serde_json::from_str(&counts).map_err(|e| e.to_string())?;
                 progress = counts["transactions"].as_i64().unwrap_or(0) > 0;
                 // Held failures count as held (see PROTOCOL.md, Applying a batch); waiting ones do not.
