@@ -1,7 +1,7 @@
 //! Every `peersync.*` setting, in one place. Each has a private static, one line of doc, and a
 //! tiny accessor.
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, pg_sys};
 use std::ffi::CString;
 
 /// Run background synchronisation (the worker). Capture into `sync_events` happens regardless:
@@ -356,4 +356,42 @@ pub fn log_min_age() -> i32 {
 /// Seconds a silent peer still counts for the log.
 pub fn log_retention() -> i32 {
     LOG_RETENTION.get()
+}
+
+/// Run `f` with PostgreSQL's JIT off, as a function's `SET jit = off` would: pg_peersync's own
+/// queries are small, but one whose estimate passes `jit_above_cost` (a join over the log, a
+/// table without statistics) spends some 200 ms compiling before it runs for 5.
+pub fn without_jit<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: as fmgr_security_definer does for SET clauses; an ERROR in `f` aborts the
+    // (sub)transaction, which pops the nest level.
+    let level = unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"jit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        level
+    };
+    let out = f();
+    unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    out
+}
+
+/// Turn JIT off for this whole session (the worker's: every query it runs is pg_peersync's).
+pub fn jit_off_for_session() {
+    // SAFETY: a plain setting change in a connected backend.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"jit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
 }

@@ -137,6 +137,7 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = gucs::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    gucs::jit_off_for_session();
     {
         let mut w = WORKER.exclusive();
         w.pid = unsafe { pg_sys::MyProcPid };
