@@ -3,6 +3,7 @@
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
+use sync_bridge::snapshot::PAGE_FORMAT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -76,6 +77,10 @@ pub enum SyncError {
     JoinColumn { table: String, column: String },
     #[error("tables {0} are tracked by the peer this node joins from, not here")]
     JoinUntracked(String),
+    #[error("the peer serves snapshot pages in format {0}; this node reads format {PAGE_FORMAT}")]
+    JoinFormat(u32),
+    #[error("the joining node reads snapshot pages in format {0}; this node serves format {PAGE_FORMAT}")]
+    ServeFormat(u32),
     #[error("sync_resync() replaces this node's tracked tables: only a superuser may call it")]
     ResyncNotAllowed,
     #[error("invalid existing_rows \"{0}\"")]
@@ -130,6 +135,7 @@ impl SyncError {
             SyncError::Joining(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             SyncError::JoinColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
             SyncError::JoinUntracked(_) => ERRCODE_UNDEFINED_TABLE,
+            SyncError::JoinFormat(_) | SyncError::ServeFormat(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             SyncError::ResyncNotAllowed => ERRCODE_INSUFFICIENT_PRIVILEGE,
             SyncError::BadExistingRows(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::PeerNotFound(_) => ERRCODE_CONNECTION_DOES_NOT_EXIST,
@@ -176,6 +182,11 @@ impl SyncError {
             SyncError::JoinUntracked(_) => "Create and track them here as on the peer (sync_track_table()); \
                  the worker tries the copy again by itself."
                 .into(),
+            SyncError::JoinFormat(_) | SyncError::ServeFormat(_) => {
+                "Run the same pg_peersync version on both nodes; meanwhile a new node catches up by \
+                 replaying the peer's log instead of copying."
+                    .into()
+            }
             SyncError::JoinColumn { table, column } => format!(
                 "Add the column here as the peer has it (ALTER TABLE {table} ADD COLUMN \"{column}\" ...); \
                  the worker tries the copy again by itself."

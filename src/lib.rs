@@ -18,6 +18,7 @@ mod apply;
 mod capture;
 mod changes;
 mod clock;
+mod copy;
 mod ddl;
 mod error;
 mod gucs;

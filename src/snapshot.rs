@@ -10,11 +10,11 @@
 //! changes survive the copy. A join interrupted (a crash, the source gone) starts again from
 //! the beginning.
 //!
-//! Pages travel as JSON with one text array per column (values in each type's text form, as
-//! COPY writes them), and load with one `INSERT ... SELECT FROM unnest(...)` per page, with
-//! `session_replication_role = replica`: no trigger fires (nothing is captured) and foreign
-//! keys are not checked (a child copied after its parent was deleted is deleted again by the
-//! changes that follow).
+//! A rows page travels as lines in COPY's text format (`snapshot::split_rows_page`), built by
+//! one statement at the source and loaded at the joiner through PostgreSQL's own COPY FROM
+//! (`crate::copy`), with `session_replication_role = replica`: no trigger fires (nothing is
+//! captured) and foreign keys are not checked (a child copied after its parent was deleted is
+//! deleted again by the changes that follow).
 
 use crate::apply::{self, Table, quote_ident};
 use crate::changes::have_vector;
@@ -111,7 +111,8 @@ pub fn serve(ask: &Ask) -> Result<String, SyncError> {
     };
     match ask {
         Ask::Manifest => manifest(s, ext.node_id),
-        Ask::Rows { table, after, limit } => rows_page(s, &find(table)?, after.as_deref(), *limit),
+        Ask::Rows { format, .. } if *format != snapshot::PAGE_FORMAT => Err(SyncError::ServeFormat(*format)),
+        Ask::Rows { table, after, limit, .. } => rows_page(s, &find(table)?, after.as_deref(), *limit),
         Ask::Tombstones { table, after, limit } => tombstones_page(s, &find(table)?, after.as_deref(), *limit),
         Ask::Finish => {
             let logged = vector_of(&format!("SELECT origin, max(origin_seq) FROM {s}.sync_log GROUP BY origin"))?;
@@ -147,7 +148,8 @@ fn manifest(s: &str, me: Uuid) -> Result<String, SyncError> {
             rows,
         });
     }
-    Ok(to_text(&Manifest { source: me, have, from, logged, pruned, shared, tables }))
+    let page_format = snapshot::PAGE_FORMAT;
+    Ok(to_text(&Manifest { source: me, have, from, logged, pruned, shared, page_format, tables }))
 }
 
 /// `sync_rows.pk` of the row `alias`, in SQL: the key as jsonb text.
@@ -156,10 +158,37 @@ pub(crate) fn key_text(t: &Table, alias: &str) -> String {
     format!("jsonb_build_object({})::text", parts.join(", "))
 }
 
-/// Up to `limit` rows after key `after`, each with its register, read by one statement. The
-/// arrays of one aggregate pass line up whatever order it reads the rows in; only `last` needs
-/// key order. The register is probed per row (`LIMIT 1` keeps the planner from hashing all of
-/// `sync_rows` for every page).
+/// `expr` (text) as a value in COPY's text format: backslashes and line breaks escaped, null
+/// as `\N`; `plain`: its type never prints them (`snapshot::prints_plain`).
+fn copy_value(expr: &str, plain: bool) -> String {
+    if plain {
+        return format!("coalesce({expr}, '\\N')");
+    }
+    format!(
+        "coalesce(replace(replace(replace(replace({expr}, '\\', '\\\\'), E'\\n', '\\n'), \
+         E'\\r', '\\r'), E'\\t', '\\t'), '\\N')"
+    )
+}
+
+/// The versions of register `r` (`sync_rows`) without the source's entry of each version's
+/// context (`l`): it means nothing on the joiner (see `fresh_identity`). Serialized versions
+/// put it right after the clock (`h`): where no version keeps a row image (`r`, whose values
+/// could look alike), a pattern removes it (checked gone), else the versions are rebuilt, which
+/// costs three times as much. Returns the lateral item computing the pattern's result, and
+/// the expression (text).
+fn without_context() -> (&'static str, &'static str) {
+    (
+        "LATERAL (SELECT CASE WHEN strpos(r.versions::text, '\"l\":') > 0 AND strpos(r.versions::text, '\"r\":') = 0 \
+                   THEN regexp_replace(r.versions::text, '(\"h\":[0-9]+),\"l\":-?[0-9]+', '\\1', 'g') END AS z) q",
+        "CASE WHEN strpos(r.versions::text, '\"l\":') = 0 THEN r.versions::text \
+              WHEN strpos(q.z, '\"l\":') = 0 THEN q.z \
+              ELSE (SELECT json_agg(e::jsonb - 'l')::text FROM json_array_elements(r.versions) e) END",
+    )
+}
+
+/// Up to `limit` rows after key `after`, each with its register, read by one statement, as a
+/// rows page (`snapshot::split_rows_page`). The register is probed per row (`LIMIT 1` keeps the
+/// planner from hashing all of `sync_rows` for every page); only `last` needs key order.
 fn rows_page(s: &str, c: &Copied, after: Option<&[String]>, limit: i64) -> Result<String, SyncError> {
     let t = &c.table;
     let keys: Vec<String> = t.pk.iter().map(|k| format!("x.{}", quote_ident(k))).collect();
@@ -178,34 +207,29 @@ fn rows_page(s: &str, c: &Copied, after: Option<&[String]>, limit: i64) -> Resul
         conds.push(format!("({}) > ({})", keys.join(", "), bounds.join(", ")));
     }
     let wher = if conds.is_empty() { String::new() } else { format!("WHERE {}", conds.join(" AND ")) };
-    let values: Vec<String> =
-        c.columns.iter().enumerate().map(|(i, (n, _))| format!("x.{}::text AS _{i}", quote_ident(n))).collect();
-    // Each column's values at the top level, as "c.<column>": the joiner's one parse of the
-    // page reads them straight into arrays (and no function's argument limit caps the columns).
-    let cols: Vec<String> = c
+    let line: Vec<String> = c
         .columns
         .iter()
-        .enumerate()
-        .map(|(i, (n, _))| {
-            let name = quote_literal(&format!("c.{n}"));
-            format!("',' || to_json({name}::text)::text || ':' || coalesce(to_json(array_agg(_{i}))::text, 'null')")
-        })
+        .map(|(n, ty)| copy_value(&format!("x.{}::text", quote_ident(n)), snapshot::prints_plain(ty)))
         .collect();
-    let last: Vec<String> = (0..t.pk.len()).map(|i| format!("_{i}")).collect();
+    let last: Vec<String> = t.pk.iter().map(|k| format!("x.{}::text", quote_ident(k))).collect();
+    let (lateral, versions) = without_context();
+    let register = [copy_value("p.pk", false), copy_value("r.versions", false), copy_value("r.life", false)];
     let sql = format!(
-        "SELECT left(json_build_object('n', count(*), \
-                'last', (array_agg(json_build_array({last}) ORDER BY o DESC))[1], \
-                'pk', array_agg(p.pk), 'versions', array_agg(r.versions::text), \
-                'life', array_agg(r.life::text))::text, -1) || {cols} || '}}' \
-           FROM (SELECT row_number() OVER (ORDER BY {keys}) AS o, {key} AS pk, {values} \
+        "SELECT json_build_object('n', count(*), 'last', (array_agg(p.last ORDER BY p.o DESC))[1])::text \
+                || E'\\n' || coalesce(string_agg(p.line, E'\\n') || E'\\n', '') || E'\\\\.\\n' \
+                || coalesce(string_agg(CASE WHEN r.versions IS NOT NULL THEN {register} END, E'\\n') || E'\\n', '') \
+                || E'\\\\.\\n' \
+           FROM (SELECT row_number() OVER (ORDER BY {keys}) AS o, {key} AS pk, json_build_array({last}) AS last, \
+                        {line} AS line \
                    FROM {table} x {wher} ORDER BY {keys} LIMIT {limit}) p \
-           LEFT JOIN LATERAL (SELECT r.versions, r.life FROM {s}.sync_rows r \
+           LEFT JOIN LATERAL (SELECT {versions} AS versions, r.life::text AS life FROM {s}.sync_rows r, {lateral} \
                                WHERE r.relid = {relid}::oid::regclass AND r.pk = p.pk LIMIT 1) r ON true",
-        last = last.join(", "),
-        cols = cols.join(" || "),
+        register = register.join(" || E'\\t' || "),
         keys = keys.join(", "),
         key = key_text(t, "x"),
-        values = values.join(", "),
+        last = last.join(", "),
+        line = line.join(" || E'\\t' || "),
         table = t.name,
         relid = t.relid.to_u32(),
     );
@@ -226,10 +250,11 @@ fn tombstones_page(s: &str, c: &Copied, after: Option<&str>, limit: i64) -> Resu
     if let Some(f) = &c.filter {
         same.push(format!("({f})"));
     }
+    let (lateral, versions) = without_context();
     let sql = format!(
         "SELECT json_build_object('n', count(*), 'last', max(pk), 'pk', array_agg(pk), \
-                'versions', array_agg(versions::text), 'life', array_agg(life::text))::text \
-           FROM (SELECT r.pk, r.versions, r.life FROM {s}.sync_rows r \
+                'versions', array_agg(versions), 'life', array_agg(life::text))::text \
+           FROM (SELECT r.pk, {versions} AS versions, r.life FROM {s}.sync_rows r, {lateral} \
                   WHERE r.relid = {relid}::oid::regclass AND ($1::text IS NULL OR r.pk > $1::text) \
                     AND NOT EXISTS (SELECT 1 FROM {table} x WHERE {same}) \
                   ORDER BY r.pk LIMIT {limit}) g",
@@ -352,8 +377,12 @@ fn fresh_identity(s: &str, me: Uuid) -> Result<Uuid, SyncError> {
     Ok(new)
 }
 
-/// Every table the source copies is tracked here, with every column it copies.
+/// The source serves pages this node reads, and every table it copies is tracked here, with
+/// every column it copies.
 fn fits(manifest: &Manifest, here: &HashMap<String, Table>) -> Result<(), SyncError> {
+    if manifest.page_format != snapshot::PAGE_FORMAT {
+        return Err(SyncError::JoinFormat(manifest.page_format));
+    }
     let untracked: Vec<&str> =
         manifest.tables.iter().filter(|t| !here.contains_key(&t.name)).map(|t| t.name.as_str()).collect();
     if !untracked.is_empty() {
@@ -428,69 +457,20 @@ fn record_start(s: &str, manifest: &Manifest, name: &str) -> Result<(), SyncErro
     Ok(())
 }
 
-/// Load one page of `table` (`info`, as the source has it): its `n` rows with their registers,
-/// or `tombstones`. One statement parses the page once.
+/// Load one page of `table` (`info`, as the source has it): its `n` rows with their registers
+/// through COPY, or `tombstones`.
 pub fn load(info: &TableInfo, tombstones: bool, n: i64, page: &str) -> Result<(), SyncError> {
     let ext = clock::ext();
     let s = &ext.schema;
     let here = apply::load_tables(s)?;
     let t = here.get(&info.name).ok_or_else(|| SyncError::NotTracked(info.name.clone()))?;
-    let types = column_types(t)?;
+    // No trigger fires (nothing is captured), no foreign key is checked (a child copied after
+    // its parent was deleted is deleted again by the changes that follow).
     Spi::run("SET LOCAL session_replication_role = replica")?;
-    if n > 0 {
-        // A version's context entry for the source (`l`) means nothing here. Serialized
-        // versions put it right after the clock (`h`): where no version keeps a row image (`r`,
-        // whose values could look alike), a pattern removes it (checked gone), else the
-        // versions are rebuilt, which costs three times as much.
-        let strip = "CASE WHEN strpos(u.v, '\"l\":') = 0 THEN u.v::json \
-                          WHEN strpos(q.z, '\"l\":') = 0 THEN q.z::json \
-                          ELSE (SELECT json_agg(e::jsonb - 'l') FROM json_array_elements(u.v::json) e) END";
-        let pattern = "LATERAL (SELECT CASE WHEN strpos(u.v, '\"l\":') > 0 AND strpos(u.v, '\"r\":') = 0 \
-                          THEN regexp_replace(u.v, '(\"h\":[0-9]+),\"l\":-?[0-9]+', '\\1', 'g') END AS z) q";
-        // Pages of rows hold keys no page held before (and the copy began with no registers);
-        // a tombstone's key may have been copied as a row just before it went.
-        let upsert = if tombstones {
-            " ON CONFLICT (relid, pk) DO UPDATE SET versions = excluded.versions, life = excluded.life"
-        } else {
-            ""
-        };
-        let registers = format!(
-            "INSERT INTO {s}.sync_rows (relid, pk, versions, life) \
-             SELECT {relid}::oid::regclass, u.p, {strip}, u.l::json \
-               FROM j, unnest(j.pk, j.versions, j.life) AS u(p, v, l), {pattern} \
-              WHERE u.v IS NOT NULL{upsert}",
-            relid = t.relid.to_u32()
-        );
-        let (cols, write) = if tombstones {
-            let same: Vec<String> =
-                t.pk.iter()
-                    .map(|k| {
-                        let ty = types.get(k).map(String::as_str).unwrap_or("text");
-                        format!("x.{} = (g.p::jsonb ->> {})::{ty}", quote_ident(k), quote_literal(k))
-                    })
-                    .collect();
-            let delete = format!(
-                "DELETE FROM {} x USING (SELECT unnest(pk) AS p FROM j) g WHERE {}",
-                t.name,
-                same.join(" AND ")
-            );
-            (String::new(), delete)
-        } else {
-            // Not the columns this node keeps to itself or computes.
-            let columns: Vec<String> =
-                info.columns.iter().filter(|c| !t.exclude.contains(*c) && !t.generated.contains(*c)).cloned().collect();
-            let arrays: Vec<String> =
-                columns.iter().map(|c| format!(", {} text[]", quote_ident(&format!("c.{c}")))).collect();
-            (arrays.concat(), insert_rows(t, &columns, &types)?)
-        };
-        Spi::run_with_args(
-            &format!(
-                "WITH j AS MATERIALIZED (SELECT * FROM json_to_record($1::json) AS j(pk text[], versions text[], life text[]{cols})), \
-                      w AS ({write}) \
-                 {registers}"
-            ),
-            &[page.into()],
-        )?;
+    if tombstones {
+        load_tombstones(s, t, n, page)?;
+    } else {
+        load_rows(s, t, info, page)?;
     }
     Spi::run_with_args(
         &format!(
@@ -501,6 +481,70 @@ pub fn load(info: &TableInfo, tombstones: bool, n: i64, page: &str) -> Result<()
                   FROM jsonb_array_elements(tables) WITH ORDINALITY AS a(e, i))"
         ),
         &[info.name.clone().into(), n.into(), tombstones.into(), (n < snapshot::PAGE_ROWS).into()],
+    )?;
+    Ok(())
+}
+
+/// A rows page: the rows into the table (the columns this node neither keeps to itself nor
+/// computes), their registers into `sync_rows`. Its keys are new here: the copy began with no
+/// registers, and each page starts after the last.
+fn load_rows(s: &str, t: &Table, info: &TableInfo, page: &str) -> Result<(), SyncError> {
+    let page = snapshot::split_rows_page(page).map_err(SyncError::BadBatch)?;
+    let keep: Vec<bool> = info.columns.iter().map(|c| !t.exclude.contains(c) && !t.generated.contains(c)).collect();
+    let columns: Vec<String> = info.columns.iter().zip(&keep).filter(|(_, k)| **k).map(|(c, _)| c.clone()).collect();
+    let rows = if keep.iter().all(|k| *k) {
+        std::borrow::Cow::Borrowed(page.rows)
+    } else {
+        std::borrow::Cow::Owned(snapshot::keep_values(page.rows, &keep))
+    };
+    crate::copy::copy_from(t.relid, &columns, &rows)?;
+    let registers = snapshot::prefix_lines(page.registers, &format!("{}\t", t.relid.to_u32()));
+    let (sync_rows, fillfactor) = Spi::get_two::<pg_sys::Oid, String>(&format!(
+        "SELECT c.oid, coalesce((SELECT option_value FROM pg_options_to_table(c.reloptions) \
+                                  WHERE option_name = 'fillfactor'), '100') \
+           FROM pg_class c WHERE c.oid = '{s}.sync_rows'::regclass"
+    ))?;
+    let (Some(sync_rows), Some(fillfactor)) = (sync_rows, fillfactor) else {
+        return Err(SyncError::NotTracked(format!("{s}.sync_rows")));
+    };
+    let names = ["relid", "pk", "versions", "life"].map(String::from);
+    // Copied registers fill their pages: sync_rows leaves most of each page free for the
+    // in-place updates of apply, which would triple what a copy writes. A register's first
+    // update after the copy moves it to a page with room. The setting is back before commit.
+    Spi::run(&format!("ALTER TABLE {s}.sync_rows SET (fillfactor = 100)"))?;
+    crate::copy::copy_from(sync_rows, &names, &registers)?;
+    Spi::run(&format!("ALTER TABLE {s}.sync_rows SET (fillfactor = {})", fillfactor.parse::<u8>().unwrap_or(100)))?;
+    Ok(())
+}
+
+/// A tombstones page: registers whose row is gone at the source. A tombstone's key may have
+/// been copied as a row just before it went: the row is deleted, the register replaced.
+fn load_tombstones(s: &str, t: &Table, n: i64, page: &str) -> Result<(), SyncError> {
+    if n == 0 {
+        return Ok(());
+    }
+    let types = column_types(t)?;
+    let same: Vec<String> =
+        t.pk.iter()
+            .map(|k| {
+                let ty = types.get(k).map(String::as_str).unwrap_or("text");
+                format!("x.{} = (g.p::jsonb ->> {})::{ty}", quote_ident(k), quote_literal(k))
+            })
+            .collect();
+    Spi::run_with_args(
+        &format!(
+            "WITH j AS MATERIALIZED (SELECT * FROM json_to_record($1::json) AS j(pk text[], versions text[], life text[])), \
+                  w AS (DELETE FROM {table} x USING (SELECT unnest(pk) AS p FROM j) g WHERE {same}) \
+             INSERT INTO {s}.sync_rows (relid, pk, versions, life) \
+             SELECT {relid}::oid::regclass, u.p, u.v::json, u.l::json \
+               FROM j, unnest(j.pk, j.versions, j.life) AS u(p, v, l) \
+              WHERE u.v IS NOT NULL \
+             ON CONFLICT (relid, pk) DO UPDATE SET versions = excluded.versions, life = excluded.life",
+            table = t.name,
+            same = same.join(" AND "),
+            relid = t.relid.to_u32(),
+        ),
+        &[page.into()],
     )?;
     Ok(())
 }
@@ -521,30 +565,6 @@ fn column_types(t: &Table) -> Result<HashMap<String, String>, SyncError> {
         }
         Ok::<_, SyncError>(out)
     })
-}
-
-/// The statement that writes a page's rows (from `j."c.<column>"`: per column, its values'
-/// text) into the table, each cast to the column's type here.
-fn insert_rows(t: &Table, columns: &[String], types: &HashMap<String, String>) -> Result<String, SyncError> {
-    let mut names = Vec::new();
-    let mut arrays = Vec::new();
-    let mut casts = Vec::new();
-    for (i, c) in columns.iter().enumerate() {
-        let ty = types.get(c).ok_or_else(|| SyncError::JoinColumn { table: t.name.clone(), column: c.clone() })?;
-        names.push(quote_ident(c));
-        arrays.push(format!("j.{}", quote_ident(&format!("c.{c}"))));
-        casts.push(format!("u._{i}::{ty}"));
-    }
-    let aliases: Vec<String> = (0..columns.len()).map(|i| format!("_{i}")).collect();
-    Ok(format!(
-        "INSERT INTO {table} ({names}) OVERRIDING SYSTEM VALUE \
-         SELECT {casts} FROM j, unnest({arrays}) AS u({aliases})",
-        table = t.name,
-        names = names.join(", "),
-        casts = casts.join(", "),
-        arrays = arrays.join(", "),
-        aliases = aliases.join(", "),
-    ))
 }
 
 /// End a join: from now on, nothing is applied blind until this node holds `finish.upto`; the

@@ -698,4 +698,53 @@ mod tests {
         let empty = Spi::get_one_with_args::<i32>("SELECT cardinality($1::text[])", &[array(Of::Text, [])]);
         assert_eq!(empty, Ok(Some(0)));
     }
+
+    /// A rows page carries every value through COPY's text format unchanged (tabs, line breaks,
+    /// backslashes, COPY's own markers as text, empty and null values, in keys too), with the
+    /// registers of its rows, and loads through `copy::copy_from`.
+    #[pg_test]
+    fn a_rows_page_carries_awkward_values_through_copy() {
+        use sync_bridge::snapshot::{Ask, PAGE_FORMAT, prefix_lines, split_rows_page};
+        let columns =
+            "(k text PRIMARY KEY, body text, doc jsonb, tags text[], raw bytea, at timestamptz, price numeric(10,2))";
+        run(&format!("CREATE TABLE notes {columns}"));
+        run(&format!("CREATE TABLE notes_copy {columns}"));
+        run("SELECT sync_track_table('notes')");
+        run(r#"INSERT INTO notes VALUES
+                 (E'tab\tkey', E'line1\nline2\r\n\\.\n\\N', '{"a": "q\"uote\\back"}', ARRAY[E'x\ty', 'NULL', NULL, '{}'],
+                  '\x00ff5c0a'::bytea, '2026-12-03 10:00:00+01', 12.5),
+                 (E'back\\slash "quoted"', '', 'null', '{}', '', NULL, NULL),
+                 ('ünïcødé ✓', NULL, NULL, NULL, NULL, NULL, -0.01),
+                 (E'\\.', E'\\.', '[]', ARRAY[E'\\.'], '\x5c2e'::bytea, '2026-01-01', 0),
+                 (E'\\N', E'a\\Nb\tc', '"\\u00e9"', ARRAY[''], '\x'::bytea, 'infinity', 'NaN')"#);
+        // Written to the log (a test never commits); the manifest folds them into registers, as
+        // a source does before its first page.
+        run("SELECT sync_flush()");
+        crate::snapshot::serve(&Ask::Manifest).unwrap();
+        let ask = |format| Ask::Rows { table: "public.notes".into(), after: None, limit: 100, format };
+        let text = crate::snapshot::serve(&ask(PAGE_FORMAT)).unwrap();
+        let page = split_rows_page(&text).unwrap();
+        assert_eq!(page.head.n, 5, "{text}");
+        let names: Vec<String> = ["k", "body", "doc", "tags", "raw", "at", "price"].map(String::from).into();
+        let oid = one::<pg_sys::Oid>("SELECT 'notes_copy'::regclass::oid");
+        assert_eq!(crate::copy::copy_from(oid, &names, page.rows).unwrap(), 5, "{text}");
+        let differ = one::<i64>(
+            "SELECT count(*) FROM ((TABLE notes EXCEPT TABLE notes_copy) UNION ALL (TABLE notes_copy EXCEPT TABLE notes)) d",
+        );
+        assert_eq!(differ, 0, "{}", page.rows);
+        // The registers: one per row, under the keys sync_rows has, loaded as they came.
+        run("CREATE TABLE regs (relid regclass, pk text, versions json, life json)");
+        let regs = one::<pg_sys::Oid>("SELECT 'regs'::regclass::oid");
+        let lines = prefix_lines(page.registers, &format!("{}\t", oid.to_u32()));
+        let cols: Vec<String> = ["relid", "pk", "versions", "life"].map(String::from).into();
+        assert_eq!(crate::copy::copy_from(regs, &cols, &lines).unwrap(), 5, "{text}");
+        let same = one::<bool>(
+            "SELECT array_agg(pk ORDER BY pk) = (SELECT array_agg(pk ORDER BY pk) FROM sync_rows \
+              WHERE relid = 'notes'::regclass) FROM regs WHERE versions::text LIKE '[{%'",
+        );
+        assert!(same, "{}", page.registers);
+        // An older joiner's question is refused with the reason.
+        let refused = crate::snapshot::serve(&ask(0)).unwrap_err();
+        assert!(matches!(refused, crate::error::SyncError::ServeFormat(0)), "{refused}");
+    }
 }

@@ -124,9 +124,12 @@ fn a_node_joins_with_application_schemas() {
          SELECT sync_set_counters('stock', '{on_hand}');
          DO $$ BEGIN EXECUTE 'CREATE TABLE wide (id int PRIMARY KEY, '
              || (SELECT string_agg('c' || g || ' int', ', ') FROM generate_series(1, 60) g) || ')'; END $$;
-         SELECT sync_track_table('wide');";
+         SELECT sync_track_table('wide');
+         CREATE TABLE notes (k text PRIMARY KEY, body text, doc jsonb, tags text[], raw bytea, at timestamptz,
+                             price numeric(10,2));
+         SELECT sync_track_table('notes');";
     let mut nodes = mesh_of_three_with(["apps-a", "apps-b", "apps-c"], "join-apps-registration-key", &extra, setup);
-    let tables = ["customers", "orders", "stock", "wide"];
+    let tables = ["customers", "orders", "stock", "wide", "notes"];
     nodes[2].stop_server(false);
     nodes[0]
         .connect()
@@ -135,6 +138,20 @@ fn a_node_joins_with_application_schemas() {
              INSERT INTO orders (customer, qty) SELECT 1 + g % 2000, g % 7 FROM generate_series(1, 6000) g;
              INSERT INTO stock SELECT 'sku' || g, 0 FROM generate_series(1, 100) g;
              INSERT INTO wide (id, c1, c30, c60) SELECT g, g, g % 3, -g FROM generate_series(1, 500) g;",
+        )
+        .unwrap();
+    // Values that COPY's text format must escape: tabs, line breaks, backslashes, its own
+    // end-of-data and null markers as text, in keys too; empty and null values.
+    nodes[0]
+        .connect()
+        .batch_execute(
+            r#"INSERT INTO notes VALUES
+                 (E'tab\tkey', E'line1\nline2\r\n\\.\n\\N', '{"a": "q\"uote\\back"}', ARRAY[E'x\ty', 'NULL', NULL, '{}'],
+                  '\x00ff5c0a'::bytea, '2026-12-03 10:00:00+01', 12.5),
+                 (E'back\\slash "quoted"', '', 'null', '{}', '', NULL, NULL),
+                 ('ünïcødé ✓', NULL, NULL, NULL, NULL, NULL, -0.01),
+                 (E'\\.', E'\\.', '[]', ARRAY[E'\\.'], '\x5c2e'::bytea, '2026-01-01', 0),
+                 (E'\\N', E'a\\Nb\tc', '"\\u00e9"', ARRAY[''], '\x'::bytea, 'infinity', 'NaN');"#,
         )
         .unwrap();
     await_convergence(120, "B to hold A's rows", &[&nodes[0], &nodes[1]], &tables);

@@ -631,7 +631,7 @@ impl Puller {
     /// when there was nothing to copy; an error when the peer must first take this node's own
     /// changes, or the copy failed (it starts again at the next exchange).
     async fn join(&mut self, addr: SocketAddr, session: &mut Session, rejoin: bool) -> Result<bool, String> {
-        use sync_bridge::snapshot::{Ask as Q, PAGE_ROWS, PageHead, TableInfo};
+        use sync_bridge::snapshot::{Ask as Q, PAGE_FORMAT, PAGE_ROWS, TableInfo, page_head};
         let client = &self.shared.client;
         let (manifest, t) = client.snapshot(addr, &Q::Manifest).await.map_err(|e| e.to_string())?;
         session.bytes_in += t.received;
@@ -658,11 +658,11 @@ impl Puller {
                         let key = after
                             .as_array()
                             .map(|a| a.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect());
-                        Q::Rows { table: table.into(), after: key, limit: PAGE_ROWS }
+                        Q::Rows { table: table.into(), after: key, limit: PAGE_ROWS, format: PAGE_FORMAT }
                     };
                     let (page, t) = client.snapshot(addr, &q).await.map_err(|e| e.to_string())?;
                     session.bytes_in += t.received;
-                    let head: PageHead = serde_json::from_str(&page).map_err(|e| format!("malformed page: {e}"))?;
+                    let head = page_head(&page)?;
                     if let Some(previous) = loading.take() {
                         previous.await.map_err(|e| e.to_string())??;
                     }

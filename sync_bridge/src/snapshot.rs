@@ -19,6 +19,14 @@ use uuid::Uuid;
 /// Rows per page the joiner asks for.
 pub const PAGE_ROWS: i64 = 20_000;
 
+/// The format of rows pages this node serves and reads (see [`split_rows_page`]). A source
+/// refuses other formats, and a joiner whose source serves another replays the log instead.
+pub const PAGE_FORMAT: u32 = 2;
+
+/// The line that ends each block of a rows page: COPY's end-of-data marker, which escaped
+/// values cannot form (a value's backslash travels doubled).
+pub const END_OF_BLOCK: &str = "\\.\n";
+
 /// What a joiner asks `/v1/snapshot` for.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "ask", rename_all = "snake_case")]
@@ -26,8 +34,14 @@ pub enum Ask {
     /// The tables and the vector to catch up from.
     Manifest,
     /// Up to `limit` rows of `table` after key `after` (the key columns' text, in key order),
-    /// each with its register.
-    Rows { table: String, after: Option<Vec<String>>, limit: i64 },
+    /// each with its register, in page format `format` (absent: an older joiner's, 0).
+    Rows {
+        table: String,
+        after: Option<Vec<String>>,
+        limit: i64,
+        #[serde(default)]
+        format: u32,
+    },
     /// Up to `limit` registers of `table` whose rows are gone (tombstones), after key text
     /// `after` (`sync_rows.pk`, bytewise).
     Tombstones { table: String, after: Option<String>, limit: i64 },
@@ -63,6 +77,9 @@ pub struct Manifest {
     /// copied from such a node): a new node must copy, replaying would miss them.
     #[serde(default)]
     pub shared: bool,
+    /// The rows page format the source serves (absent: an older source's, 0).
+    #[serde(default)]
+    pub page_format: u32,
     pub tables: Vec<TableInfo>,
 }
 
@@ -74,7 +91,7 @@ pub struct Finish {
     pub hlc: i64,
 }
 
-/// What the joiner reads of a page; the rest (`c.<column>`, `versions`, `life`) goes to SQL as text.
+/// What the puller reads of a page (`page_head`); the rest goes to the joiner's database as it came.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct PageHead {
     /// Rows (or tombstones) in the page; fewer than asked: the table (or phase) is done.
@@ -82,6 +99,91 @@ pub struct PageHead {
     /// The key to ask after next: the last row's key columns as text, or its `sync_rows.pk`.
     #[serde(default)]
     pub last: Option<Value>,
+}
+
+/// A page's head: the first line of a rows page, the whole of a tombstones page.
+pub fn page_head(page: &str) -> Result<PageHead, String> {
+    let line = page.split_once('\n').map_or(page, |(head, _)| head);
+    serde_json::from_str(line).map_err(|e| format!("malformed page: {e}"))
+}
+
+/// A rows page (format 2), split: its head, then two blocks of lines in COPY's text format (a
+/// tab between values, `\N` for null, backslash escapes), each ended by [`END_OF_BLOCK`]:
+/// the table's rows (the columns of `TableInfo::columns`), then the registers of those rows
+/// that have one (register key, versions, life).
+pub struct RowsPage<'a> {
+    pub head: PageHead,
+    pub rows: &'a str,
+    pub registers: &'a str,
+}
+
+pub fn split_rows_page(page: &str) -> Result<RowsPage<'_>, String> {
+    let head = page_head(page)?;
+    let rest = page.split_once('\n').map_or("", |(_, rest)| rest);
+    let (rows, rest) = take_block(rest)?;
+    let (registers, rest) = take_block(rest)?;
+    if !rest.is_empty() {
+        return Err("malformed page: text after its blocks".into());
+    }
+    let lines = rows.bytes().filter(|b| *b == b'\n').count() as i64;
+    if lines != head.n {
+        return Err(format!("malformed page: {lines} rows where its head says {}", head.n));
+    }
+    Ok(RowsPage { head, rows, registers })
+}
+
+/// The lines before the next end-of-block line (each with its newline), and what follows it.
+fn take_block(text: &str) -> Result<(&str, &str), String> {
+    let end = END_OF_BLOCK;
+    if let Some(rest) = text.strip_prefix(end) {
+        return Ok(("", rest));
+    }
+    let at = text.find(&format!("\n{end}")).ok_or("malformed page: a block is not ended")?;
+    Ok((&text[..at + 1], &text[at + 1 + end.len()..]))
+}
+
+/// `block`'s lines, each with `prefix` in front (the joiner's table oid before a register).
+pub fn prefix_lines(block: &str, prefix: &str) -> String {
+    let mut out = String::with_capacity(block.len() + block.len() / 8 + prefix.len());
+    for line in block.split_inclusive('\n') {
+        out.push_str(prefix);
+        out.push_str(line);
+    }
+    out
+}
+
+/// `block`'s lines keeping only the values whose `keep` is true (the columns this node writes
+/// of those the source sends). Values are tab-separated; a tab inside a value travels escaped.
+pub fn keep_values(block: &str, keep: &[bool]) -> String {
+    let mut out = String::with_capacity(block.len());
+    for line in block.lines() {
+        let kept: Vec<&str> = line.split('\t').zip(keep).filter(|(_, k)| **k).map(|(v, _)| v).collect();
+        out.push_str(&kept.join("\t"));
+        out.push('\n');
+    }
+    out
+}
+
+/// Whether every value of a type, printed as PostgreSQL prints it (`format_type` name), is
+/// free of backslashes, tabs and line breaks, so it goes into COPY's text format unescaped.
+pub fn prints_plain(ty: &str) -> bool {
+    const PLAIN: [&str; 13] = [
+        "smallint",
+        "integer",
+        "bigint",
+        "real",
+        "double precision",
+        "numeric",
+        "boolean",
+        "date",
+        "uuid",
+        "oid",
+        "timestamp",
+        "time",
+        "interval",
+    ];
+    let base = ty.split('(').next().unwrap_or(ty).trim();
+    PLAIN.iter().any(|p| base == *p || (base.starts_with(p) && base[p.len()..].starts_with(" with")))
 }
 
 /// The vector to catch up from: what the source holds (`have`), lowered for each origin below
@@ -156,12 +258,49 @@ mod tests {
 
     #[test]
     fn asks_travel_tagged() {
-        let ask = Ask::Rows { table: "public.t".into(), after: Some(vec!["7".into()]), limit: 10 };
+        let ask = Ask::Rows { table: "public.t".into(), after: Some(vec!["7".into()]), limit: 10, format: 2 };
         let text = serde_json::to_string(&ask).unwrap();
-        assert_eq!(text, r#"{"ask":"rows","table":"public.t","after":["7"],"limit":10}"#);
+        assert_eq!(text, r#"{"ask":"rows","table":"public.t","after":["7"],"limit":10,"format":2}"#);
         assert_eq!(serde_json::from_str::<Ask>(&text).unwrap(), ask);
         assert_eq!(serde_json::from_str::<Ask>(r#"{"ask":"manifest"}"#).unwrap(), Ask::Manifest);
         assert!(serde_json::from_str::<Ask>(r#"{"ask":"everything"}"#).is_err());
+    }
+
+    #[test]
+    fn a_rows_page_splits_into_its_head_and_blocks() {
+        let page = "{\"n\":2,\"last\":[\"2\"]}\n1\ta\\\\.\n2\t\\N\n\\.\n{\"id\": 1}\t[]\t\\N\n\\.\n";
+        let p = split_rows_page(page).unwrap();
+        assert_eq!(p.head.n, 2);
+        assert_eq!(p.head.last, Some(serde_json::json!(["2"])));
+        assert_eq!(p.rows, "1\ta\\\\.\n2\t\\N\n", "an escaped backslash before a dot is a value");
+        assert_eq!(p.registers, "{\"id\": 1}\t[]\t\\N\n");
+        let empty = split_rows_page("{\"n\":0}\n\\.\n\\.\n").unwrap();
+        assert_eq!((empty.head.n, empty.rows, empty.registers), (0, "", ""));
+        // Cut short, miscounted, or an older source's JSON page: refused.
+        assert!(split_rows_page(&page[..page.len() - 3]).is_err());
+        assert!(split_rows_page(&page.replace("\"n\":2", "\"n\":3")).is_err());
+        assert!(split_rows_page("{\"n\":1,\"pk\":[\"x\"]}").is_err());
+        assert_eq!(page_head("{\"n\":5,\"last\":\"k\"}").unwrap().n, 5, "a tombstones page is its head");
+    }
+
+    #[test]
+    fn lines_take_a_prefix_and_lose_values() {
+        assert_eq!(prefix_lines("a\tb\nc\td\n", "42\t"), "42\ta\tb\n42\tc\td\n");
+        assert_eq!(prefix_lines("", "42\t"), "");
+        let keep = [true, false, true];
+        assert_eq!(keep_values("1\tx\\ty\t3\n4\t\\N\t6\n", &keep), "1\t3\n4\t6\n");
+    }
+
+    #[test]
+    fn only_types_that_print_plain_skip_escaping() {
+        for ty in
+            ["integer", "bigint", "numeric(12,2)", "timestamp(3) with time zone", "time without time zone", "uuid"]
+        {
+            assert!(prints_plain(ty), "{ty}");
+        }
+        for ty in ["text", "character(84)", "jsonb", "bytea", "integer[]", "integer_ish", "interval day", "\"time\""] {
+            assert!(!prints_plain(ty), "{ty}");
+        }
     }
 
     #[test]

@@ -44,8 +44,10 @@ fn main() {
     let c = Cluster::start_peer("jb-joiner", key, pc, &[pa], &extra);
     let t = Instant::now();
     c.connect().batch_execute(SETUP).unwrap();
+    // One connection polls: a new backend per poll would take CPU from the copy.
+    let mut watch = c.connect();
     let join: Value = wait_for(600, "the new node to copy the table", || {
-        let text: String = c.connect().query_one("SELECT (sync_status() -> 'join')::text", &[]).unwrap().get(0);
+        let text: String = watch.query_one("SELECT (sync_status() -> 'join')::text", &[]).unwrap().get(0);
         let j: Value = serde_json::from_str(&text).unwrap();
         (j["state"] == "done").then_some(j)
     });
