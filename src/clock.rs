@@ -81,7 +81,7 @@ pub fn ext() -> Ext {
         let row = client
             .select(
                 &format!(
-                    "SELECT id, '{schema}.sync_node'::regclass::oid, identity_doubt, joining FROM {schema}.sync_node"
+                    "SELECT id, '{schema}.sync_node'::regclass::oid, identity_doubt, joining, place FROM {schema}.sync_node"
                 ),
                 None,
                 &[],
@@ -91,6 +91,9 @@ pub fn ext() -> Ext {
         let rel: pg_sys::Oid = row.get(2)?.expect("sync_node oid");
         let doubt: Option<String> = row.get(3)?;
         let joining: Option<String> = row.get(4)?;
+        // Started elsewhere than its identity was recorded: in doubt before its first capture.
+        let place: Option<String> = row.get(5)?;
+        let doubt = doubt.or_else(|| crate::identity::moved(place.as_deref(), &crate::identity::here()));
         Ok::<_, pgrx::spi::SpiError>(Ext {
             schema,
             node_id: Uuid::from_bytes(*id.as_bytes()),

@@ -195,7 +195,8 @@ impl SyncError {
                  changes for, by id."
                 .into(),
             SyncError::IdentityInDoubt(_) => "If this database is a copy or was restored from a backup, a superuser \
-                 runs SELECT sync_new_identity() here; if the other machine is the copy, stop it. See \
+                 runs SELECT sync_new_identity() here; if the other machine is the copy, stop it; if this database \
+                 moved here and the old place no longer runs it, SELECT sync_keep_identity(). See \
                  sync_status() -> 'worker' -> 'identity' and the README, Copies and restores."
                 .into(),
             SyncError::BadCounter { .. } => "A counter is a smallint, integer, bigint or numeric column outside the \

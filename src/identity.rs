@@ -15,7 +15,50 @@ use crate::sequencer;
 use pgrx::JsonB;
 use pgrx::prelude::*;
 use serde_json::json;
+use std::ffi::CStr;
 use uuid::Uuid;
+
+/// Where this database runs: host, data directory and database oid. A base backup or a copied
+/// data directory keeps the system identifier and the identity, not this.
+pub fn here() -> String {
+    let mut host = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer.
+    let ok = unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len() - 1) } == 0;
+    let host = if ok { CStr::from_bytes_until_nul(&host).map(|h| h.to_string_lossy().into_owned()).ok() } else { None };
+    // SAFETY: DataDir is set once at postmaster start, before any backend runs.
+    let dir = unsafe { CStr::from_ptr(pg_sys::DataDir) }.to_string_lossy().into_owned();
+    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    format!("{}:{dir} (database {db})", host.unwrap_or_else(|| "?".into()))
+}
+
+/// Why this node's identity is in doubt because the database runs elsewhere than where the
+/// identity was recorded (`recorded`; none yet: not in doubt).
+pub fn moved(recorded: Option<&str>, here: &str) -> Option<String> {
+    let was = recorded.filter(|r| *r != here)?;
+    Some(format!(
+        "this database runs at {here}, but its identity was recorded at {was}: it is a copy (a base backup, \
+         a copied data directory) or it moved"
+    ))
+}
+
+/// The worker, when it finds the extension: record where this identity lives the first time,
+/// and a doubt when the database runs elsewhere (returned, to warn once).
+pub fn check_place() -> Result<Option<String>, SyncError> {
+    let s = clock::ext().schema;
+    let recorded = Spi::get_one::<String>(&format!("SELECT (SELECT place FROM {s}.sync_node)"))?;
+    let here = here();
+    match moved(recorded.as_deref(), &here) {
+        None if recorded.is_none() => {
+            Spi::run_with_args(&format!("UPDATE {s}.sync_node SET place = $1"), &[here.into()])?;
+            Ok(None)
+        }
+        None => Ok(None),
+        Some(why) => {
+            record_doubt(&why)?;
+            Ok(Some(why))
+        }
+    }
+}
 
 /// Record that another node seems to use this identity (the worker, in a transaction). The
 /// first reason is kept.
@@ -43,8 +86,8 @@ fn sync_new_identity() -> SyncResult<JsonB> {
     crate::apply::retire_identity(old, upto)?;
     let new = Uuid::new_v4();
     Spi::run_with_args(
-        &format!("UPDATE {}.sync_node SET id = $1, identity_doubt = NULL, indexed_upto = 0", ext.schema),
-        &[pgrx::Uuid::from_bytes(*new.as_bytes()).into()],
+        &format!("UPDATE {}.sync_node SET id = $1, identity_doubt = NULL, indexed_upto = 0, place = $2", ext.schema),
+        &[pgrx::Uuid::from_bytes(*new.as_bytes()).into(), here().into()],
     )
     .map_err(SyncError::from)?;
     clock::identity_changed();
@@ -52,15 +95,17 @@ fn sync_new_identity() -> SyncResult<JsonB> {
     Ok(JsonB(json!({"old": old, "new": new, "old_held_up_to": upto})))
 }
 
-/// On the original node, once its copy has a new identity or is stopped: clear the doubt, so
-/// that capture goes on under this identity.
+/// On the original node, once its copy has a new identity or is stopped, or on a database that
+/// moved (another host, data directory or database, the old one no longer running): clear the
+/// doubt and record where the identity lives now, so that capture goes on under it.
 #[pg_extern]
 fn sync_keep_identity() -> SyncResult<()> {
     if !unsafe { pg_sys::superuser() } {
         return Err(SyncError::IdentityNotAllowed.into());
     }
     let s = clock::ext().schema;
-    Spi::run(&format!("UPDATE {s}.sync_node SET identity_doubt = NULL")).map_err(SyncError::from)?;
+    Spi::run_with_args(&format!("UPDATE {s}.sync_node SET identity_doubt = NULL, place = $1"), &[here().into()])
+        .map_err(SyncError::from)?;
     clock::identity_changed();
     Ok(())
 }

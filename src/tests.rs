@@ -354,6 +354,28 @@ mod tests {
         assert_eq!(events("public.items").len(), 1);
     }
 
+    /// A database started elsewhere than its identity was recorded (a base backup, a copied
+    /// data directory) refuses changes before its first capture, saying both places.
+    #[pg_test]
+    fn a_database_started_elsewhere_refuses_changes_before_its_first_capture() {
+        shop();
+        run("SELECT sync_track_table('items')");
+        let here = crate::identity::here();
+        assert!(here.contains(" (database "), "{here}");
+        run("UPDATE sync_node SET place = 'shop-1:/var/lib/postgresql/15/main (database 5)'");
+        crate::clock::identity_changed();
+        let caught = caught("INSERT INTO items VALUES (91, 'numbered like the original''s')");
+        assert_eq!(caught["state"], json!("55000"), "{caught}");
+        let message = caught["message"].as_str().unwrap();
+        assert!(message.contains("shop-1:/var/lib/postgresql/15/main") && message.contains(&here), "{caught}");
+        assert!(caught["hint"].as_str().unwrap().contains("sync_keep_identity()"), "{caught}");
+        // It moved here: kept, and the place recorded.
+        run("SELECT sync_keep_identity()");
+        run("INSERT INTO items VALUES (91, 'captured')");
+        assert_eq!(events("public.items").len(), 1);
+        assert_eq!(one::<String>("SELECT place FROM sync_node"), here);
+    }
+
     #[pg_test]
     fn rolled_back_subtransaction_leaves_no_event() {
         shop();

@@ -153,8 +153,9 @@ fn two_transactions_under_one_number_are_reported_where_they_meet() {
 }
 
 /// A second machine set up with `pg_basebackup` of a running node keeps that node's identity
-/// (and its system identifier). Started off the network, it writes; the original writes too;
-/// both number alike. Once the copy is on the network, their peer finds that the copy's
+/// (and its system identifier), but not its place: it refuses changes from the first. Told to
+/// keep the identity anyway (as a cloned VM, which runs where its original ran, would be
+/// unseen), off the network, it writes; the original writes too; both number alike. Once the copy is on the network, their peer finds that the copy's
 /// changes continue another transaction than the one it holds under that number, reports the
 /// pair and passes it on: the original and the copy both stop capturing.
 /// `sync_new_identity()` on the copy and `sync_keep_identity()` on the original set them going.
@@ -180,6 +181,19 @@ fn a_base_backup_started_as_a_second_machine_is_caught() {
     );
     let id = |c: &Cluster| -> String { c.connect().query_one("SELECT sync_node_id()::text", &[]).unwrap().get(0) };
     assert_eq!(id(&copy), id(&a), "the base backup keeps its original's identity");
+    // It runs in another data directory than its identity was recorded in: it refuses changes
+    // before its first capture, and the original goes on.
+    let e = copy.connect().batch_execute("INSERT INTO t VALUES (3)").unwrap_err();
+    let e = e.as_db_error().unwrap();
+    assert_eq!(e.code().code(), "55000", "{e:?}");
+    assert!(e.message().contains("its identity was recorded at"), "{e:?}");
+    let doubt = |c: &Cluster| -> Option<String> {
+        c.connect().query_one("SELECT sync_status() ->> 'identity_doubt'", &[]).unwrap().get(0)
+    };
+    assert!(doubt(&a).is_none(), "the original is not in doubt");
+    // An operator who takes it for a move (or a VM image, which runs where its original ran)
+    // lets it go on under the original's identity: the network still catches the pair.
+    copy.connect().batch_execute("SELECT sync_keep_identity()").unwrap();
     // Both number their next transactions alike; b holds the original's.
     a.connect().batch_execute("INSERT INTO t VALUES (2)").unwrap();
     wait_for(60, "b to receive a's second row", || (count(&b) == 2).then_some(()));
@@ -195,9 +209,6 @@ fn a_base_backup_started_as_a_second_machine_is_caught() {
     });
     let rows: i64 = b.connect().query_one("SELECT count(*) FROM t WHERE id IN (3, 4)", &[]).unwrap().get(0);
     assert_eq!(rows, 0, "none of the copy's rows went in under the original's identity");
-    let doubt = |c: &Cluster| -> Option<String> {
-        c.connect().query_one("SELECT sync_status() ->> 'identity_doubt'", &[]).unwrap().get(0)
-    };
     for c in [&a, &copy] {
         let why = wait_for(60, "the pair to be passed on", || doubt(c));
         assert!(why.contains("another node numbers under this node's identity"), "{}: {why}", c.name);

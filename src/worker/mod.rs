@@ -253,7 +253,10 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
                     "pg_peersync worker: the extension is not created in database \"{database}\"; \
                      waiting (run CREATE EXTENSION pg_peersync there, or set peersync.database)"
                 ),
-                _ => log!("pg_peersync worker: extension found in database \"{database}\"; {}", networking_summary()),
+                _ => {
+                    log!("pg_peersync worker: extension found in database \"{database}\"; {}", networking_summary());
+                    check_place();
+                }
             }
             state = next;
             set_state(state);
@@ -469,6 +472,28 @@ fn warn_identity(d: &sync_bridge::discovery::Doubt) {
             warning!("pg_peersync worker: cannot record the identity doubt: {e}");
         }
     });
+}
+
+/// Record where this node's identity lives, or warn once that the database runs elsewhere.
+fn check_place() {
+    let moved = BackgroundWorker::transaction(|| {
+        crate::identity::check_place().unwrap_or_else(|e| {
+            warning!("pg_peersync worker: cannot check where this identity lives: {e}");
+            None
+        })
+    });
+    if let Some(why) = moved {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_WARNING,
+            format!("pg_peersync: {why}; changes to tracked tables are refused until this is settled"),
+            "pg_peersync",
+        )
+        .set_hint(
+            "On a copy, a superuser runs SELECT sync_new_identity(); on a database that moved here (the old \
+             place no longer runs it), SELECT sync_keep_identity().",
+        )
+        .report(PgLogLevel::WARNING);
+    }
 }
 
 /// Write finished exchanges into `sync_sessions`.
