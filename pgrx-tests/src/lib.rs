@@ -11,7 +11,7 @@ pub mod lab;
 
 pub use postgres;
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 pub struct Cluster {
     pub name: String,
@@ -453,6 +453,20 @@ pub fn pgbench(c: &Cluster, script: &str, per_client: u32) {
     assert!(out.status.success(), "pgbench on {}: {}", c.name, String::from_utf8_lossy(&out.stderr));
 }
 
+/// Run shell `script` as user postgres (pg_dump, psql and friends); `what` names it in a failure.
+pub fn sh_as_postgres(what: &str, script: &str) {
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "sh", "-c", script]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    };
+    check(what, cmd.output().unwrap());
+}
+
 /// `pg_dump -t table` of `from`'s `postgres` database piped into `psql` on `to`'s database
 /// `db`, as user postgres (the baseline a snapshot copy is measured against), without the
 /// table's triggers (pg_peersync's capture, which `db` need not have).
@@ -462,14 +476,5 @@ pub fn pg_dump_into(from: &Cluster, table: &str, to: &Cluster, db: &str) {
         from.socket_dir().display(),
         to.socket_dir().display()
     );
-    let mut cmd = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", "sh", "-c", &pipe]);
-        c
-    } else {
-        let mut c = Command::new("sh");
-        c.args(["-c", &pipe]);
-        c
-    };
-    check("pg_dump | psql", cmd.output().unwrap());
+    sh_as_postgres("pg_dump | psql", &pipe);
 }

@@ -3,7 +3,7 @@
 //! more of its own transactions than it has, says so in `sync_status()` and the log, refuses
 //! changes to tracked tables, and `sync_new_identity()` sets it going again.
 
-use pg_peersync_tests::{Cluster, free_port, wait_for, worker_status};
+use pg_peersync_tests::{Cluster, PG_BIN, free_port, sh_as_postgres, wait_for, worker_status};
 
 const KEY: &str = "identity-lab-registration-key";
 
@@ -225,4 +225,65 @@ fn a_base_backup_started_as_a_second_machine_is_caught() {
         let n: i64 = b.connect().query_one("SELECT count(*) FROM t WHERE id IN (5, 6)", &[]).unwrap().get(0);
         (n == 2).then_some(())
     });
+}
+
+/// A node restored from an older `pg_dump` of its database (dropped, created again, the dump
+/// loaded with psql, as a shop restores last week's dump) gets a new identity at the restore's
+/// CREATE EXTENSION (`sync_node` is not dumped): what it made before the dump stays its old
+/// identity's history, what it made after comes back from its peer, and nothing is numbered
+/// twice, so no doubt and no pair.
+#[test]
+fn a_node_restored_from_a_pg_dump_gets_a_new_identity_and_loses_nothing() {
+    let (pa, pb) = (free_port(), free_port());
+    let a = node("dump-a", pa, pb);
+    let b = node("dump-b", pb, pa);
+    a.connect().batch_execute("INSERT INTO t VALUES (1)").unwrap();
+    b.connect().batch_execute("INSERT INTO t VALUES (100)").unwrap();
+    wait_for(60, "a and b to hold both rows", || (count(&a) == 2 && count(&b) == 2).then_some(()));
+    let id = |c: &Cluster| -> String { c.connect().query_one("SELECT sync_node_id()::text", &[]).unwrap().get(0) };
+    let old = id(&a);
+    let dir = tempfile::Builder::new().prefix("peersync-identity-dump-").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let dump = dir.path().join("a.sql");
+    let host = a.socket_dir().display().to_string();
+    sh_as_postgres(
+        "pg_dump",
+        &format!("{PG_BIN}/pg_dump -h {host} -p 5432 -U postgres -f {} postgres", dump.display()),
+    );
+    // After the dump, a makes two more transactions, which b receives.
+    a.connect().batch_execute("INSERT INTO t VALUES (2)").unwrap();
+    a.connect().batch_execute("INSERT INTO t VALUES (3)").unwrap();
+    wait_for(60, "b to receive a's later rows", || (count(&b) == 4).then_some(()));
+    // The restore.
+    let psql = format!("{PG_BIN}/psql -q -v ON_ERROR_STOP=1 -h {host} -p 5432 -U postgres");
+    sh_as_postgres(
+        "drop and create the database",
+        &format!("{psql} -d template1 -c 'DROP DATABASE postgres WITH (FORCE)' -c 'CREATE DATABASE postgres'"),
+    );
+    // In one transaction, as a restore should be: the worker sees all of it or none.
+    sh_as_postgres("psql < dump", &format!("{psql} -1 -d postgres -f {}", dump.display()));
+    let new = id(&a);
+    assert_ne!(new, old, "the restored database has a new identity");
+    assert_eq!(count(&a), 2, "the dump's rows");
+    // What a made after the dump comes back from b, as its old identity's.
+    wait_for(90, "the restored node to get rows 2 and 3 back", || (count(&a) == 4).then_some(()));
+    assert!(a.log().contains(&format!("transactions of node {old} up to 1 under another identity")), "{}", a.log());
+    a.connect().batch_execute("INSERT INTO t VALUES (4)").unwrap();
+    b.connect().batch_execute("INSERT INTO t VALUES (101)").unwrap();
+    let digest =
+        |c: &Cluster| -> String { c.connect().query_one("SELECT sync_table_digest('t')", &[]).unwrap().get(0) };
+    wait_for(60, "equal tables", || (count(&a) == 6 && digest(&a) == digest(&b)).then_some(()));
+    for c in [&a, &b] {
+        let (doubt, twins): (Option<String>, i64) = {
+            let row = c
+                .connect()
+                .query_one(
+                    "SELECT sync_status() ->> 'identity_doubt', (sync_status() -> 'apply' ->> 'twins')::bigint",
+                    &[],
+                )
+                .unwrap();
+            (row.get(0), row.get(1))
+        };
+        assert_eq!((doubt, twins), (None, 0), "{}", c.name);
+    }
 }

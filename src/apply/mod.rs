@@ -723,6 +723,64 @@ pub fn retire_identity(old: Uuid, upto: i64) -> Result<(), SyncError> {
     Ok(())
 }
 
+/// A database restored from a dump got a new identity at the restore's CREATE EXTENSION
+/// (`sync_node` is not dumped), and its log holds transactions of the identity it had: nothing
+/// counts them as held. Count each such origin (in the log, neither this node nor in
+/// `sync_origins`) as another node's, held up to where its transactions run on without a gap
+/// from what was pruned, and fold those into the registers like received ones (folding one
+/// that was folded before changes nothing). Returns the origins adopted with that number.
+pub fn adopt_orphans() -> Result<Vec<(Uuid, i64)>, SyncError> {
+    let ext = clock::ext();
+    let s = &ext.schema;
+    let me = pgrx::Uuid::from_bytes(*ext.node_id.as_bytes());
+    // The log's origins by a loose index scan: a few probes however long the log.
+    let any = Spi::get_one_with_args::<bool>(
+        &format!(
+            "WITH RECURSIVE o AS ((SELECT origin FROM {s}.sync_log ORDER BY origin LIMIT 1) \
+                UNION ALL SELECT (SELECT l.origin FROM {s}.sync_log l WHERE l.origin > o.origin \
+                                   ORDER BY l.origin LIMIT 1) \
+                            FROM o WHERE o.origin IS NOT NULL) \
+             SELECT EXISTS (SELECT 1 FROM o WHERE o.origin IS NOT NULL AND o.origin <> $1 \
+                             AND NOT EXISTS (SELECT 1 FROM {s}.sync_origins x WHERE x.origin = o.origin))"
+        ),
+        &[me.into()],
+    )?;
+    if any != Some(true) {
+        return Ok(Vec::new());
+    }
+    Spi::run(&format!("SELECT pg_advisory_xact_lock({APPLY_LOCK})"))?;
+    let mut adopted = Vec::new();
+    Spi::connect_mut(|c| {
+        let rows = c.update(
+            &format!(
+                "WITH t AS (SELECT l.origin, l.origin_seq, sum(l.n)::int AS events, coalesce(p.upto, 0) AS base \
+                              FROM {s}.sync_log l LEFT JOIN {s}.sync_pruned p USING (origin) \
+                             WHERE l.origin <> $1 AND l.origin_seq > coalesce(p.upto, 0) \
+                               AND NOT EXISTS (SELECT 1 FROM {s}.sync_origins x WHERE x.origin = l.origin) \
+                             GROUP BY l.origin, l.origin_seq, p.upto), \
+                      r AS (SELECT t.*, row_number() OVER (PARTITION BY origin ORDER BY origin_seq) AS k FROM t), \
+                      held AS (SELECT origin, coalesce(max(origin_seq) FILTER (WHERE origin_seq = base + k), max(base)) \
+                                      AS upto FROM r GROUP BY origin), \
+                      unfolded AS (INSERT INTO {s}.sync_unfolded (origin, origin_seq, events) \
+                                   SELECT r.origin, r.origin_seq, r.events FROM r JOIN held h USING (origin) \
+                                    WHERE r.origin_seq <= h.upto ORDER BY r.origin, r.origin_seq) \
+                 INSERT INTO {s}.sync_origins (origin, upto) SELECT origin, upto FROM held \
+                 RETURNING origin, upto"
+            ),
+            None,
+            &[me.into()],
+        )?;
+        for row in rows {
+            if let (Some(o), Some(n)) = (row.get::<pgrx::Uuid>(1)?, row.get::<i64>(2)?) {
+                adopted.push((Uuid::from_bytes(*o.as_bytes()), n));
+            }
+        }
+        Ok::<_, SyncError>(())
+    })?;
+    HAVE_CHANGED.with(|h| h.set(true));
+    Ok(adopted)
+}
+
 /// Bring the row registers up to date with everything folded so far (a snapshot's source does,
 /// before it says what its copy covers).
 pub fn fold_all() -> Result<(), SyncError> {

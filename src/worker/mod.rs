@@ -256,6 +256,7 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
                 _ => {
                     log!("pg_peersync worker: extension found in database \"{database}\"; {}", networking_summary());
                     check_place();
+                    adopt_orphans();
                 }
             }
             state = next;
@@ -269,6 +270,10 @@ pub extern "C-unwind" fn peersync_worker_main(_arg: pg_sys::Datum) {
     set_state(State::NotStarted);
     WORKER.exclusive().pid = 0;
     log!("pg_peersync worker stopped");
+    // Exit code 1: the postmaster starts the worker again (after its restart time) unless it is
+    // shutting down, so a worker terminated alone (DROP DATABASE ... WITH (FORCE) while a dump
+    // is restored, pg_terminate_backend) comes back. With 0 it would be gone until a restart.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// Start the server, discovery and the pullers when the settings allow; the reason goes to the
@@ -474,6 +479,23 @@ fn warn_identity(d: &sync_bridge::discovery::Doubt) {
     });
 }
 
+/// Count the history of the identity a restored database had before as another node's (see
+/// `apply::adopt_orphans`), and say so.
+fn adopt_orphans() {
+    BackgroundWorker::transaction(|| match crate::apply::subxact::run(crate::apply::adopt_orphans) {
+        Ok(Ok(adopted)) => {
+            for (origin, upto) in adopted {
+                log!(
+                    "pg_peersync worker: this database holds transactions of node {origin} up to {upto} under \
+                     another identity (restored from a dump?): they count as that node's, the rest comes from the peers"
+                );
+            }
+        }
+        Ok(Err(e)) => warning!("pg_peersync worker: cannot count a restored history: {e}"),
+        Err(f) => warning!("pg_peersync worker: cannot count a restored history: {}", f.message),
+    });
+}
+
 /// Record where this node's identity lives, or warn once that the database runs elsewhere.
 fn check_place() {
     let moved = BackgroundWorker::transaction(|| {
@@ -611,6 +633,7 @@ fn drop_forgotten(n: &net::Net) {
 /// the change log.
 fn housekeeping(schema: &std::sync::Mutex<String>) {
     prune_log();
+    adopt_orphans();
     let fingerprint = BackgroundWorker::transaction(|| {
         let s = crate::clock::ext().schema;
         let _ = crate::apply::subxact::run(|| {
