@@ -11,9 +11,10 @@ CREATE TABLE sync_node (
     -- Set when another node seems to use this identity (src/identity.rs): capture stops until
     -- sync_new_identity().
     identity_doubt text,
-    -- Where this identity lives: host, data directory and database (src/identity.rs). Recorded
-    -- by the worker; a database started elsewhere (a base backup, a copied data directory)
-    -- refuses changes until sync_new_identity() or sync_keep_identity().
+    -- Where this identity lives: host, data directory, database and timeline (src/identity.rs).
+    -- Recorded by the worker; a database started elsewhere (a base backup, a copied data
+    -- directory) or on a new timeline (a point-in-time restore, a promoted standby) refuses
+    -- changes until sync_new_identity() or sync_keep_identity().
     place text,
     -- Set while this node copies its tracked tables from a peer (the peer's id; src/snapshot.rs):
     -- capture and sync_apply refuse until the copy is done.

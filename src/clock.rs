@@ -93,7 +93,11 @@ pub fn ext() -> Ext {
         let joining: Option<String> = row.get(4)?;
         // Started elsewhere than its identity was recorded: in doubt before its first capture.
         let place: Option<String> = row.get(5)?;
-        let doubt = doubt.or_else(|| crate::identity::moved(place.as_deref(), &crate::identity::here()));
+        // (A standby, in recovery, captures nothing and has no timeline of its own yet.)
+        let standby = unsafe { pg_sys::RecoveryInProgress() };
+        let doubt = doubt.or_else(|| {
+            if standby { None } else { crate::identity::moved(place.as_deref(), &crate::identity::here()) }
+        });
         Ok::<_, pgrx::spi::SpiError>(Ext {
             schema,
             node_id: Uuid::from_bytes(*id.as_bytes()),

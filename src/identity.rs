@@ -18,8 +18,10 @@ use serde_json::json;
 use std::ffi::CStr;
 use uuid::Uuid;
 
-/// Where this database runs: host, data directory and database oid. A base backup or a copied
-/// data directory keeps the system identifier and the identity, not this.
+/// Where this database runs: host, data directory, database oid and WAL timeline. A base
+/// backup or a copied data directory keeps the system identifier and the identity, not the
+/// first three; a restore to a point in time, or a standby promoted, starts a new timeline (and
+/// may lack transactions its peers hold). Only for a server not in recovery.
 pub fn here() -> String {
     let mut host = [0u8; 256];
     // SAFETY: gethostname writes at most `len` bytes into the buffer.
@@ -28,7 +30,9 @@ pub fn here() -> String {
     // SAFETY: DataDir is set once at postmaster start, before any backend runs.
     let dir = unsafe { CStr::from_ptr(pg_sys::DataDir) }.to_string_lossy().into_owned();
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    format!("{}:{dir} (database {db})", host.unwrap_or_else(|| "?".into()))
+    // SAFETY: called only when recovery is over (see `clock::ext`), when the timeline is fixed.
+    let timeline = unsafe { pg_sys::GetWALInsertionTimeLine() };
+    format!("{}:{dir} (database {db}, timeline {timeline})", host.unwrap_or_else(|| "?".into()))
 }
 
 /// Why this node's identity is in doubt because the database runs elsewhere than where the
@@ -37,7 +41,8 @@ pub fn moved(recorded: Option<&str>, here: &str) -> Option<String> {
     let was = recorded.filter(|r| *r != here)?;
     Some(format!(
         "this database runs at {here}, but its identity was recorded at {was}: it is a copy (a base backup, \
-         a copied data directory) or it moved"
+         a copied data directory), it moved, or it was restored to a point in time or promoted from a standby \
+         (a new timeline)"
     ))
 }
 

@@ -355,14 +355,21 @@ mod tests {
     }
 
     /// A database started elsewhere than its identity was recorded (a base backup, a copied
-    /// data directory) refuses changes before its first capture, saying both places.
+    /// data directory) or on a new timeline refuses changes before its first capture, saying
+    /// both places.
     #[pg_test]
     fn a_database_started_elsewhere_refuses_changes_before_its_first_capture() {
         shop();
         run("SELECT sync_track_table('items')");
         let here = crate::identity::here();
-        assert!(here.contains(" (database "), "{here}");
-        run("UPDATE sync_node SET place = 'shop-1:/var/lib/postgresql/15/main (database 5)'");
+        assert!(here.contains(" (database ") && here.ends_with(", timeline 1)"), "{here}");
+        // Promoted from a standby, or restored to a point in time: the same place, a new timeline.
+        run(&format!("UPDATE sync_node SET place = '{}'", here.replace("timeline 1)", "timeline 0)")));
+        crate::clock::identity_changed();
+        let promoted = caught("INSERT INTO items VALUES (90, 'numbered like a lost one')");
+        assert_eq!(promoted["state"], json!("55000"), "{promoted}");
+        assert!(promoted["message"].as_str().unwrap().contains("(a new timeline)"), "{promoted}");
+        run("UPDATE sync_node SET place = 'shop-1:/var/lib/postgresql/15/main (database 5, timeline 1)'");
         crate::clock::identity_changed();
         let caught = caught("INSERT INTO items VALUES (91, 'numbered like the original''s')");
         assert_eq!(caught["state"], json!("55000"), "{caught}");
