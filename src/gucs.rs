@@ -2,7 +2,7 @@
 //! tiny accessor.
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, pg_sys};
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 
 /// Run background synchronisation (the worker). Capture into `sync_events` happens regardless:
 /// a change made while this is off is still sent once it is turned on.
@@ -358,29 +358,51 @@ pub fn log_retention() -> i32 {
     LOG_RETENTION.get()
 }
 
-/// Run `f` with PostgreSQL's JIT off, as a function's `SET jit = off` would: pg_peersync's own
-/// queries are small, but one whose estimate passes `jit_above_cost` (a join over the log, a
-/// table without statistics) spends some 200 ms compiling before it runs for 5.
-pub fn without_jit<T>(f: impl FnOnce() -> T) -> T {
+/// Run `f` under PostgreSQL settings `settings` (name, value), as a function's `SET` clauses
+/// would: they are back as they were when it returns.
+fn with_settings<T>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> T) -> T {
     // SAFETY: as fmgr_security_definer does for SET clauses; an ERROR in `f` aborts the
     // (sub)transaction, which pops the nest level.
     let level = unsafe {
         let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"jit".as_ptr(),
-            c"off".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+        for (name, value) in settings {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
         level
     };
     let out = f();
     unsafe { pg_sys::AtEOXact_GUC(true, level) };
     out
+}
+
+/// Run `f` with PostgreSQL's JIT off: pg_peersync's own queries are small, but one whose
+/// estimate passes `jit_above_cost` (a join over the log, a table without statistics) spends
+/// some 200 ms compiling before it runs for 5.
+pub fn without_jit<T>(f: impl FnOnce() -> T) -> T {
+    with_settings(&[(c"jit", c"off")], f)
+}
+
+/// Run `f` with values printing alike on every node, whatever the session or server says (as
+/// pg_dump sets them): row text that one node hashes or copies, and another compares or reads.
+pub fn printing_alike<T>(f: impl FnOnce() -> T) -> T {
+    with_settings(
+        &[
+            (c"datestyle", c"ISO, YMD"),
+            (c"intervalstyle", c"postgres"),
+            (c"bytea_output", c"hex"),
+            (c"extra_float_digits", c"1"),
+        ],
+        f,
+    )
 }
 
 /// Turn JIT off for this whole session (the worker's: every query it runs is pg_peersync's).

@@ -112,7 +112,9 @@ pub fn serve(ask: &Ask) -> Result<String, SyncError> {
     match ask {
         Ask::Manifest => manifest(s, ext.node_id),
         Ask::Rows { format, .. } if *format != snapshot::PAGE_FORMAT => Err(SyncError::ServeFormat(*format)),
-        Ask::Rows { table, after, limit, .. } => rows_page(s, &find(table)?, after.as_deref(), *limit),
+        Ask::Rows { table, after, limit, .. } => {
+            crate::gucs::printing_alike(|| rows_page(s, &find(table)?, after.as_deref(), *limit))
+        }
         Ask::Tombstones { table, after, limit } => tombstones_page(s, &find(table)?, after.as_deref(), *limit),
         Ask::Finish => {
             let logged = vector_of(&format!("SELECT origin, max(origin_seq) FROM {s}.sync_log GROUP BY origin"))?;
@@ -470,7 +472,7 @@ pub fn load(info: &TableInfo, tombstones: bool, n: i64, page: &str) -> Result<()
     if tombstones {
         load_tombstones(s, t, n, page)?;
     } else {
-        load_rows(s, t, info, page)?;
+        crate::gucs::printing_alike(|| load_rows(s, t, info, page))?;
     }
     Spi::run_with_args(
         &format!(

@@ -267,6 +267,25 @@ mod tests {
 
     /// The two sides of `sync_verify` compute the same buckets from the same rows whatever
     /// their physical order, and a changed row changes exactly its bucket and its listing.
+    /// Values hash as every node prints them: a session's DateStyle, IntervalStyle,
+    /// bytea_output or extra_float_digits changes no bucket, and is back afterwards.
+    #[pg_test]
+    fn verify_hashes_values_alike_in_any_session() {
+        use sync_bridge::verify::{Answer, Ask};
+        run(r"CREATE TABLE vt (id int PRIMARY KEY, at timestamptz, d date, span interval, raw bytea, x float8);
+             INSERT INTO vt SELECT g, '2026-12-03 10:00+01'::timestamptz + g * interval '1 day', '2026-01-31'::date + g,
+                                   g * interval '90 minutes', '\x5c00'::bytea, g / 3.0
+               FROM generate_series(1, 500) g;
+             SELECT sync_track_table('vt');");
+        let ask = Ask::Buckets { table: "public.vt".into(), depth: 1, under: vec!["".into()] };
+        let answer = || -> Answer { serde_json::from_str(&crate::verify::serve(&ask).unwrap()).unwrap() };
+        let plain = answer();
+        run("SET datestyle = 'SQL, DMY'; SET intervalstyle = 'sql_standard'; SET bytea_output = 'escape';
+             SET extra_float_digits = 0");
+        assert_eq!(answer().buckets, plain.buckets);
+        assert_eq!(one::<String>("SHOW datestyle"), "SQL, DMY", "the session's setting is back");
+    }
+
     #[pg_test]
     fn verify_buckets_find_the_changed_row() {
         use sync_bridge::verify::{Answer, Ask};

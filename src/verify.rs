@@ -41,8 +41,13 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(300);
 // ---------------------------------------------------------------------------------------------
 // Both sides: one table's buckets, rows and values
 
-/// Answer one question about a tracked table (the worker, for a peer; the backend, for itself).
+/// Answer one question about a tracked table (the worker, for a peer; the backend, for itself),
+/// hashing values as every node prints them.
 pub fn serve(ask: &Ask) -> Result<String, SyncError> {
+    crate::gucs::printing_alike(|| answer(ask))
+}
+
+fn answer(ask: &Ask) -> Result<String, SyncError> {
     let ext = clock::ext();
     let table = copied_tables(&ext.schema)?
         .into_iter()
