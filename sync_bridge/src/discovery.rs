@@ -166,8 +166,8 @@ pub struct Roster {
     doubt: Option<Doubt>,
     /// A peer that held more of this node's own transactions than this node's have-vector
     /// said, as read before that exchange: `(peer, theirs)`. A local commit that the peer
-    /// pulled meanwhile explains that; still more than this node has at the next exchange does
-    /// not.
+    /// pulled meanwhile explains that; still more than this node has at that peer's next
+    /// exchange does not.
     suspect: Option<(String, i64)>,
 }
 
@@ -241,7 +241,9 @@ impl Roster {
                 let own = self.own_id.to_string();
                 let (theirs, ours) = (x.theirs.get(&own).copied().unwrap_or(0), x.ours.get(&own).copied().unwrap_or(0));
                 // What a peer holds of this node was served by this node, or by one with its id.
-                if let Some((peer, seen)) = self.suspect.take()
+                // Checked at that peer's next exchange: one peer's exchanges follow each other,
+                // while another peer's may have read this node's vector before the sign was seen.
+                if let Some((peer, seen)) = self.suspect.take_if(|(peer, _)| peer == key)
                     && seen > ours
                 {
                     self.doubt.get_or_insert(Doubt::Behind { peer, theirs: seen, ours, since_ms: now_ms });
@@ -602,6 +604,14 @@ mod tests {
         // peer pulled meanwhile. At the next exchange this node has it: nothing wrong.
         r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(5), theirs: vector(6), ..Default::default() }), 12);
         r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(6), theirs: vector(6), ..Default::default() }), 13);
+        assert_eq!(r.doubt(), None);
+        // Another peer's exchange, whose request read this node's vector before the sign above
+        // was seen: it says nothing of it. The first peer's next exchange clears it.
+        r.add_static("db-c:8765", None);
+        r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(6), theirs: vector(7), ..Default::default() }), 13);
+        r.exchanged("db-c:8765", Ok(Exchanged { ours: vector(6), theirs: vector(2), ..Default::default() }), 13);
+        assert_eq!(r.doubt(), None);
+        r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(7), theirs: vector(7), ..Default::default() }), 13);
         assert_eq!(r.doubt(), None);
         // The peer holds 7; this node has 5, and still 5 at the next exchange: it lost two.
         r.exchanged("db-b:8765", Ok(Exchanged { ours: vector(5), theirs: vector(7), ..Default::default() }), 14);
