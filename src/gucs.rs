@@ -405,6 +405,17 @@ pub fn printing_alike<T>(f: impl FnOnce() -> T) -> T {
     )
 }
 
+/// Run `f` with floats printed exactly (`extra_float_digits` at least 1, PostgreSQL's default),
+/// for row images that other nodes store: a session that lowered it would hand its peers
+/// rounded values. Costs nothing when the session has not.
+pub fn floats_exact<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: a plain read of a GUC variable in this backend.
+    if unsafe { pg_sys::extra_float_digits } >= 1 {
+        return f();
+    }
+    with_settings(&[(c"extra_float_digits", c"1")], f)
+}
+
 /// Turn JIT off for this whole session (the worker's: every query it runs is pg_peersync's).
 pub fn jit_off_for_session() {
     // SAFETY: a plain setting change in a connected backend.

@@ -78,6 +78,24 @@ mod tests {
         assert_eq!(status["tables"][0]["strategy"], json!("lww"));
     }
 
+    /// A session that prints floats rounded (`extra_float_digits` below 1) still captures them
+    /// exactly, on both capture paths, and keeps its own setting.
+    #[pg_test]
+    fn floats_are_captured_exactly_whatever_the_session_prints() {
+        run("CREATE TABLE fl (id int PRIMARY KEY, x float8, y real, note text)");
+        run("CREATE TABLE fl_filtered (id int PRIMARY KEY, x float8)");
+        run("SELECT sync_track_table('fl'); SELECT sync_track_table('fl_filtered', row_filter => 'id > 0')");
+        run("SET extra_float_digits = -2");
+        run("INSERT INTO fl VALUES (1, 1 / 3.0, 1 / 3.0, 'a')");
+        run("INSERT INTO fl_filtered VALUES (1, 2 / 3.0)");
+        assert_eq!(one::<String>("SHOW extra_float_digits"), "-2");
+        run("SET extra_float_digits = 1");
+        let fast = &events("public.fl")[0][2];
+        assert_eq!((fast["x"].to_string(), fast["y"].to_string()), ("0.3333333333333333".into(), "0.33333334".into()));
+        let planned = &events("public.fl_filtered")[0][2];
+        assert_eq!(planned["x"].to_string(), "0.6666666666666666");
+    }
+
     #[pg_test]
     fn insert_update_delete_are_captured_with_old_values() {
         shop();

@@ -90,33 +90,35 @@ pub(crate) fn capture(
         let cache = TableCache { args: args.to_vec(), spec, pk_json, plans: HashMap::new() };
         TABLES.with(|t| t.borrow_mut().insert(relid, cache));
     }
-    let (table, pk, parts) = TABLES.with(|t| {
-        let mut t = t.borrow_mut();
-        let cache = t.get_mut(&relid).expect("cached above");
-        let parts = match trigger_data {
-            Some(td) if cache.spec.filter.is_none() && cache.spec.exclude.is_empty() => {
-                // SAFETY: `td` is this statement trigger's data, with the transition tables
-                // its operation implies.
-                unsafe { fast::statement_parts(td, op, &cache.spec.pk_attrs) }
-            }
-            _ => Spi::connect(|_client| {
-                if let Some(td) = trigger_data {
-                    // Makes the transition tables visible by name to the statement.
-                    unsafe { pg_sys::SPI_register_trigger_data(td) };
+    let (table, pk, parts) = crate::gucs::floats_exact(|| {
+        TABLES.with(|t| {
+            let mut t = t.borrow_mut();
+            let cache = t.get_mut(&relid).expect("cached above");
+            let parts = match trigger_data {
+                Some(td) if cache.spec.filter.is_none() && cache.spec.exclude.is_empty() => {
+                    // SAFETY: `td` is this statement trigger's data, with the transition tables
+                    // its operation implies.
+                    unsafe { fast::statement_parts(td, op, &cache.spec.pk_attrs) }
                 }
-                let spec = &cache.spec;
-                let plan = cache
-                    .plans
-                    .entry(source)
-                    .or_insert_with(|| CapturePlan::prepare(&sql::capture_statement(spec, source), &SQL_PARAMS));
-                plan.execute(&mut []);
-                CapturePlan::returned_parts()
-                    .into_iter()
-                    .map(|(op, n, rows)| Part { op: sql::op_name(&op), n, rows })
-                    .collect()
-            }),
-        };
-        (cache.spec.qualified.clone(), cache.pk_json.clone(), parts)
+                _ => Spi::connect(|_client| {
+                    if let Some(td) = trigger_data {
+                        // Makes the transition tables visible by name to the statement.
+                        unsafe { pg_sys::SPI_register_trigger_data(td) };
+                    }
+                    let spec = &cache.spec;
+                    let plan = cache
+                        .plans
+                        .entry(source)
+                        .or_insert_with(|| CapturePlan::prepare(&sql::capture_statement(spec, source), &SQL_PARAMS));
+                    plan.execute(&mut []);
+                    CapturePlan::returned_parts()
+                        .into_iter()
+                        .map(|(op, n, rows)| Part { op: sql::op_name(&op), n, rows })
+                        .collect()
+                }),
+            };
+            (cache.spec.qualified.clone(), cache.pk_json.clone(), parts)
+        })
     });
     xact::add_parts(&ext, &table, &pk, parts)
 }
