@@ -277,7 +277,8 @@ pub fn node_name() -> String {
     }
 }
 
-fn host_name() -> String {
+/// This machine's host name ("unknown" if it cannot be read).
+pub fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into buf.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

@@ -23,16 +23,13 @@ use uuid::Uuid;
 /// first three; a restore to a point in time, or a standby promoted, starts a new timeline (and
 /// may lack transactions its peers hold). Only for a server not in recovery.
 pub fn here() -> String {
-    let mut host = [0u8; 256];
-    // SAFETY: gethostname writes at most `len` bytes into the buffer.
-    let ok = unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len() - 1) } == 0;
-    let host = if ok { CStr::from_bytes_until_nul(&host).map(|h| h.to_string_lossy().into_owned()).ok() } else { None };
+    let host = crate::gucs::host_name();
     // SAFETY: DataDir is set once at postmaster start, before any backend runs.
     let dir = unsafe { CStr::from_ptr(pg_sys::DataDir) }.to_string_lossy().into_owned();
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     // SAFETY: called only when recovery is over (see `clock::ext`), when the timeline is fixed.
     let timeline = unsafe { pg_sys::GetWALInsertionTimeLine() };
-    format!("{}:{dir} (database {db}, timeline {timeline})", host.unwrap_or_else(|| "?".into()))
+    format!("{host}:{dir} (database {db}, timeline {timeline})")
 }
 
 /// Why this node's identity is in doubt because the database runs elsewhere than where the

@@ -17,6 +17,7 @@
 //! deleted again by the changes that follow).
 
 use crate::apply::{self, Table, quote_ident};
+use crate::capture::sql::quote_literal;
 use crate::changes::have_vector;
 use crate::clock;
 use crate::error::SyncError;
@@ -30,10 +31,6 @@ use uuid::Uuid;
 
 fn uuid_arg(u: Uuid) -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(*u.as_bytes())
-}
-
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Per origin, a number read by `sql` (rows of (origin uuid, number bigint)).

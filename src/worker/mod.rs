@@ -461,17 +461,14 @@ fn warn_identity(d: &sync_bridge::discovery::Doubt) {
             format!("peer {peer} holds this node's own transactions up to {theirs}, this node only up to {ours}")
         }
     };
-    pgrx::pg_sys::panic::ErrorReport::new(
-        PgSqlErrorCode::ERRCODE_WARNING,
-        format!("pg_peersync: {what}; changes to tracked tables are refused until this is settled"),
-        "pg_peersync",
-    )
-    .set_hint(format!(
-        "{}. On the copy (or the restored node), a superuser runs SELECT sync_new_identity(); \
-         see sync_status() -> 'worker' -> 'identity'.",
-        d.hint()
-    ))
-    .report(PgLogLevel::WARNING);
+    warn_refusing(
+        &what,
+        format!(
+            "{}. On the copy (or the restored node), a superuser runs SELECT sync_new_identity(); \
+             see sync_status() -> 'worker' -> 'identity'.",
+            d.hint()
+        ),
+    );
     BackgroundWorker::transaction(|| {
         if let Err(e) = crate::identity::record_doubt(&what) {
             warning!("pg_peersync worker: cannot record the identity doubt: {e}");
@@ -505,17 +502,24 @@ fn check_place() {
         })
     });
     if let Some(why) = moved {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_WARNING,
-            format!("pg_peersync: {why}; changes to tracked tables are refused until this is settled"),
-            "pg_peersync",
-        )
-        .set_hint(
+        warn_refusing(
+            &why,
             "On a copy, a superuser runs SELECT sync_new_identity(); on a database that moved here (the old \
-             place no longer runs it), SELECT sync_keep_identity().",
-        )
-        .report(PgLogLevel::WARNING);
+             place no longer runs it), SELECT sync_keep_identity()."
+                .into(),
+        );
     }
+}
+
+/// The WARNING that says why changes to tracked tables are refused from now on.
+fn warn_refusing(why: &str, hint: String) {
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_WARNING,
+        format!("pg_peersync: {why}; changes to tracked tables are refused until this is settled"),
+        "pg_peersync",
+    )
+    .set_hint(hint)
+    .report(PgLogLevel::WARNING);
 }
 
 /// Write finished exchanges into `sync_sessions`.
